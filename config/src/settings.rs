@@ -1,0 +1,378 @@
+//! Settings: a TOML file, overridden by environment variables, overridden by
+//! command-line flags. Every layer is strict: an unknown key in the file or an
+//! unknown `AGORA_*` variable is an error at start-up, never silently ignored.
+//!
+//! Environment variables map onto the file's keys with `AGORA_` as prefix and
+//! `__` between levels: `AGORA_CONTROL_PLANE__LISTEN=0.0.0.0:8000` sets
+//! `[control_plane] listen`, `AGORA_DATA_DIR` sets `data_dir`. Values are read
+//! as TOML scalars when they parse as one (numbers, booleans), else as strings.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// The prefix of environment variables that configure Agora.
+pub const ENV_PREFIX: &str = "AGORA_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read settings file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("settings file {path} is not valid: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("environment variable {name}: {message}")]
+    Env { name: String, message: String },
+    #[error("invalid settings: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Where the embedded database, demo output and local state live.
+    pub data_dir: PathBuf,
+    pub control_plane: ControlPlaneSettings,
+    pub runtime: RuntimeSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlPlaneSettings {
+    pub listen: String,
+    /// `postgres://…` or `sqlite://…`; when absent, SQLite in `data_dir/agora.db`.
+    pub database_url: Option<String>,
+    /// The URL clients use to reach the control plane (for links and demo output).
+    pub public_url: Option<String>,
+    pub max_body_bytes: usize,
+    pub max_page_size: u32,
+    pub max_document_bytes: usize,
+    pub db_max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSettings {
+    /// Base URL of the Langflow runtime agents are provisioned to; none disables publishing.
+    pub url: Option<String>,
+    /// The runtime's `x-api-key`.
+    pub api_key: Option<SecretString>,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A `tracing` filter, e.g. `info` or `agora_control_plane=debug`.
+    pub filter: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            data_dir: PathBuf::from(".agora"),
+            control_plane: ControlPlaneSettings::default(),
+            runtime: RuntimeSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for ControlPlaneSettings {
+    fn default() -> Self {
+        ControlPlaneSettings {
+            listen: "127.0.0.1:8000".into(),
+            database_url: None,
+            public_url: None,
+            max_body_bytes: 8 * 1024 * 1024,
+            max_page_size: 100,
+            max_document_bytes: 5 * 1024 * 1024,
+            db_max_connections: 10,
+        }
+    }
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        RuntimeSettings {
+            url: None,
+            api_key: None,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Command-line overrides, the last layer.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub database_url: Option<String>,
+}
+
+impl Settings {
+    /// Loads file (if any) < environment < overrides, then validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Settings, SettingsError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| SettingsError::File {
+                        path: path.to_owned(),
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if path.iter().any(|p| p.is_empty()) {
+                return Err(SettingsError::Env {
+                    name,
+                    message: "empty key segment".into(),
+                });
+            }
+            insert_path(&mut table, &path, env_value(&value)).map_err(|message| {
+                SettingsError::Env {
+                    name: name.clone(),
+                    message,
+                }
+            })?;
+        }
+        let mut settings: Settings =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| SettingsError::File {
+                    path: file
+                        .map(Path::to_owned)
+                        .unwrap_or_else(|| "<environment>".into()),
+                    message: e.message().to_owned(),
+                })?;
+        if let Some(dir) = &overrides.data_dir {
+            settings.data_dir = dir.clone();
+        }
+        if let Some(listen) = &overrides.listen {
+            settings.control_plane.listen = listen.clone();
+        }
+        if let Some(url) = &overrides.database_url {
+            settings.control_plane.database_url = Some(url.clone());
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Parses a settings file's text alone (no environment), for checks of shipped files.
+    pub fn from_toml_str(text: &str) -> Result<Settings, SettingsError> {
+        let settings: Settings = toml::from_str(text).map_err(|e| SettingsError::File {
+            path: "<string>".into(),
+            message: e.message().to_owned(),
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let cp = &self.control_plane;
+        cp.listen.parse::<SocketAddr>().map_err(|_| {
+            SettingsError::Invalid(format!(
+                "control_plane.listen {:?} is not an address like 127.0.0.1:8000",
+                cp.listen
+            ))
+        })?;
+        if let Some(url) = &cp.database_url {
+            if !(url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.starts_with("sqlite:"))
+            {
+                return Err(SettingsError::Invalid(
+                    "control_plane.database_url must start with postgres://, postgresql:// or sqlite:"
+                        .into(),
+                ));
+            }
+        }
+        if !(1..=1000).contains(&cp.max_page_size) {
+            return Err(SettingsError::Invalid(
+                "control_plane.max_page_size must be between 1 and 1000".into(),
+            ));
+        }
+        if cp.max_body_bytes < 1024 {
+            return Err(SettingsError::Invalid(
+                "control_plane.max_body_bytes must be at least 1024".into(),
+            ));
+        }
+        if cp.max_document_bytes == 0 || cp.max_document_bytes > cp.max_body_bytes {
+            return Err(SettingsError::Invalid(
+                "control_plane.max_document_bytes must be between 1 and max_body_bytes".into(),
+            ));
+        }
+        if cp.db_max_connections == 0 {
+            return Err(SettingsError::Invalid(
+                "control_plane.db_max_connections must be at least 1".into(),
+            ));
+        }
+        if let Some(url) = &self.runtime.url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(SettingsError::Invalid(
+                    "runtime.url must start with http:// or https://".into(),
+                ));
+            }
+            if self.runtime.api_key.is_none() {
+                return Err(SettingsError::Invalid(
+                    "runtime.api_key is required when runtime.url is set".into(),
+                ));
+            }
+        }
+        if self.runtime.timeout_ms == 0 {
+            return Err(SettingsError::Invalid(
+                "runtime.timeout_ms must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The database URL in force: the configured one, else SQLite under `data_dir`.
+    pub fn database_url(&self) -> String {
+        match &self.control_plane.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("agora.db").display()
+            ),
+        }
+    }
+}
+
+fn env_value(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => match t.remove("v") {
+            Some(
+                v @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_)),
+            ) => v,
+            _ => toml::Value::String(raw.to_owned()),
+        },
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty name")?;
+    let mut current = table;
+    for key in parents {
+        let entry = current
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("{key} is a value, not a section"))?;
+    }
+    current.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = Settings::load(None, env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(s.control_plane.listen, "127.0.0.1:8000");
+        assert!(s.database_url().starts_with("sqlite://"));
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = std::env::temp_dir().join(format!("agora-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a.toml");
+        std::fs::write(
+            &file,
+            "[control_plane]\nlisten = \"127.0.0.1:1111\"\nmax_page_size = 10\n",
+        )
+        .unwrap();
+        let s = Settings::load(
+            Some(&file),
+            env(&[
+                ("AGORA_CONTROL_PLANE__MAX_PAGE_SIZE", "20"),
+                ("AGORA_RUNTIME__URL", "http://127.0.0.1:7860"),
+                ("AGORA_RUNTIME__API_KEY", "sk-1"),
+                ("UNRELATED", "x"),
+            ]),
+            &Overrides {
+                listen: Some("127.0.0.1:2222".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.control_plane.max_page_size, 20);
+        assert_eq!(s.control_plane.listen, "127.0.0.1:2222");
+        assert_eq!(s.runtime.api_key.unwrap().expose_secret(), "sk-1");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(Settings::from_toml_str("[control_plane]\nlisten_addr = \"x\"\n").is_err());
+        assert!(Settings::from_toml_str("typo = 1\n").is_err());
+        let err = Settings::load(
+            None,
+            env(&[("AGORA_CONTROL_PLANE__LISTN", "127.0.0.1:1")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_errors() {
+        for text in [
+            "[control_plane]\nlisten = \"nope\"\n",
+            "[control_plane]\nmax_page_size = 0\n",
+            "[control_plane]\ndatabase_url = \"mysql://x\"\n",
+            "[runtime]\nurl = \"http://x\"\n",
+            "[runtime]\nurl = \"ftp://x\"\napi_key = \"k\"\n",
+        ] {
+            assert!(Settings::from_toml_str(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn debug_does_not_print_the_runtime_key() {
+        let s = Settings::from_toml_str(
+            "[runtime]\nurl = \"http://127.0.0.1:1\"\napi_key = \"very-secret-runtime-key\"\n",
+        )
+        .unwrap();
+        assert!(!format!("{s:?}").contains("very-secret-runtime-key"));
+    }
+}

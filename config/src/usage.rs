@@ -1,0 +1,105 @@
+//! The usage event schema: one event per proxied request, failed ones included.
+//!
+//! Delivery is at-least-once: the proxy queues events in memory, flushes them in
+//! batches to the usage store, spills batches it could not deliver to a local
+//! write-ahead file and replays them later, so an event may reach the store more than
+//! once but is never dropped silently. Duplicates are removed by `event_id` (a UUID v7,
+//! assigned once when the event is created and kept across retries): readers and the
+//! store (e.g. ClickHouse's `ReplacingMergeTree` keyed on `event_id`) count each
+//! `event_id` once.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// How a request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageStatus {
+    /// Served by the runtime.
+    Ok,
+    /// Refused because of the request itself (bad body, unknown route...).
+    ClientError,
+    /// Refused by a rate limit, concurrency limit or quota.
+    RateLimited,
+    /// Refused for a missing, invalid, revoked or insufficiently scoped key.
+    Unauthorized,
+    /// The runtime failed, timed out or could not be reached.
+    UpstreamError,
+    /// The client went away before the response completed.
+    Cancelled,
+}
+
+/// Where the token counts of an event come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenSource {
+    /// Read from the runtime's response.
+    Runtime,
+    /// Reported afterwards by the runtime on the usage route.
+    Reported,
+    /// Estimated by the proxy from the bytes exchanged.
+    Estimated,
+    /// Not known.
+    None,
+}
+
+/// One proxied request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    /// UUID v7, unique per request; the deduplication key.
+    pub event_id: Uuid,
+    /// When the request arrived, unix milliseconds.
+    pub time_ms: i64,
+    /// Unknown when the key could not be identified.
+    pub tenant: Option<Uuid>,
+    pub config: Option<Uuid>,
+    pub key_id: Option<Uuid>,
+    pub agent: Option<Uuid>,
+    /// Route template, e.g. `/api/agent-gateway/invoke/`.
+    pub route: String,
+    pub status: UsageStatus,
+    /// Status sent to the client.
+    pub http_status: u16,
+    /// Total time in the proxy, microseconds.
+    pub latency_us: u64,
+    /// Time waiting on the runtime, microseconds; `None` if it was not called.
+    pub upstream_latency_us: Option<u64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub token_source: TokenSource,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_round_trip() {
+        let event = UsageEvent {
+            event_id: Uuid::now_v7(),
+            time_ms: 1_700_000_000_123,
+            tenant: Some(Uuid::from_u128(1)),
+            config: Some(Uuid::from_u128(2)),
+            key_id: Some(Uuid::from_u128(3)),
+            agent: None,
+            route: "/api/agent-gateway/invoke/".into(),
+            status: UsageStatus::UpstreamError,
+            http_status: 502,
+            latency_us: 12_345,
+            upstream_latency_us: Some(12_000),
+            bytes_in: 120,
+            bytes_out: 0,
+            input_tokens: None,
+            output_tokens: None,
+            token_source: TokenSource::None,
+        };
+        assert_eq!(event.event_id.get_version_num(), 7);
+        let value = serde_json::to_value(&event).unwrap();
+        assert_eq!(value["status"], json!("upstream_error"));
+        assert_eq!(value["token_source"], json!("none"));
+        assert_eq!(serde_json::from_value::<UsageEvent>(value).unwrap(), event);
+    }
+}

@@ -1,0 +1,221 @@
+//! Storage: one schema and one set of queries over Postgres (production) or
+//! embedded SQLite (the zero-setup default), through sqlx's `Any` driver.
+//!
+//! Queries use `$N` placeholders, which both databases accept. Uuids are TEXT,
+//! times BIGINT unix milliseconds, flags BIGINT 0/1.
+
+use anyhow::Context;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+#[derive(Clone, Debug)]
+pub struct Db {
+    pub pool: AnyPool,
+    pub dialect: Dialect,
+}
+
+/// Migrations in order; each runs once, in a transaction.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "foundation",
+    include_str!("../migrations/0001_foundation.sql"),
+)];
+
+impl Db {
+    /// Connects to `url` (`postgres://…` or `sqlite://…`). Fails loudly when the
+    /// database cannot be reached.
+    pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Db> {
+        sqlx::any::install_default_drivers();
+        let dialect = if url.starts_with("sqlite:") {
+            Dialect::Sqlite
+        } else {
+            Dialect::Postgres
+        };
+        if dialect == Dialect::Sqlite {
+            if let Some(path) = sqlite_path(url) {
+                if let Some(parent) = std::path::Path::new(path).parent() {
+                    if !parent.as_os_str().is_empty() {
+                        std::fs::create_dir_all(parent)
+                            .with_context(|| format!("creating {}", parent.display()))?;
+                    }
+                }
+            }
+        }
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+            .with_context(|| format!("connecting to the database ({})", redact_url(url)))?;
+        Ok(Db { pool, dialect })
+    }
+
+    /// Applies pending migrations. On Postgres an advisory lock serialises
+    /// replicas starting at once.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        if self.dialect == Dialect::Postgres {
+            sqlx::query("SELECT pg_advisory_lock(4242001)")
+                .execute(&mut *conn)
+                .await?;
+        }
+        let result = self.migrate_locked(&mut conn).await;
+        if self.dialect == Dialect::Postgres {
+            sqlx::query("SELECT pg_advisory_unlock(4242001)")
+                .execute(&mut *conn)
+                .await?;
+        }
+        result
+    }
+
+    async fn migrate_locked(&self, conn: &mut sqlx::AnyConnection) -> anyhow::Result<()> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS agora_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&mut *conn)
+        .await?;
+        let applied: Vec<i64> = sqlx::query("SELECT version FROM agora_migrations")
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| r.get::<i64, _>(0))
+            .collect();
+        let blob = match self.dialect {
+            Dialect::Postgres => "BYTEA",
+            Dialect::Sqlite => "BLOB",
+        };
+        for (version, name, sql) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            let sql = sql.replace("{{BLOB}}", blob);
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            for statement in statements(&sql) {
+                sqlx::query(statement)
+                    .execute(&mut *tx)
+                    .await
+                    .with_context(|| format!("migration {version} ({name}): {statement}"))?;
+            }
+            sqlx::query(
+                "INSERT INTO agora_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+            )
+            .bind(version)
+            .bind(*name)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            tracing::info!(version, name, "applied migration");
+        }
+        Ok(())
+    }
+}
+
+/// Bumps the data-plane configuration revision inside the caller's transaction.
+pub async fn bump_revision(tx: &mut sqlx::AnyConnection) -> Result<i64, sqlx::Error> {
+    let row = sqlx::query(
+        "UPDATE config_revision SET revision = revision + 1 WHERE id = 1 RETURNING revision",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(row.get::<i64, _>(0))
+}
+
+pub async fn current_revision(db: &Db) -> Result<i64, sqlx::Error> {
+    let row = sqlx::query("SELECT revision FROM config_revision WHERE id = 1")
+        .fetch_one(&db.pool)
+        .await?;
+    Ok(row.get::<i64, _>(0))
+}
+
+/// Splits a migration into statements on `;` at line ends, skipping comments.
+fn statements(sql: &str) -> Vec<&str> {
+    sql.split(";\n")
+        .map(str::trim)
+        .filter(|s| {
+            s.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
+        })
+        .map(|s| s.trim_end_matches(';'))
+        .collect()
+}
+
+fn sqlite_path(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next()?;
+    (!path.is_empty() && path != ":memory:").then_some(path)
+}
+
+/// A database URL without its password, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}@{}", &url[..scheme + 3], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+pub fn now_ms() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
+}
+
+/// Reads a uuid stored as TEXT.
+pub fn uuid_col(row: &AnyRow, col: &str) -> Result<uuid::Uuid, sqlx::Error> {
+    let s: String = row.try_get(col)?;
+    s.parse().map_err(|e| sqlx::Error::ColumnDecode {
+        index: col.to_owned(),
+        source: Box::new(e),
+    })
+}
+
+pub fn opt_uuid_col(row: &AnyRow, col: &str) -> Result<Option<uuid::Uuid>, sqlx::Error> {
+    let s: Option<String> = row.try_get(col)?;
+    s.map(|s| {
+        s.parse().map_err(|e| sqlx::Error::ColumnDecode {
+            index: col.to_owned(),
+            source: Box::new(e),
+        })
+    })
+    .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_splits_into_statements() {
+        let sql = MIGRATIONS[0].2;
+        let stmts = statements(sql);
+        assert!(stmts.len() > 10);
+        assert!(stmts.iter().all(|s| !s.ends_with(';')));
+        assert!(stmts[0].contains("CREATE TABLE users"));
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u@h:5432/db"
+        );
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn sqlite_paths() {
+        assert_eq!(sqlite_path("sqlite://a/b.db?mode=rwc"), Some("a/b.db"));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+    }
+}

@@ -1,0 +1,302 @@
+//! Demo content for `agora up`: a provider with three sample agents (free and
+//! paid plans), a buyer subscribed to one free plan, and one API key. Seeding
+//! runs once; later runs keep the data and refresh only what `demo.json` needs.
+
+use std::path::Path;
+
+use agora_config::flow::FlowDefinition;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use uuid::Uuid;
+
+use crate::db::{now_ms, uuid_col};
+use crate::domain::{Interval, OrgKind};
+use crate::routes::agents::{insert_plan, set_published, NewPlan};
+use crate::{identity, AppState};
+
+const PROVIDER: &str = "demo-provider";
+const BUYER: &str = "demo-buyer";
+
+const SAMPLE_FLOWS: &[(&str, &str, &str)] = &[
+    (
+        "Support Assistant",
+        "Answers customer questions politely, in your brand's voice.",
+        include_str!("../../config/flows/support-assistant.json"),
+    ),
+    (
+        "FAQ Echo",
+        "Repeats the question back: the smallest agent there is, for trying the API.",
+        include_str!("../../config/flows/faq-echo.json"),
+    ),
+    (
+        "Document Summarizer",
+        "Summarises documents with a language model of your choice.",
+        include_str!("../../config/flows/doc-summarizer.json"),
+    ),
+];
+
+/// What `agora up` writes to `DATA_DIR/demo.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DemoInfo {
+    pub control_plane_url: String,
+    pub provider_username: String,
+    pub provider_password: String,
+    pub provider_token: String,
+    pub buyer_username: String,
+    pub buyer_password: String,
+    pub buyer_token: String,
+    pub config_uuid: Uuid,
+    pub api_key: String,
+    pub note: String,
+}
+
+/// Seeds (first run) or refreshes (later runs) the demo and returns its details.
+pub async fn ensure(app: &AppState, data_dir: &Path, url: &str) -> anyhow::Result<DemoInfo> {
+    let previous = read_previous(data_dir);
+    let (provider_password, buyer_password, config) =
+        match identity::find_user(&app.db, BUYER).await? {
+            Some(_) => {
+                let prev = previous.as_ref().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "demo data exists but {} is missing; remove the data dir to start over",
+                        data_dir.join("demo.json").display()
+                    )
+                })?;
+                (
+                    prev.provider_password.clone(),
+                    prev.buyer_password.clone(),
+                    prev.config_uuid,
+                )
+            }
+            None => seed(app).await?,
+        };
+    let provider = identity::find_user(&app.db, PROVIDER)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("demo provider missing"))?;
+    let buyer = identity::find_user(&app.db, BUYER)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("demo buyer missing"))?;
+    let reuse = |pick: fn(&DemoInfo) -> &String| previous.as_ref().map(|p| pick(p).clone());
+    let provider_token = match reuse(|p| &p.provider_token) {
+        Some(t) if token_valid(app, &t).await? => t,
+        _ => identity::create_token(&app.db, provider).await?,
+    };
+    let buyer_token = match reuse(|p| &p.buyer_token) {
+        Some(t) if token_valid(app, &t).await? => t,
+        _ => identity::create_token(&app.db, buyer).await?,
+    };
+    let api_key = match reuse(|p| &p.api_key) {
+        Some(k) if key_active(app, &k).await? => k,
+        _ => issue_demo_key(app, config, buyer).await?,
+    };
+    let note = if app.runtime.is_some() {
+        "Demo agents are provisioned to the configured runtime.".to_owned()
+    } else {
+        "No agent runtime is configured: the demo agents are listed in the marketplace but have no runtime flow yet. Set [runtime] url and api_key to provision them.".to_owned()
+    };
+    let info = DemoInfo {
+        control_plane_url: url.to_owned(),
+        provider_username: PROVIDER.into(),
+        provider_password,
+        provider_token,
+        buyer_username: BUYER.into(),
+        buyer_password,
+        buyer_token,
+        config_uuid: config,
+        api_key,
+        note,
+    };
+    write_demo(data_dir, &info)?;
+    Ok(info)
+}
+
+fn read_previous(data_dir: &Path) -> Option<DemoInfo> {
+    let text = std::fs::read_to_string(data_dir.join("demo.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Writes demo.json readable by its owner only: it holds credentials.
+fn write_demo(data_dir: &Path, info: &DemoInfo) -> anyhow::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(data_dir)?;
+    let tmp = data_dir.join("demo.json.tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&tmp)?;
+    file.write_all(serde_json::to_string_pretty(info)?.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(tmp, data_dir.join("demo.json"))?;
+    Ok(())
+}
+
+async fn token_valid(app: &AppState, token: &str) -> anyhow::Result<bool> {
+    Ok(
+        sqlx::query("SELECT 1 AS one FROM user_tokens WHERE token_hash = $1")
+            .bind(crate::extract::hash_token(token))
+            .fetch_optional(&app.db.pool)
+            .await?
+            .is_some(),
+    )
+}
+
+async fn key_active(app: &AppState, key: &str) -> anyhow::Result<bool> {
+    let Ok(key) = agora_config::keys::ApiKey::parse(key) else {
+        return Ok(false);
+    };
+    Ok(
+        sqlx::query("SELECT 1 AS one FROM api_keys WHERE key_hash = $1 AND status = 'active'")
+            .bind(key.hash().to_hex())
+            .fetch_optional(&app.db.pool)
+            .await?
+            .is_some(),
+    )
+}
+
+fn random_password() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+async fn seed(app: &AppState) -> anyhow::Result<(String, String, Uuid)> {
+    let db = &app.db;
+    let provider_password = random_password();
+    let buyer_password = random_password();
+    let provider = identity::create_user(
+        db,
+        PROVIDER,
+        "provider@demo.invalid",
+        &provider_password,
+        false,
+    )
+    .await?;
+    let buyer =
+        identity::create_user(db, BUYER, "buyer@demo.invalid", &buyer_password, false).await?;
+    let provider_org = identity::create_org(
+        db,
+        "Acme Agents",
+        OrgKind::Provider,
+        "Sample agents for the Agora demo.",
+        provider,
+    )
+    .await?;
+    let buyer_org = identity::create_org(db, "Globex Retail", OrgKind::Customer, "", buyer).await?;
+    let category = Uuid::new_v4();
+    sqlx::query("INSERT INTO categories (uuid, slug, title, description, created_at) VALUES ($1, 'customer-support', 'Customer support', 'Agents that talk to your customers.', $2) ON CONFLICT (slug) DO NOTHING")
+        .bind(category.to_string())
+        .bind(now_ms())
+        .execute(&db.pool)
+        .await?;
+    let category: String =
+        sqlx::query("SELECT uuid FROM categories WHERE slug = 'customer-support'")
+            .fetch_one(&db.pool)
+            .await?
+            .try_get("uuid")?;
+    let mut first_free_plan = None;
+    for (name, description, flow) in SAMPLE_FLOWS {
+        let flow = FlowDefinition::parse(flow.as_bytes())
+            .map_err(|e| anyhow::anyhow!("sample flow {name}: {e}"))?;
+        let agent = Uuid::new_v4();
+        let now = now_ms();
+        sqlx::query("INSERT INTO provider_agents (uuid, org_uuid, name, description, category_uuid, status, flow_json, flow_summary, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'draft', $6, $7, $8, $8)")
+            .bind(agent.to_string())
+            .bind(provider_org.to_string())
+            .bind(*name)
+            .bind(*description)
+            .bind(&category)
+            .bind(serde_json::to_string(flow.as_json())?)
+            .bind(serde_json::to_string(flow.summary())?)
+            .bind(now)
+            .execute(&db.pool)
+            .await?;
+        let free = insert_plan(db, agent, &plan("Free", 0, Some(1_000), Some(20), Some(2)))
+            .await
+            .map_err(api_err)?;
+        insert_plan(
+            db,
+            agent,
+            &plan("Pro", 2_900, Some(100_000), Some(600), Some(10)),
+        )
+        .await
+        .map_err(api_err)?;
+        let flow_id = match &app.runtime {
+            Some(runtime) => Some(
+                runtime
+                    .provision(flow.as_json(), &format!("{name} ({agent})"))
+                    .await?,
+            ),
+            None => None,
+        };
+        set_published(db, agent, flow_id.as_deref())
+            .await
+            .map_err(api_err)?;
+        first_free_plan.get_or_insert((agent, free));
+    }
+    let (agent, plan_uuid) = first_free_plan.ok_or_else(|| anyhow::anyhow!("no sample flows"))?;
+    let order = Uuid::new_v4();
+    let mut tx = db.pool.begin().await?;
+    sqlx::query("INSERT INTO orders (uuid, org_uuid, agent_uuid, plan_uuid, state, price_cents, currency, created_by, created_at) VALUES ($1, $2, $3, $4, 'pending_payment', 0, 'usd', $5, $6)")
+        .bind(order.to_string())
+        .bind(buyer_org.to_string())
+        .bind(agent.to_string())
+        .bind(plan_uuid.to_string())
+        .bind(buyer.to_string())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+    let config = crate::routes::marketplace::complete_order(&mut tx, order, "Globex Helpdesk")
+        .await
+        .map_err(api_err)?
+        .ok_or_else(|| anyhow::anyhow!("demo order did not complete"))?;
+    tx.commit().await?;
+    Ok((provider_password, buyer_password, config))
+}
+
+fn plan(
+    name: &str,
+    price: i64,
+    requests: Option<i64>,
+    rpm: Option<i64>,
+    concurrency: Option<i64>,
+) -> NewPlan {
+    NewPlan {
+        name: name.into(),
+        price_cents: price,
+        currency: Some("usd".into()),
+        interval: Some(Interval::Month),
+        request_quota: requests,
+        token_quota: None,
+        requests_per_minute: rpm,
+        burst: None,
+        max_concurrency: concurrency,
+    }
+}
+
+fn api_err(e: crate::error::ApiError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
+/// Issues the demo's secret key through the same path as the API.
+async fn issue_demo_key(app: &AppState, config: Uuid, buyer: Uuid) -> anyhow::Result<String> {
+    use crate::routes::keys::{store_key, KeySpec};
+    use agora_config::keys::{KeyKind, Scope};
+    let row = sqlx::query("SELECT org_uuid FROM agent_configs WHERE uuid = $1")
+        .bind(config.to_string())
+        .fetch_one(&app.db.pool)
+        .await?;
+    let org = uuid_col(&row, "org_uuid")?;
+    let spec = KeySpec {
+        name: "demo".into(),
+        kind: KeyKind::SecretLive,
+        scopes: vec![Scope::Invoke],
+        origins: vec![],
+        expires_at: None,
+    };
+    let (_, key) = store_key(app, org, config, None, buyer, &spec)
+        .await
+        .map_err(api_err)?;
+    Ok(key.expose_secret().to_owned())
+}

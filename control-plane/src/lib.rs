@@ -1,0 +1,174 @@
+//! Agora's control plane: the marketplace, orders, buyer configurations and API
+//! keys, over Postgres or embedded SQLite, served with axum.
+//!
+//! Routes are organised by feature under [`routes`]; every route is declared once
+//! in [`api!`], which builds both the router and the OpenAPI document.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use agora_config::keys::SigningKey;
+use agora_config::settings::Settings;
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+
+pub mod db;
+pub mod demo;
+pub mod domain;
+pub mod error;
+pub mod extract;
+pub mod identity;
+pub mod openapi;
+pub mod routes;
+pub mod runtime;
+pub mod signing;
+
+use db::Db;
+use error::ApiError;
+use extract::BodyLimit;
+
+/// Limits the API enforces, from settings.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_page_size: u32,
+    pub max_document_bytes: usize,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub limits: Arc<Limits>,
+    pub signer: Arc<SigningKey>,
+    pub runtime: Option<runtime::RuntimeClient>,
+}
+
+impl AppState {
+    /// Connects, migrates, and loads (or creates) the key-signing key.
+    pub async fn from_settings(settings: &Settings) -> anyhow::Result<AppState> {
+        let db = Db::connect(
+            &settings.database_url(),
+            settings.control_plane.db_max_connections,
+        )
+        .await?;
+        db.migrate().await?;
+        let signer = signing::active_signing_key(&db).await?;
+        let runtime = runtime::RuntimeClient::from_settings(&settings.runtime)?;
+        let cp = &settings.control_plane;
+        Ok(AppState {
+            db,
+            limits: Arc::new(Limits {
+                max_body_bytes: cp.max_body_bytes,
+                max_page_size: cp.max_page_size,
+                max_document_bytes: cp.max_document_bytes,
+            }),
+            signer: Arc::new(signer),
+            runtime,
+        })
+    }
+}
+
+/// One route of the API, as documented.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteDoc {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub tag: &'static str,
+    pub summary: &'static str,
+}
+
+impl RouteDoc {
+    /// Routes anyone may call; every other route needs `Authorization: Token`.
+    pub fn is_public(&self) -> bool {
+        matches!(self.path, "/api/auth/token/" | "/api/openapi.json")
+    }
+}
+
+macro_rules! api {
+    ($($method:ident $path:literal => $handler:path, $tag:literal, $summary:literal;)*) => {
+        /// Every route the control plane serves.
+        pub const ROUTES: &[RouteDoc] = &[$(RouteDoc {
+            method: stringify!($method),
+            path: $path,
+            tag: $tag,
+            summary: $summary,
+        }),*];
+
+        fn api_router() -> Router<AppState> {
+            Router::new()$(.route($path, axum::routing::$method($handler)))*
+        }
+    };
+}
+
+use routes::{agents, auth, configs, documents, keys, marketplace, orgs};
+
+api! {
+    post "/api/auth/token/" => auth::obtain_token, "auth", "Exchange username and password for a user token";
+    get "/api/openapi.json" => openapi::document, "meta", "This OpenAPI document";
+
+    get "/api/organizations/" => orgs::list_orgs, "organizations", "Organizations you belong to";
+    post "/api/organizations/" => orgs::create_org, "organizations", "Create an organization you own";
+    get "/api/organizations/{uuid}/" => orgs::get_org, "organizations", "One of your organizations";
+    get "/api/projects/" => orgs::list_projects, "organizations", "Projects of your organizations";
+    post "/api/projects/" => orgs::create_project, "organizations", "Create a project";
+    get "/api/projects/{uuid}/" => orgs::get_project, "organizations", "One project";
+
+    get "/api/marketplace-categories/" => marketplace::list_categories, "marketplace", "Categories";
+    post "/api/marketplace-categories/" => marketplace::create_category, "marketplace", "Create a category (staff)";
+    get "/api/marketplace-categories/{uuid}/" => marketplace::get_category, "marketplace", "One category";
+    get "/api/marketplace-service-providers/" => marketplace::list_providers, "marketplace", "Service providers (sellers)";
+    get "/api/marketplace-service-providers/{uuid}/" => marketplace::get_provider, "marketplace", "One service provider";
+    get "/api/marketplace-public-offerings/" => marketplace::list_offerings, "marketplace", "Published agents: search, category and provider filters, paging";
+    get "/api/marketplace-public-offerings/{uuid}/" => marketplace::get_offering, "marketplace", "One published agent with its plans";
+    get "/api/marketplace-orders/" => marketplace::list_orders, "marketplace", "Your organization's orders";
+    post "/api/marketplace-orders/" => marketplace::create_order, "marketplace", "Order an offering's plan";
+    get "/api/marketplace-orders/{uuid}/" => marketplace::get_order, "marketplace", "One order";
+    get "/api/marketplace-resources/" => marketplace::list_resources, "marketplace", "Your organization's subscribed resources";
+    get "/api/marketplace-resources/{uuid}/" => marketplace::get_resource, "marketplace", "One resource";
+
+    get "/api/provider-agents/" => agents::list_agents, "provider", "Your agents";
+    post "/api/provider-agents/" => agents::create_agent, "provider", "Create an agent";
+    post "/api/provider-agents/validate_flow/" => agents::validate_flow, "provider", "Validate a Langflow export (the body) without storing it";
+    get "/api/provider-agents/{uuid}/" => agents::get_agent, "provider", "One agent";
+    patch "/api/provider-agents/{uuid}/" => agents::update_agent, "provider", "Update an agent";
+    delete "/api/provider-agents/{uuid}/" => agents::delete_agent, "provider", "Delete a draft agent nobody ordered";
+    post "/api/provider-agents/{uuid}/import_flow/" => agents::import_flow, "provider", "Import a Langflow export (the body) into the agent";
+    post "/api/provider-agents/{uuid}/publish/" => agents::publish, "provider", "Provision the flow to the runtime and list the agent";
+    post "/api/provider-agents/{uuid}/unpublish/" => agents::unpublish, "provider", "Withdraw the agent from the marketplace";
+    get "/api/provider-agents/{uuid}/plans/" => agents::list_plans, "provider", "The agent's pricing plans";
+    post "/api/provider-agents/{uuid}/plans/" => agents::create_plan, "provider", "Add a pricing plan";
+    delete "/api/provider-agents/{uuid}/plans/{plan}/" => agents::archive_plan, "provider", "Archive a pricing plan (existing subscriptions keep it)";
+
+    get "/api/customer-agent-configs/" => configs::list_configs, "buyer", "Your agent configurations";
+    get "/api/customer-agent-configs/{uuid}/" => configs::get_config, "buyer", "One configuration";
+    patch "/api/customer-agent-configs/{uuid}/" => configs::update_config, "buyer", "Set name, greeting, tone and knowledge documents";
+    get "/api/customer-agent-configs/{uuid}/api_keys/" => keys::list_keys, "buyer", "The configuration's API keys (never the secret)";
+    post "/api/customer-agent-configs/{uuid}/api_keys/" => keys::issue_key, "buyer", "Issue an API key; the secret is shown once";
+    post "/api/agent-api-keys/{uuid}/revoke/" => keys::revoke_key, "buyer", "Revoke an API key";
+    get "/api/training-documents/" => documents::list_documents, "buyer", "Knowledge documents";
+    post "/api/training-documents/" => documents::upload_document, "buyer", "Upload a knowledge document (the body; ?filename=&config=)";
+    get "/api/training-documents/{uuid}/" => documents::get_document, "buyer", "One knowledge document's metadata";
+    delete "/api/training-documents/{uuid}/" => documents::delete_document, "buyer", "Delete a knowledge document";
+}
+
+/// The full application: API routes, JSON 404/405, body limit.
+pub fn app(state: AppState) -> Router {
+    let limit = state.limits.max_body_bytes;
+    api_router()
+        .fallback(|| async { ApiError::not_found("route") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::Extension(BodyLimit(limit)))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then finishes in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

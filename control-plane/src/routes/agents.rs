@@ -1,0 +1,434 @@
+use agora_config::flow::FlowDefinition;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::marketplace::{plan_json, plans_json};
+use super::{fetch_page, member_orgs, PageQuery};
+use crate::db::{bump_revision, now_ms, opt_uuid_col, uuid_col, Db};
+use crate::domain::{text_field, ts, AgentStatus, Cents, Currency, Interval, OrgKind, Page, Paged};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiBytes, ApiJson, ApiPath, ApiQuery, Caller};
+use crate::AppState;
+
+fn agent_json(row: &AnyRow) -> ApiResult<Value> {
+    let summary: Option<String> = row.try_get("flow_summary")?;
+    Ok(json!({
+        "uuid": uuid_col(row, "uuid")?,
+        "organization": uuid_col(row, "org_uuid")?,
+        "name": row.try_get::<String, _>("name")?,
+        "description": row.try_get::<String, _>("description")?,
+        "category": opt_uuid_col(row, "category_uuid")?,
+        "status": row.try_get::<String, _>("status")?,
+        "has_flow": summary.is_some(),
+        "flow_summary": summary.and_then(|s| serde_json::from_str::<Value>(&s).ok()),
+        "runtime_flow_id": row.try_get::<Option<String>, _>("runtime_flow_id")?,
+        "created_at": ts(row.try_get("created_at")?),
+        "updated_at": ts(row.try_get("updated_at")?),
+    }))
+}
+
+const AGENT_COLUMNS: &str = "uuid, org_uuid, name, description, category_uuid, status, flow_summary, runtime_flow_id, created_at, updated_at";
+
+/// The caller's agent (any role), or 404.
+async fn load_agent(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<AnyRow> {
+    let sql = format!(
+        "SELECT {AGENT_COLUMNS} FROM provider_agents WHERE uuid = $1 AND org_uuid IN ({})",
+        member_orgs(2)
+    );
+    sqlx::query(&sql)
+        .bind(uuid.to_string())
+        .bind(caller.user.to_string())
+        .fetch_optional(&db.pool)
+        .await?
+        .ok_or(ApiError::not_found("agent"))
+}
+
+/// The caller's agent when they may change it.
+async fn agent_for_change(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<AnyRow> {
+    let row = load_agent(db, caller, uuid).await?;
+    caller.require_admin(uuid_col(&row, "org_uuid")?)?;
+    Ok(row)
+}
+
+async fn check_category(db: &Db, category: Option<Uuid>) -> ApiResult<()> {
+    if let Some(c) = category {
+        sqlx::query("SELECT uuid FROM categories WHERE uuid = $1")
+            .bind(c.to_string())
+            .fetch_optional(&db.pool)
+            .await?
+            .ok_or(ApiError::not_found("category"))?;
+    }
+    Ok(())
+}
+
+pub async fn list_agents(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<Json<Paged<Value>>> {
+    let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
+    let from = format!(
+        "FROM provider_agents WHERE org_uuid IN ({})",
+        member_orgs(1)
+    );
+    Ok(Json(
+        fetch_page(
+            &app.db,
+            AGENT_COLUMNS,
+            &from,
+            "created_at, uuid",
+            vec![caller.user.into()],
+            page,
+            agent_json,
+        )
+        .await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAgent {
+    name: String,
+    #[serde(default)]
+    description: String,
+    category: Option<Uuid>,
+    organization: Option<Uuid>,
+}
+
+pub async fn create_agent(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<NewAgent>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let org = caller.org_of_kind(OrgKind::Provider, body.organization)?;
+    caller.require_admin(org)?;
+    let name = text_field("name", &body.name, 1, 200)?;
+    let description = text_field("description", &body.description, 0, 5000)?;
+    check_category(&app.db, body.category).await?;
+    let uuid = Uuid::new_v4();
+    let now = now_ms();
+    sqlx::query("INSERT INTO provider_agents (uuid, org_uuid, name, description, category_uuid, status, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'draft', $6, $6)")
+        .bind(uuid.to_string())
+        .bind(org.to_string())
+        .bind(&name)
+        .bind(&description)
+        .bind(body.category.map(|c| c.to_string()))
+        .bind(now)
+        .execute(&app.db.pool)
+        .await?;
+    let row = load_agent(&app.db, &caller, uuid).await?;
+    Ok((StatusCode::CREATED, Json(agent_json(&row)?)))
+}
+
+pub async fn get_agent(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Value>> {
+    let row = load_agent(&app.db, &caller, uuid).await?;
+    let mut agent = agent_json(&row)?;
+    agent["plans"] = Value::from(plans_json(&app.db, uuid, false).await?);
+    Ok(Json(agent))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentPatch {
+    name: Option<String>,
+    description: Option<String>,
+    category: Option<Option<Uuid>>,
+}
+
+pub async fn update_agent(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<AgentPatch>,
+) -> ApiResult<Json<Value>> {
+    let row = agent_for_change(&app.db, &caller, uuid).await?;
+    let name = match &body.name {
+        Some(n) => text_field("name", n, 1, 200)?,
+        None => row.try_get("name")?,
+    };
+    let description = match &body.description {
+        Some(d) => text_field("description", d, 0, 5000)?,
+        None => row.try_get("description")?,
+    };
+    let category = match body.category {
+        Some(c) => {
+            check_category(&app.db, c).await?;
+            c
+        }
+        None => opt_uuid_col(&row, "category_uuid")?,
+    };
+    sqlx::query("UPDATE provider_agents SET name = $2, description = $3, category_uuid = $4, updated_at = $5 WHERE uuid = $1")
+        .bind(uuid.to_string())
+        .bind(&name)
+        .bind(&description)
+        .bind(category.map(|c| c.to_string()))
+        .bind(now_ms())
+        .execute(&app.db.pool)
+        .await?;
+    Ok(Json(agent_json(
+        &load_agent(&app.db, &caller, uuid).await?,
+    )?))
+}
+
+pub async fn delete_agent(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<StatusCode> {
+    let row = agent_for_change(&app.db, &caller, uuid).await?;
+    if row.try_get::<String, _>("status")? == AgentStatus::Published.as_str() {
+        return Err(ApiError::conflict(
+            "agent_published",
+            "unpublish the agent before deleting it",
+        ));
+    }
+    let orders = sqlx::query("SELECT COUNT(*) AS n FROM orders WHERE agent_uuid = $1")
+        .bind(uuid.to_string())
+        .fetch_one(&app.db.pool)
+        .await?;
+    if orders.try_get::<i64, _>("n")? > 0 {
+        return Err(ApiError::conflict(
+            "agent_ordered",
+            "the agent has orders and cannot be deleted",
+        ));
+    }
+    sqlx::query("DELETE FROM provider_agents WHERE uuid = $1")
+        .bind(uuid.to_string())
+        .execute(&app.db.pool)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `validate_flow/`: the body is a Langflow export; answers what import would extract.
+pub async fn validate_flow(_caller: Caller, ApiBytes(body): ApiBytes) -> ApiResult<Json<Value>> {
+    let flow = FlowDefinition::parse(&body)?;
+    Ok(Json(json!({ "valid": true, "summary": flow.summary() })))
+}
+
+/// `{uuid}/import_flow/`: stores the export and what it offers buyers and the proxy.
+pub async fn import_flow(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+    ApiBytes(body): ApiBytes,
+) -> ApiResult<Json<Value>> {
+    let row = agent_for_change(&app.db, &caller, uuid).await?;
+    if row.try_get::<String, _>("status")? == AgentStatus::Published.as_str() {
+        return Err(ApiError::conflict(
+            "agent_published",
+            "unpublish the agent before importing a new flow",
+        ));
+    }
+    let flow = FlowDefinition::parse(&body)?;
+    let summary = serde_json::to_string(flow.summary()).map_err(anyhow::Error::from)?;
+    let definition = serde_json::to_string(flow.as_json()).map_err(anyhow::Error::from)?;
+    sqlx::query("UPDATE provider_agents SET flow_json = $2, flow_summary = $3, runtime_flow_id = NULL, updated_at = $4 WHERE uuid = $1")
+        .bind(uuid.to_string())
+        .bind(definition)
+        .bind(summary)
+        .bind(now_ms())
+        .execute(&app.db.pool)
+        .await?;
+    Ok(Json(agent_json(
+        &load_agent(&app.db, &caller, uuid).await?,
+    )?))
+}
+
+/// Provisions the flow to the runtime, then lists the agent. A runtime failure
+/// leaves the agent unpublished.
+pub async fn publish(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Value>> {
+    let row = agent_for_change(&app.db, &caller, uuid).await?;
+    if row.try_get::<String, _>("status")? == AgentStatus::Published.as_str() {
+        return Ok(Json(agent_json(&row)?));
+    }
+    let flow: Option<String> = sqlx::query("SELECT flow_json FROM provider_agents WHERE uuid = $1")
+        .bind(uuid.to_string())
+        .fetch_one(&app.db.pool)
+        .await?
+        .try_get("flow_json")?;
+    let flow =
+        flow.ok_or_else(|| ApiError::conflict("no_flow", "import a flow before publishing"))?;
+    let plans =
+        sqlx::query("SELECT COUNT(*) AS n FROM pricing_plans WHERE agent_uuid = $1 AND active = 1")
+            .bind(uuid.to_string())
+            .fetch_one(&app.db.pool)
+            .await?;
+    if plans.try_get::<i64, _>("n")? == 0 {
+        return Err(ApiError::conflict(
+            "no_plans",
+            "add a pricing plan before publishing",
+        ));
+    }
+    let runtime = app.runtime.as_ref().ok_or_else(|| {
+        ApiError::conflict(
+            "runtime_not_configured",
+            "no agent runtime is configured ([runtime] url and api_key)",
+        )
+    })?;
+    let flow: Value = serde_json::from_str(&flow).map_err(anyhow::Error::from)?;
+    let name: String = row.try_get("name")?;
+    let flow_id = runtime
+        .provision(&flow, &format!("{name} ({uuid})"))
+        .await
+        .map_err(|e| ApiError::BadGateway {
+            code: e.code(),
+            message: e.to_string(),
+        })?;
+    set_published(&app.db, uuid, Some(&flow_id)).await?;
+    Ok(Json(agent_json(
+        &load_agent(&app.db, &caller, uuid).await?,
+    )?))
+}
+
+/// Marks an agent published with its runtime flow id, bumping the revision.
+pub async fn set_published(db: &Db, agent: Uuid, runtime_flow_id: Option<&str>) -> ApiResult<()> {
+    let mut tx = db.pool.begin().await?;
+    sqlx::query("UPDATE provider_agents SET status = 'published', runtime_flow_id = $2, updated_at = $3 WHERE uuid = $1")
+        .bind(agent.to_string())
+        .bind(runtime_flow_id)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+    bump_revision(&mut tx).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn unpublish(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Value>> {
+    agent_for_change(&app.db, &caller, uuid).await?;
+    let mut tx = app.db.pool.begin().await?;
+    sqlx::query("UPDATE provider_agents SET status = 'draft', updated_at = $2 WHERE uuid = $1")
+        .bind(uuid.to_string())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+    bump_revision(&mut tx).await?;
+    tx.commit().await?;
+    Ok(Json(agent_json(
+        &load_agent(&app.db, &caller, uuid).await?,
+    )?))
+}
+
+pub async fn list_plans(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Value>> {
+    load_agent(&app.db, &caller, uuid).await?;
+    Ok(Json(Value::from(plans_json(&app.db, uuid, false).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewPlan {
+    pub name: String,
+    pub price_cents: i64,
+    pub currency: Option<String>,
+    pub interval: Option<Interval>,
+    pub request_quota: Option<i64>,
+    pub token_quota: Option<i64>,
+    pub requests_per_minute: Option<i64>,
+    pub burst: Option<i64>,
+    pub max_concurrency: Option<i64>,
+}
+
+fn positive(field: &str, value: Option<i64>, max: i64) -> ApiResult<Option<i64>> {
+    match value {
+        Some(v) if v < 1 || v > max => Err(ApiError::bad_request(
+            "invalid_field",
+            format!("{field} must be between 1 and {max}"),
+        )),
+        other => Ok(other),
+    }
+}
+
+/// Validates and stores a pricing plan; returns its uuid.
+pub async fn insert_plan(db: &Db, agent: Uuid, plan: &NewPlan) -> ApiResult<Uuid> {
+    let name = text_field("name", &plan.name, 1, 100)?;
+    let price = Cents::new(plan.price_cents)?;
+    let currency = Currency::new(plan.currency.as_deref().unwrap_or("usd"))?;
+    let interval = plan.interval.unwrap_or(Interval::Month);
+    let request_quota = positive("request_quota", plan.request_quota, 1_000_000_000_000)?;
+    let token_quota = positive("token_quota", plan.token_quota, 1_000_000_000_000_000)?;
+    let rpm = positive("requests_per_minute", plan.requests_per_minute, 1_000_000)?;
+    let burst = positive("burst", plan.burst, 1_000_000)?;
+    let concurrency = positive("max_concurrency", plan.max_concurrency, 100_000)?;
+    let uuid = Uuid::new_v4();
+    let mut tx = db.pool.begin().await?;
+    sqlx::query("INSERT INTO pricing_plans (uuid, agent_uuid, name, price_cents, currency, billing_interval, request_quota, token_quota, requests_per_minute, burst, max_concurrency, active, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 1, $12)")
+        .bind(uuid.to_string())
+        .bind(agent.to_string())
+        .bind(name)
+        .bind(price.get())
+        .bind(currency.as_str())
+        .bind(interval.as_str())
+        .bind(request_quota)
+        .bind(token_quota)
+        .bind(rpm)
+        .bind(burst)
+        .bind(concurrency)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+    bump_revision(&mut tx).await?;
+    tx.commit().await?;
+    Ok(uuid)
+}
+
+pub async fn create_plan(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<NewPlan>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    agent_for_change(&app.db, &caller, uuid).await?;
+    let plan = insert_plan(&app.db, uuid, &body).await?;
+    let row = sqlx::query("SELECT * FROM pricing_plans WHERE uuid = $1")
+        .bind(plan.to_string())
+        .fetch_one(&app.db.pool)
+        .await?;
+    Ok((StatusCode::CREATED, Json(plan_json(&row)?)))
+}
+
+pub async fn archive_plan(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath((uuid, plan)): ApiPath<(Uuid, Uuid)>,
+) -> ApiResult<Json<Value>> {
+    agent_for_change(&app.db, &caller, uuid).await?;
+    let mut tx = app.db.pool.begin().await?;
+    let updated =
+        sqlx::query("UPDATE pricing_plans SET active = 0 WHERE uuid = $1 AND agent_uuid = $2")
+            .bind(plan.to_string())
+            .bind(uuid.to_string())
+            .execute(&mut *tx)
+            .await?;
+    if updated.rows_affected() == 0 {
+        return Err(ApiError::not_found("plan"));
+    }
+    bump_revision(&mut tx).await?;
+    tx.commit().await?;
+    let row = sqlx::query("SELECT * FROM pricing_plans WHERE uuid = $1")
+        .bind(plan.to_string())
+        .fetch_one(&app.db.pool)
+        .await?;
+    Ok(Json(plan_json(&row)?))
+}

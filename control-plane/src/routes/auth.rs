@@ -1,0 +1,36 @@
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::ApiJson;
+use crate::{identity, AppState};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    username: String,
+    password: String,
+}
+
+/// `POST /api/auth/token/`: a new user token for valid credentials. Unknown
+/// users and wrong passwords fail alike, in the same time.
+pub async fn obtain_token(
+    State(app): State<AppState>,
+    ApiJson(body): ApiJson<Credentials>,
+) -> ApiResult<Json<Value>> {
+    if body.username.len() > 150 || body.password.len() > 1024 {
+        return Err(ApiError::bad_request(
+            "invalid_credentials",
+            "invalid username or password",
+        ));
+    }
+    let user = identity::authenticate(&app.db, &body.username, &body.password)
+        .await?
+        .ok_or_else(|| {
+            ApiError::bad_request("invalid_credentials", "invalid username or password")
+        })?;
+    let token = identity::create_token(&app.db, user).await?;
+    Ok(Json(json!({ "token": token, "user": user })))
+}

@@ -1,0 +1,177 @@
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{fetch_page, member_orgs, PageQuery};
+use crate::db::{bump_revision, now_ms, opt_uuid_col, uuid_col, Db};
+use crate::domain::{text_field, ts, Page, Paged, Tone};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use crate::AppState;
+
+const CONFIG_SELECT: &str = "c.*, a.name AS agent_name, r.state AS resource_state, r.plan_uuid";
+const CONFIG_FROM: &str = "FROM agent_configs c JOIN provider_agents a ON a.uuid = c.agent_uuid JOIN resources r ON r.uuid = c.resource_uuid";
+
+fn config_json(row: &AnyRow) -> ApiResult<Value> {
+    Ok(json!({
+        "uuid": uuid_col(row, "uuid")?,
+        "organization": uuid_col(row, "org_uuid")?,
+        "project": opt_uuid_col(row, "project_uuid")?,
+        "resource": uuid_col(row, "resource_uuid")?,
+        "resource_state": row.try_get::<String, _>("resource_state")?,
+        "plan": uuid_col(row, "plan_uuid")?,
+        "agent": uuid_col(row, "agent_uuid")?,
+        "agent_name": row.try_get::<String, _>("agent_name")?,
+        "name": row.try_get::<String, _>("name")?,
+        "greeting": row.try_get::<String, _>("greeting")?,
+        "tone": row.try_get::<String, _>("tone")?,
+        "created_at": ts(row.try_get("created_at")?),
+        "updated_at": ts(row.try_get("updated_at")?),
+    }))
+}
+
+/// The caller's configuration row, or 404.
+pub async fn load_config(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<AnyRow> {
+    let sql = format!(
+        "SELECT {CONFIG_SELECT} {CONFIG_FROM} WHERE c.uuid = $1 AND c.org_uuid IN ({})",
+        member_orgs(2)
+    );
+    sqlx::query(&sql)
+        .bind(uuid.to_string())
+        .bind(caller.user.to_string())
+        .fetch_optional(&db.pool)
+        .await?
+        .ok_or(ApiError::not_found("agent config"))
+}
+
+async fn config_with_documents(db: &Db, row: &AnyRow) -> ApiResult<Value> {
+    let mut config = config_json(row)?;
+    let docs = sqlx::query("SELECT uuid, filename, content_type, size_bytes FROM training_documents WHERE config_uuid = $1 ORDER BY created_at, uuid")
+        .bind(uuid_col(row, "uuid")?.to_string())
+        .fetch_all(&db.pool)
+        .await?
+        .iter()
+        .map(|d| {
+            Ok(json!({
+                "uuid": uuid_col(d, "uuid")?,
+                "filename": d.try_get::<String, _>("filename")?,
+                "content_type": d.try_get::<String, _>("content_type")?,
+                "size_bytes": d.try_get::<i64, _>("size_bytes")?,
+            }))
+        })
+        .collect::<ApiResult<Vec<Value>>>()?;
+    config["knowledge_documents"] = Value::from(docs);
+    Ok(config)
+}
+
+pub async fn list_configs(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<Json<Paged<Value>>> {
+    let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
+    let from = format!("{CONFIG_FROM} WHERE c.org_uuid IN ({})", member_orgs(1));
+    Ok(Json(
+        fetch_page(
+            &app.db,
+            CONFIG_SELECT,
+            &from,
+            "c.created_at, c.uuid",
+            vec![caller.user.into()],
+            page,
+            config_json,
+        )
+        .await?,
+    ))
+}
+
+pub async fn get_config(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Value>> {
+    let row = load_config(&app.db, &caller, uuid).await?;
+    Ok(Json(config_with_documents(&app.db, &row).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigPatch {
+    name: Option<String>,
+    greeting: Option<String>,
+    tone: Option<Tone>,
+    /// The complete set of knowledge documents (replaces the current set).
+    knowledge_documents: Option<Vec<Uuid>>,
+}
+
+pub async fn update_config(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<ConfigPatch>,
+) -> ApiResult<Json<Value>> {
+    let row = load_config(&app.db, &caller, uuid).await?;
+    let org = uuid_col(&row, "org_uuid")?;
+    caller.require_admin(org)?;
+    let name = match &body.name {
+        Some(n) => text_field("name", n, 1, 100)?,
+        None => row.try_get("name")?,
+    };
+    let greeting = match &body.greeting {
+        Some(g) => text_field("greeting", g, 0, 1000)?,
+        None => row.try_get("greeting")?,
+    };
+    let tone = match body.tone {
+        Some(t) => t,
+        None => crate::domain::parse_stored(&row.try_get::<String, _>("tone")?)?,
+    };
+    if let Some(docs) = &body.knowledge_documents {
+        if docs.len() > 100 {
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                "at most 100 knowledge documents",
+            ));
+        }
+        for doc in docs {
+            sqlx::query("SELECT uuid FROM training_documents WHERE uuid = $1 AND org_uuid = $2")
+                .bind(doc.to_string())
+                .bind(org.to_string())
+                .fetch_optional(&app.db.pool)
+                .await?
+                .ok_or(ApiError::not_found("training document"))?;
+        }
+    }
+    let mut tx = app.db.pool.begin().await?;
+    sqlx::query("UPDATE agent_configs SET name = $2, greeting = $3, tone = $4, updated_at = $5 WHERE uuid = $1")
+        .bind(uuid.to_string())
+        .bind(&name)
+        .bind(&greeting)
+        .bind(tone.as_str())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+    if let Some(docs) = &body.knowledge_documents {
+        sqlx::query("UPDATE training_documents SET config_uuid = NULL WHERE config_uuid = $1")
+            .bind(uuid.to_string())
+            .execute(&mut *tx)
+            .await?;
+        for doc in docs {
+            sqlx::query(
+                "UPDATE training_documents SET config_uuid = $1 WHERE uuid = $2 AND org_uuid = $3",
+            )
+            .bind(uuid.to_string())
+            .bind(doc.to_string())
+            .bind(org.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    bump_revision(&mut tx).await?;
+    tx.commit().await?;
+    let row = load_config(&app.db, &caller, uuid).await?;
+    Ok(Json(config_with_documents(&app.db, &row).await?))
+}

@@ -1,0 +1,203 @@
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::configs::load_config;
+use super::{fetch_page, member_orgs, Arg};
+use crate::db::{now_ms, opt_uuid_col, uuid_col, Db};
+use crate::domain::{ts, OrgKind, Page, Paged};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiBytes, ApiPath, ApiQuery, Caller};
+use crate::AppState;
+
+/// Content types a knowledge document may have.
+pub const ALLOWED_TYPES: &[&str] = &[
+    "text/plain",
+    "text/markdown",
+    "text/csv",
+    "application/json",
+    "application/pdf",
+];
+
+const DOC_COLUMNS: &str =
+    "uuid, org_uuid, config_uuid, filename, content_type, size_bytes, sha256, created_at";
+
+fn document_json(row: &AnyRow) -> ApiResult<Value> {
+    Ok(json!({
+        "uuid": uuid_col(row, "uuid")?,
+        "organization": uuid_col(row, "org_uuid")?,
+        "config": opt_uuid_col(row, "config_uuid")?,
+        "filename": row.try_get::<String, _>("filename")?,
+        "content_type": row.try_get::<String, _>("content_type")?,
+        "size_bytes": row.try_get::<i64, _>("size_bytes")?,
+        "sha256": row.try_get::<String, _>("sha256")?,
+        "created_at": ts(row.try_get("created_at")?),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DocQuery {
+    config: Option<Uuid>,
+    page: Option<u32>,
+    page_size: Option<u32>,
+}
+
+pub async fn list_documents(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<DocQuery>,
+) -> ApiResult<Json<Paged<Value>>> {
+    let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
+    let mut from = format!(
+        "FROM training_documents WHERE org_uuid IN ({})",
+        member_orgs(1)
+    );
+    let mut args = vec![Arg::from(caller.user)];
+    if let Some(config) = q.config {
+        args.push(config.into());
+        from.push_str(" AND config_uuid = $2");
+    }
+    Ok(Json(
+        fetch_page(
+            &app.db,
+            DOC_COLUMNS,
+            &from,
+            "created_at, uuid",
+            args,
+            page,
+            document_json,
+        )
+        .await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadQuery {
+    filename: String,
+    config: Option<Uuid>,
+    organization: Option<Uuid>,
+}
+
+fn check_filename(name: &str) -> ApiResult<()> {
+    let ok = !name.is_empty()
+        && name.chars().count() <= 255
+        && !name.contains(['/', '\\'])
+        && name != "."
+        && name != ".."
+        && !name.chars().any(char::is_control);
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_filename",
+            "filename must be 1 to 255 characters without slashes or control characters",
+        ))
+    }
+}
+
+/// Upload: the body is the document; `Content-Type` must be an allowed type
+/// and the size within `max_document_bytes`.
+pub async fn upload_document(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<UploadQuery>,
+    headers: HeaderMap,
+    ApiBytes(body): ApiBytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    check_filename(&q.filename)?;
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    if !ALLOWED_TYPES.contains(&content_type.as_str()) {
+        return Err(ApiError::UnsupportedMediaType {
+            message: format!("Content-Type must be one of {}", ALLOWED_TYPES.join(", ")),
+        });
+    }
+    if body.len() > app.limits.max_document_bytes {
+        return Err(ApiError::PayloadTooLarge {
+            limit: app.limits.max_document_bytes,
+        });
+    }
+    if body.is_empty() {
+        return Err(ApiError::bad_request(
+            "empty_document",
+            "the document is empty",
+        ));
+    }
+    let org = match q.config {
+        Some(config) => uuid_col(&load_config(&app.db, &caller, config).await?, "org_uuid")?,
+        None => caller.org_of_kind(OrgKind::Customer, q.organization)?,
+    };
+    caller.require_admin(org)?;
+    let uuid = Uuid::new_v4();
+    sqlx::query("INSERT INTO training_documents (uuid, org_uuid, config_uuid, filename, content_type, size_bytes, sha256, content, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+        .bind(uuid.to_string())
+        .bind(org.to_string())
+        .bind(q.config.map(|c| c.to_string()))
+        .bind(&q.filename)
+        .bind(&content_type)
+        .bind(body.len() as i64)
+        .bind(hex::encode(Sha256::digest(&body)))
+        .bind(body.to_vec())
+        .bind(now_ms())
+        .execute(&app.db.pool)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(load_document(&app.db, &caller, uuid).await?),
+    ))
+}
+
+async fn load_document(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<Value> {
+    let sql = format!(
+        "SELECT {DOC_COLUMNS} FROM training_documents WHERE uuid = $1 AND org_uuid IN ({})",
+        member_orgs(2)
+    );
+    let row = sqlx::query(&sql)
+        .bind(uuid.to_string())
+        .bind(caller.user.to_string())
+        .fetch_optional(&db.pool)
+        .await?
+        .ok_or(ApiError::not_found("training document"))?;
+    document_json(&row)
+}
+
+pub async fn get_document(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(load_document(&app.db, &caller, uuid).await?))
+}
+
+pub async fn delete_document(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<StatusCode> {
+    let doc = load_document(&app.db, &caller, uuid).await?;
+    let org: Uuid =
+        serde_json::from_value(doc["organization"].clone()).map_err(anyhow::Error::from)?;
+    caller.require_admin(org)?;
+    sqlx::query("DELETE FROM training_documents WHERE uuid = $1")
+        .bind(uuid.to_string())
+        .execute(&app.db.pool)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,541 @@
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{fetch_page, like_pattern, member_orgs, Arg, PageQuery};
+use crate::db::{bump_revision, now_ms, opt_uuid_col, uuid_col, Db};
+use crate::domain::{
+    opt_ts, text_field, ts, OrderState, OrgKind, Page, Paged, ResourceState, Tone,
+};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use crate::AppState;
+
+// ---- categories ----
+
+fn category_json(row: &AnyRow) -> ApiResult<Value> {
+    Ok(json!({
+        "uuid": uuid_col(row, "uuid")?,
+        "slug": row.try_get::<String, _>("slug")?,
+        "title": row.try_get::<String, _>("title")?,
+        "description": row.try_get::<String, _>("description")?,
+    }))
+}
+
+pub async fn list_categories(
+    State(app): State<AppState>,
+    _caller: Caller,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<Json<Paged<Value>>> {
+    let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
+    Ok(Json(
+        fetch_page(
+            &app.db,
+            "*",
+            "FROM categories",
+            "title, uuid",
+            vec![],
+            page,
+            category_json,
+        )
+        .await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewCategory {
+    slug: String,
+    title: String,
+    #[serde(default)]
+    description: String,
+}
+
+pub async fn create_category(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<NewCategory>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    if !caller.is_staff {
+        return Err(ApiError::forbidden("only staff manage categories"));
+    }
+    let slug = body.slug.trim().to_owned();
+    if slug.is_empty()
+        || slug.len() > 64
+        || !slug
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            "slug must be 1 to 64 characters of a-z, 0-9 and -",
+        ));
+    }
+    let title = text_field("title", &body.title, 1, 100)?;
+    let description = text_field("description", &body.description, 0, 2000)?;
+    let uuid = Uuid::new_v4();
+    let inserted = sqlx::query(
+        "INSERT INTO categories (uuid, slug, title, description, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (slug) DO NOTHING",
+    )
+    .bind(uuid.to_string())
+    .bind(&slug)
+    .bind(&title)
+    .bind(&description)
+    .bind(now_ms())
+    .execute(&app.db.pool)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(ApiError::conflict(
+            "duplicate_slug",
+            format!("a category {slug:?} exists"),
+        ));
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "uuid": uuid, "slug": slug, "title": title, "description": description })),
+    ))
+}
+
+pub async fn get_category(
+    State(app): State<AppState>,
+    _caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Value>> {
+    let row = sqlx::query("SELECT * FROM categories WHERE uuid = $1")
+        .bind(uuid.to_string())
+        .fetch_optional(&app.db.pool)
+        .await?
+        .ok_or(ApiError::not_found("category"))?;
+    Ok(Json(category_json(&row)?))
+}
+
+// ---- service providers (public profiles of provider organisations) ----
+
+const PROVIDER_SELECT: &str = "o.uuid, o.name, o.description, o.created_at, (SELECT COUNT(*) FROM provider_agents a WHERE a.org_uuid = o.uuid AND a.status = 'published') AS published_agents";
+
+fn provider_json(row: &AnyRow) -> ApiResult<Value> {
+    Ok(json!({
+        "uuid": uuid_col(row, "uuid")?,
+        "name": row.try_get::<String, _>("name")?,
+        "description": row.try_get::<String, _>("description")?,
+        "published_agents": row.try_get::<i64, _>("published_agents")?,
+        "created_at": ts(row.try_get("created_at")?),
+    }))
+}
+
+pub async fn list_providers(
+    State(app): State<AppState>,
+    _caller: Caller,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<Json<Paged<Value>>> {
+    let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
+    Ok(Json(
+        fetch_page(
+            &app.db,
+            PROVIDER_SELECT,
+            "FROM organizations o WHERE o.kind = 'provider'",
+            "o.name, o.uuid",
+            vec![],
+            page,
+            provider_json,
+        )
+        .await?,
+    ))
+}
+
+pub async fn get_provider(
+    State(app): State<AppState>,
+    _caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Value>> {
+    let sql = format!(
+        "SELECT {PROVIDER_SELECT} FROM organizations o WHERE o.kind = 'provider' AND o.uuid = $1"
+    );
+    let row = sqlx::query(&sql)
+        .bind(uuid.to_string())
+        .fetch_optional(&app.db.pool)
+        .await?
+        .ok_or(ApiError::not_found("service provider"))?;
+    Ok(Json(provider_json(&row)?))
+}
+
+// ---- public offerings: published agents ----
+
+const OFFERING_SELECT: &str = "a.uuid, a.name, a.description, a.updated_at, a.org_uuid, o.name AS provider_name, c.uuid AS category_uuid, c.slug AS category_slug";
+const OFFERING_FROM: &str = "FROM provider_agents a JOIN organizations o ON o.uuid = a.org_uuid LEFT JOIN categories c ON c.uuid = a.category_uuid WHERE a.status = 'published'";
+
+pub async fn plans_json(db: &Db, agent: Uuid, only_active: bool) -> ApiResult<Vec<Value>> {
+    let sql = if only_active {
+        "SELECT * FROM pricing_plans WHERE agent_uuid = $1 AND active = 1 ORDER BY price_cents, created_at"
+    } else {
+        "SELECT * FROM pricing_plans WHERE agent_uuid = $1 ORDER BY price_cents, created_at"
+    };
+    sqlx::query(sql)
+        .bind(agent.to_string())
+        .fetch_all(&db.pool)
+        .await?
+        .iter()
+        .map(plan_json)
+        .collect()
+}
+
+pub fn plan_json(row: &AnyRow) -> ApiResult<Value> {
+    Ok(json!({
+        "uuid": uuid_col(row, "uuid")?,
+        "agent": uuid_col(row, "agent_uuid")?,
+        "name": row.try_get::<String, _>("name")?,
+        "price_cents": row.try_get::<i64, _>("price_cents")?,
+        "currency": row.try_get::<String, _>("currency")?,
+        "interval": row.try_get::<String, _>("billing_interval")?,
+        "request_quota": row.try_get::<Option<i64>, _>("request_quota")?,
+        "token_quota": row.try_get::<Option<i64>, _>("token_quota")?,
+        "requests_per_minute": row.try_get::<Option<i64>, _>("requests_per_minute")?,
+        "burst": row.try_get::<Option<i64>, _>("burst")?,
+        "max_concurrency": row.try_get::<Option<i64>, _>("max_concurrency")?,
+        "active": row.try_get::<i64, _>("active")? != 0,
+    }))
+}
+
+fn offering_json(row: &AnyRow) -> ApiResult<Value> {
+    Ok(json!({
+        "uuid": uuid_col(row, "uuid")?,
+        "name": row.try_get::<String, _>("name")?,
+        "description": row.try_get::<String, _>("description")?,
+        "provider": { "uuid": uuid_col(row, "org_uuid")?, "name": row.try_get::<String, _>("provider_name")? },
+        "category": opt_uuid_col(row, "category_uuid")?,
+        "category_slug": row.try_get::<Option<String>, _>("category_slug")?,
+        "updated_at": ts(row.try_get("updated_at")?),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfferingQuery {
+    search: Option<String>,
+    /// A category uuid or slug.
+    category: Option<String>,
+    provider: Option<Uuid>,
+    page: Option<u32>,
+    page_size: Option<u32>,
+}
+
+pub async fn list_offerings(
+    State(app): State<AppState>,
+    _caller: Caller,
+    ApiQuery(q): ApiQuery<OfferingQuery>,
+) -> ApiResult<Json<Paged<Value>>> {
+    let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
+    let mut from = OFFERING_FROM.to_owned();
+    let mut args: Vec<Arg> = Vec::new();
+    if let Some(search) = q.search.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        if search.chars().count() > 200 {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "search is limited to 200 characters",
+            ));
+        }
+        // Every word must appear in the name or the description.
+        for word in search.split_whitespace().take(10) {
+            args.push(Arg::Text(like_pattern(word)));
+            let n = args.len();
+            from.push_str(&format!(
+                " AND (LOWER(a.name) LIKE ${n} ESCAPE '\\' OR LOWER(a.description) LIKE ${n} ESCAPE '\\')"
+            ));
+        }
+    }
+    if let Some(category) = q.category.as_deref() {
+        args.push(Arg::from(category));
+        let n = args.len();
+        from.push_str(&format!(" AND (c.uuid = ${n} OR c.slug = ${n})"));
+    }
+    if let Some(provider) = q.provider {
+        args.push(Arg::from(provider));
+        from.push_str(&format!(" AND a.org_uuid = ${}", args.len()));
+    }
+    let mut page = fetch_page(
+        &app.db,
+        OFFERING_SELECT,
+        &from,
+        "a.name, a.uuid",
+        args,
+        page,
+        offering_json,
+    )
+    .await?;
+    for offering in &mut page.results {
+        let uuid: Uuid =
+            serde_json::from_value(offering["uuid"].clone()).map_err(anyhow::Error::from)?;
+        offering["plans"] = Value::from(plans_json(&app.db, uuid, true).await?);
+    }
+    Ok(Json(page))
+}
+
+pub async fn get_offering(
+    State(app): State<AppState>,
+    _caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Value>> {
+    let sql = format!("SELECT {OFFERING_SELECT}, a.flow_summary {OFFERING_FROM} AND a.uuid = $1");
+    let row = sqlx::query(&sql)
+        .bind(uuid.to_string())
+        .fetch_optional(&app.db.pool)
+        .await?
+        .ok_or(ApiError::not_found("offering"))?;
+    let mut offering = offering_json(&row)?;
+    offering["plans"] = Value::from(plans_json(&app.db, uuid, true).await?);
+    let summary: Option<String> = row.try_get("flow_summary")?;
+    if let Some(summary) = summary.and_then(|s| serde_json::from_str::<Value>(&s).ok()) {
+        offering["model_providers"] = summary["model_providers"].clone();
+        offering["configurable_fields"] = summary["tweakable_fields"].clone();
+    }
+    Ok(Json(offering))
+}
+
+// ---- orders and resources ----
+
+fn order_json(row: &AnyRow) -> ApiResult<Value> {
+    Ok(json!({
+        "uuid": uuid_col(row, "uuid")?,
+        "organization": uuid_col(row, "org_uuid")?,
+        "project": opt_uuid_col(row, "project_uuid")?,
+        "offering": uuid_col(row, "agent_uuid")?,
+        "plan": uuid_col(row, "plan_uuid")?,
+        "state": row.try_get::<String, _>("state")?,
+        "price_cents": row.try_get::<i64, _>("price_cents")?,
+        "currency": row.try_get::<String, _>("currency")?,
+        "resource": opt_uuid_col(row, "resource_uuid")?,
+        "config": opt_uuid_col(row, "config_uuid")?,
+        "created_at": ts(row.try_get("created_at")?),
+        "completed_at": opt_ts(row.try_get("completed_at")?),
+    }))
+}
+
+const ORDER_SELECT: &str = "o.*, r.uuid AS resource_uuid, c.uuid AS config_uuid";
+const ORDER_FROM: &str = "FROM orders o LEFT JOIN resources r ON r.order_uuid = o.uuid LEFT JOIN agent_configs c ON c.resource_uuid = r.uuid";
+
+pub async fn list_orders(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<Json<Paged<Value>>> {
+    let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
+    let from = format!("{ORDER_FROM} WHERE o.org_uuid IN ({})", member_orgs(1));
+    Ok(Json(
+        fetch_page(
+            &app.db,
+            ORDER_SELECT,
+            &from,
+            "o.created_at DESC, o.uuid",
+            vec![caller.user.into()],
+            page,
+            order_json,
+        )
+        .await?,
+    ))
+}
+
+async fn load_order(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<Value> {
+    let sql = format!(
+        "SELECT {ORDER_SELECT} {ORDER_FROM} WHERE o.uuid = $1 AND o.org_uuid IN ({})",
+        member_orgs(2)
+    );
+    let row = sqlx::query(&sql)
+        .bind(uuid.to_string())
+        .bind(caller.user.to_string())
+        .fetch_optional(&db.pool)
+        .await?
+        .ok_or(ApiError::not_found("order"))?;
+    order_json(&row)
+}
+
+pub async fn get_order(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(load_order(&app.db, &caller, uuid).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewOrder {
+    offering: Uuid,
+    plan: Uuid,
+    organization: Option<Uuid>,
+    project: Option<Uuid>,
+    /// The name of the buyer's copy; defaults to the agent's name.
+    name: Option<String>,
+}
+
+/// Orders an offering's plan. A free plan completes at once (resource and
+/// agent config created); a paid plan waits in `pending_payment`.
+pub async fn create_order(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<NewOrder>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let org = caller.org_of_kind(OrgKind::Customer, body.organization)?;
+    caller.require_admin(org)?;
+    let agent =
+        sqlx::query("SELECT name FROM provider_agents WHERE uuid = $1 AND status = 'published'")
+            .bind(body.offering.to_string())
+            .fetch_optional(&app.db.pool)
+            .await?
+            .ok_or(ApiError::not_found("offering"))?;
+    let agent_name: String = agent.try_get("name")?;
+    let plan = sqlx::query("SELECT price_cents, currency FROM pricing_plans WHERE uuid = $1 AND agent_uuid = $2 AND active = 1")
+        .bind(body.plan.to_string())
+        .bind(body.offering.to_string())
+        .fetch_optional(&app.db.pool)
+        .await?
+        .ok_or(ApiError::not_found("plan"))?;
+    if let Some(project) = body.project {
+        sqlx::query("SELECT uuid FROM projects WHERE uuid = $1 AND org_uuid = $2")
+            .bind(project.to_string())
+            .bind(org.to_string())
+            .fetch_optional(&app.db.pool)
+            .await?
+            .ok_or(ApiError::not_found("project"))?;
+    }
+    let name = text_field("name", body.name.as_deref().unwrap_or(&agent_name), 1, 100)?;
+    let price: i64 = plan.try_get("price_cents")?;
+    let currency: String = plan.try_get("currency")?;
+    let uuid = Uuid::new_v4();
+    let now = now_ms();
+    let mut tx = app.db.pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO orders (uuid, org_uuid, project_uuid, agent_uuid, plan_uuid, state, price_cents, currency, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(uuid.to_string())
+    .bind(org.to_string())
+    .bind(body.project.map(|p| p.to_string()))
+    .bind(body.offering.to_string())
+    .bind(body.plan.to_string())
+    .bind(OrderState::PendingPayment.as_str())
+    .bind(price)
+    .bind(&currency)
+    .bind(caller.user.to_string())
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    if price == 0 {
+        complete_order(&mut tx, uuid, &name).await?;
+    }
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(load_order(&app.db, &caller, uuid).await?),
+    ))
+}
+
+/// Completes a pending order: marks it done and creates the resource and the
+/// buyer's agent configuration, in the caller's transaction. Completing an
+/// order twice does nothing the second time. Returns the config uuid.
+pub async fn complete_order(
+    tx: &mut sqlx::AnyConnection,
+    order: Uuid,
+    config_name: &str,
+) -> ApiResult<Option<Uuid>> {
+    let now = now_ms();
+    let updated = sqlx::query("UPDATE orders SET state = 'done', completed_at = $2 WHERE uuid = $1 AND state = 'pending_payment'")
+        .bind(order.to_string())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    if updated.rows_affected() == 0 {
+        return Ok(None);
+    }
+    let row = sqlx::query(
+        "SELECT org_uuid, project_uuid, agent_uuid, plan_uuid FROM orders WHERE uuid = $1",
+    )
+    .bind(order.to_string())
+    .fetch_one(&mut *tx)
+    .await?;
+    let resource = Uuid::new_v4();
+    sqlx::query("INSERT INTO resources (uuid, org_uuid, order_uuid, agent_uuid, plan_uuid, state, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+        .bind(resource.to_string())
+        .bind(row.try_get::<String, _>("org_uuid")?)
+        .bind(order.to_string())
+        .bind(row.try_get::<String, _>("agent_uuid")?)
+        .bind(row.try_get::<String, _>("plan_uuid")?)
+        .bind(ResourceState::Active.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    let config = Uuid::new_v4();
+    sqlx::query("INSERT INTO agent_configs (uuid, org_uuid, resource_uuid, agent_uuid, project_uuid, name, greeting, tone, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)")
+        .bind(config.to_string())
+        .bind(row.try_get::<String, _>("org_uuid")?)
+        .bind(resource.to_string())
+        .bind(row.try_get::<String, _>("agent_uuid")?)
+        .bind(row.try_get::<Option<String>, _>("project_uuid")?)
+        .bind(config_name)
+        .bind(format!("Hi! I'm {config_name}. How can I help?"))
+        .bind(Tone::Professional.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    bump_revision(tx).await?;
+    Ok(Some(config))
+}
+
+fn resource_json(row: &AnyRow) -> ApiResult<Value> {
+    Ok(json!({
+        "uuid": uuid_col(row, "uuid")?,
+        "organization": uuid_col(row, "org_uuid")?,
+        "order": uuid_col(row, "order_uuid")?,
+        "offering": uuid_col(row, "agent_uuid")?,
+        "offering_name": row.try_get::<String, _>("agent_name")?,
+        "plan": uuid_col(row, "plan_uuid")?,
+        "state": row.try_get::<String, _>("state")?,
+        "config": opt_uuid_col(row, "config_uuid")?,
+        "created_at": ts(row.try_get("created_at")?),
+    }))
+}
+
+const RESOURCE_SELECT: &str = "r.*, a.name AS agent_name, c.uuid AS config_uuid";
+const RESOURCE_FROM: &str = "FROM resources r JOIN provider_agents a ON a.uuid = r.agent_uuid LEFT JOIN agent_configs c ON c.resource_uuid = r.uuid";
+
+pub async fn list_resources(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<Json<Paged<Value>>> {
+    let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
+    let from = format!("{RESOURCE_FROM} WHERE r.org_uuid IN ({})", member_orgs(1));
+    Ok(Json(
+        fetch_page(
+            &app.db,
+            RESOURCE_SELECT,
+            &from,
+            "r.created_at DESC, r.uuid",
+            vec![caller.user.into()],
+            page,
+            resource_json,
+        )
+        .await?,
+    ))
+}
+
+pub async fn get_resource(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Value>> {
+    let sql = format!(
+        "SELECT {RESOURCE_SELECT} {RESOURCE_FROM} WHERE r.uuid = $1 AND r.org_uuid IN ({})",
+        member_orgs(2)
+    );
+    let row = sqlx::query(&sql)
+        .bind(uuid.to_string())
+        .bind(caller.user.to_string())
+        .fetch_optional(&app.db.pool)
+        .await?
+        .ok_or(ApiError::not_found("resource"))?;
+    Ok(Json(resource_json(&row)?))
+}

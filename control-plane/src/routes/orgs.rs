@@ -1,0 +1,168 @@
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{fetch_page, member_orgs, Arg, PageQuery};
+use crate::db::{now_ms, uuid_col};
+use crate::domain::{text_field, ts, OrgKind, Page, Paged};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use crate::{identity, AppState};
+
+fn org_json(row: &AnyRow, caller: &Caller) -> ApiResult<Value> {
+    let uuid = uuid_col(row, "uuid")?;
+    Ok(json!({
+        "uuid": uuid,
+        "name": row.try_get::<String, _>("name")?,
+        "kind": row.try_get::<String, _>("kind")?,
+        "description": row.try_get::<String, _>("description")?,
+        "role": caller.membership(uuid).map(|m| m.role),
+        "created_at": ts(row.try_get("created_at")?),
+    }))
+}
+
+pub async fn list_orgs(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<Json<Paged<Value>>> {
+    let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
+    let from = format!("FROM organizations WHERE uuid IN ({})", member_orgs(1));
+    let page = fetch_page(
+        &app.db,
+        "*",
+        &from,
+        "created_at, uuid",
+        vec![caller.user.into()],
+        page,
+        |r| org_json(r, &caller),
+    )
+    .await?;
+    Ok(Json(page))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewOrg {
+    name: String,
+    kind: OrgKind,
+    #[serde(default)]
+    description: String,
+}
+
+pub async fn create_org(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<NewOrg>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let name = text_field("name", &body.name, 1, 200)?;
+    let description = text_field("description", &body.description, 0, 2000)?;
+    let uuid = identity::create_org(&app.db, &name, body.kind, &description, caller.user).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({ "uuid": uuid, "name": name, "kind": body.kind, "description": description, "role": "owner" }),
+        ),
+    ))
+}
+
+pub async fn get_org(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Value>> {
+    let sql = format!(
+        "SELECT * FROM organizations WHERE uuid = $1 AND uuid IN ({})",
+        member_orgs(2)
+    );
+    let row = sqlx::query(&sql)
+        .bind(uuid.to_string())
+        .bind(caller.user.to_string())
+        .fetch_optional(&app.db.pool)
+        .await?
+        .ok_or(ApiError::not_found("organization"))?;
+    Ok(Json(org_json(&row, &caller)?))
+}
+
+fn project_json(row: &AnyRow) -> ApiResult<Value> {
+    Ok(json!({
+        "uuid": uuid_col(row, "uuid")?,
+        "organization": uuid_col(row, "org_uuid")?,
+        "name": row.try_get::<String, _>("name")?,
+        "created_at": ts(row.try_get("created_at")?),
+    }))
+}
+
+pub async fn list_projects(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<Json<Paged<Value>>> {
+    let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
+    let from = format!("FROM projects WHERE org_uuid IN ({})", member_orgs(1));
+    Ok(Json(
+        fetch_page(
+            &app.db,
+            "*",
+            &from,
+            "created_at, uuid",
+            vec![Arg::from(caller.user)],
+            page,
+            project_json,
+        )
+        .await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewProject {
+    name: String,
+    organization: Option<Uuid>,
+}
+
+pub async fn create_project(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<NewProject>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let org = caller.org_of_kind(OrgKind::Customer, body.organization)?;
+    caller.require_admin(org)?;
+    let name = text_field("name", &body.name, 1, 200)?;
+    let uuid = Uuid::new_v4();
+    let now = now_ms();
+    sqlx::query("INSERT INTO projects (uuid, org_uuid, name, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(uuid.to_string())
+        .bind(org.to_string())
+        .bind(&name)
+        .bind(now)
+        .execute(&app.db.pool)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "uuid": uuid, "organization": org, "name": name, "created_at": ts(now) })),
+    ))
+}
+
+pub async fn get_project(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Value>> {
+    let sql = format!(
+        "SELECT * FROM projects WHERE uuid = $1 AND org_uuid IN ({})",
+        member_orgs(2)
+    );
+    let row = sqlx::query(&sql)
+        .bind(uuid.to_string())
+        .bind(caller.user.to_string())
+        .fetch_optional(&app.db.pool)
+        .await?
+        .ok_or(ApiError::not_found("project"))?;
+    Ok(Json(project_json(&row)?))
+}

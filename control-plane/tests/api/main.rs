@@ -1,0 +1,878 @@
+//! The control plane's integration suite. Every scenario runs on Postgres and
+//! on SQLite over real sockets.
+
+mod common;
+mod isolation;
+mod runtime_wire;
+
+use agora_config::keys::{ApiKey, Verifier};
+use agora_control_plane::domain::{OrgKind, Role};
+use common::*;
+use reqwest::StatusCode;
+use serde_json::json;
+use sqlx::Row;
+
+async fn login_and_errors(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let db = &app.state.db;
+    agora_control_plane::identity::create_user(db, "alice", "a@example.com", "password123", false)
+        .await
+        .unwrap();
+
+    let (s, body) = app
+        .call(
+            "POST",
+            None,
+            "/api/auth/token/",
+            Some(json!({"username": "alice", "password": "password123"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let token = body["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("agt_"));
+    let stored: String = sqlx::query("SELECT token_hash FROM user_tokens")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(stored, token, "tokens are stored hashed");
+
+    for (user, pass) in [("alice", "wrong-password"), ("nobody", "password123")] {
+        let (s, body) = app
+            .call(
+                "POST",
+                None,
+                "/api/auth/token/",
+                Some(json!({"username": user, "password": pass})),
+            )
+            .await;
+        assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_credentials");
+    }
+    let (s, body) = app.call("GET", None, "/api/organizations/", None).await;
+    assert_error(s, &body, StatusCode::UNAUTHORIZED, "not_authenticated");
+    let (s, body) = app
+        .call("GET", Some("agt_forged"), "/api/organizations/", None)
+        .await;
+    assert_error(s, &body, StatusCode::UNAUTHORIZED, "not_authenticated");
+    let (s, body) = app.get(&token, "/api/no-such-route/").await;
+    assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
+    let (s, body) = app
+        .call("PUT", Some(&token), "/api/organizations/", None)
+        .await;
+    assert_error(
+        s,
+        &body,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    );
+    let (s, body) = app.get(&token, "/api/provider-agents/not-a-uuid/").await;
+    assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
+    // Bad bodies: syntax, types, unknown fields, wrong content type.
+    let (s, body) = app
+        .post_raw(
+            &token,
+            "/api/organizations/",
+            "application/json",
+            b"{\"name\":".to_vec(),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_json");
+    let (s, body) = app
+        .post(
+            &token,
+            "/api/organizations/",
+            json!({"name": "X", "kind": "pirate"}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_body");
+    let (s, body) = app
+        .post(
+            &token,
+            "/api/organizations/",
+            json!({"name": "X", "kind": "customer", "extra": 1}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_body");
+    let (s, body) = app
+        .post_raw(&token, "/api/organizations/", "text/plain", b"{}".to_vec())
+        .await;
+    assert_error(
+        s,
+        &body,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+    let (s, body) = app.get(&token, "/api/organizations/?page_size=1000").await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_page_size");
+    let (s, body) = app.get(&token, "/api/organizations/?bogus=1").await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_query");
+
+    let (s, org) = app
+        .post(
+            &token,
+            "/api/organizations/",
+            json!({"name": "Alice Co", "kind": "customer"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{org}");
+    let (s, list) = app.get(&token, "/api/organizations/").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list["count"], 1);
+    assert_eq!(list["results"][0]["role"], "owner");
+    let (s, project) = app
+        .post(&token, "/api/projects/", json!({"name": "Website"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{project}");
+    assert_eq!(project["organization"], org["uuid"]);
+    app.finish().await;
+}
+
+async fn body_limit(backend: Backend) {
+    let app = TestApp::spawn_with(backend, None, |s| {
+        s.control_plane.max_body_bytes = 64 * 1024;
+        s.control_plane.max_document_bytes = 16 * 1024;
+    })
+    .await;
+    let t = app.tenant("Big", OrgKind::Provider).await;
+    let huge = vec![b' '; 100 * 1024];
+    let (s, body) = app
+        .post_raw(
+            &t.token,
+            "/api/provider-agents/validate_flow/",
+            "application/json",
+            huge,
+        )
+        .await;
+    assert_error(s, &body, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    app.finish().await;
+}
+
+async fn marketplace_flow(backend: Backend) {
+    let (runtime_url, received) = fake_runtime("rt-key").await;
+    let app = TestApp::spawn_with(
+        backend,
+        Some(runtime_client(&runtime_url, "rt-key")),
+        |_| {},
+    )
+    .await;
+    let provider = app.tenant("Acme", OrgKind::Provider).await;
+    let buyer = app.tenant("Globex", OrgKind::Customer).await;
+
+    // Validation without storing.
+    let (s, v) = app
+        .post_raw(
+            &provider.token,
+            "/api/provider-agents/validate_flow/",
+            "application/json",
+            sample_flow().into_bytes(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["valid"], true);
+    assert!(!v["summary"]["inputs"].as_array().unwrap().is_empty());
+
+    // Publishing needs a flow and a plan first.
+    let (_, agent) = app
+        .post(
+            &provider.token,
+            "/api/provider-agents/",
+            json!({"name": "Lonely"}),
+        )
+        .await;
+    let lonely = id(&agent);
+    let (s, body) = app
+        .post(
+            &provider.token,
+            &format!("/api/provider-agents/{lonely}/publish/"),
+            json!({}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::CONFLICT, "no_flow");
+
+    let (agent, free, paid) = app.published_agent(&provider).await;
+    {
+        let rec = received.lock().unwrap();
+        assert_eq!(rec.flows.len(), 1);
+        let (key, flow) = &rec.flows[0];
+        assert_eq!(key.as_deref(), Some("rt-key"));
+        assert!(flow["data"]["nodes"]
+            .as_array()
+            .is_some_and(|n| !n.is_empty()));
+        assert!(
+            flow.get("endpoint_name").is_none(),
+            "endpoint names are unique per runtime and must not be sent"
+        );
+        assert!(flow["name"].as_str().unwrap().contains(&agent.to_string()));
+    }
+    let (_, a) = app
+        .get(&provider.token, &format!("/api/provider-agents/{agent}/"))
+        .await;
+    assert_eq!(a["status"], "published");
+    assert!(a["runtime_flow_id"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
+    assert_eq!(a["plans"].as_array().unwrap().len(), 2);
+
+    // A published agent is an offering; search, filters, paging.
+    let (s, page) = app
+        .get(
+            &buyer.token,
+            "/api/marketplace-public-offerings/?search=RETURNS",
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(page["count"], 1, "{page}");
+    assert_eq!(page["results"][0]["plans"].as_array().unwrap().len(), 2);
+    let (_, page) = app
+        .get(
+            &buyer.token,
+            "/api/marketplace-public-offerings/?search=helper%20nonexistentword",
+        )
+        .await;
+    assert_eq!(page["count"], 0);
+    let (_, page) = app
+        .get(
+            &buyer.token,
+            "/api/marketplace-public-offerings/?search=%25",
+        )
+        .await;
+    assert_eq!(page["count"], 0, "LIKE wildcards are escaped");
+    let (_, page) = app
+        .get(
+            &buyer.token,
+            &format!(
+                "/api/marketplace-public-offerings/?provider={}",
+                provider.org
+            ),
+        )
+        .await;
+    assert_eq!(page["count"], 1);
+    let (_, page) = app
+        .get(
+            &buyer.token,
+            &format!("/api/marketplace-public-offerings/?provider={}", buyer.org),
+        )
+        .await;
+    assert_eq!(page["count"], 0);
+    let (s, offering) = app
+        .get(
+            &buyer.token,
+            &format!("/api/marketplace-public-offerings/{agent}/"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(offering["provider"]["uuid"], provider.org.to_string());
+    let (s, body) = app
+        .get(
+            &buyer.token,
+            &format!("/api/marketplace-public-offerings/{lonely}/"),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
+    let (_, providers) = app
+        .get(&buyer.token, "/api/marketplace-service-providers/")
+        .await;
+    assert_eq!(providers["count"], 1);
+    assert_eq!(providers["results"][0]["published_agents"], 1);
+
+    // Free plan: done at once, with a resource and a config.
+    let (order, config) = app.subscribed(&buyer, agent, free).await;
+    let (_, o) = app
+        .get(&buyer.token, &format!("/api/marketplace-orders/{order}/"))
+        .await;
+    assert_eq!(o["state"], "done");
+    let (_, resources) = app.get(&buyer.token, "/api/marketplace-resources/").await;
+    assert_eq!(resources["count"], 1);
+    assert_eq!(resources["results"][0]["config"], config.to_string());
+    // Paid plan: waits for payment, creates nothing yet.
+    let (s, pending) = app
+        .post(
+            &buyer.token,
+            "/api/marketplace-orders/",
+            json!({"offering": agent, "plan": paid}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(pending["state"], "pending_payment");
+    assert_eq!(pending["price_cents"], 2900);
+    assert_eq!(pending["currency"], "eur");
+    assert!(pending["resource"].is_null());
+    let (_, resources) = app.get(&buyer.token, "/api/marketplace-resources/").await;
+    assert_eq!(resources["count"], 1);
+    // A plan of another agent, an archived plan, an unpublished agent: refused.
+    let (s, body) = app
+        .post(
+            &buyer.token,
+            "/api/marketplace-orders/",
+            json!({"offering": lonely, "plan": free}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
+    let (s, _) = app
+        .call(
+            "DELETE",
+            Some(&provider.token),
+            &format!("/api/provider-agents/{agent}/plans/{paid}/"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, body) = app
+        .post(
+            &buyer.token,
+            "/api/marketplace-orders/",
+            json!({"offering": agent, "plan": paid}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
+    // Providers can't order (no customer organisation).
+    let (s, body) = app
+        .post(
+            &provider.token,
+            "/api/marketplace-orders/",
+            json!({"offering": agent, "plan": free}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "no_organization");
+    // A published agent with orders can't be deleted; unpublish hides it.
+    let (s, body) = app
+        .call(
+            "DELETE",
+            Some(&provider.token),
+            &format!("/api/provider-agents/{agent}/"),
+            None,
+        )
+        .await;
+    assert_error(s, &body, StatusCode::CONFLICT, "agent_published");
+    let (s, _) = app
+        .post(
+            &provider.token,
+            &format!("/api/provider-agents/{agent}/unpublish/"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, page) = app
+        .get(&buyer.token, "/api/marketplace-public-offerings/")
+        .await;
+    assert_eq!(page["count"], 0);
+    let (s, _) = app
+        .call(
+            "DELETE",
+            Some(&provider.token),
+            &format!("/api/provider-agents/{lonely}/"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    app.finish().await;
+}
+
+async fn paging_and_categories(backend: Backend) {
+    let app = TestApp::spawn_with(backend, None, |s| s.control_plane.max_page_size = 2).await;
+    let provider = app.tenant("Acme", OrgKind::Provider).await;
+    let db = &app.state.db;
+    let staff = agora_control_plane::identity::create_user(
+        db,
+        "staff",
+        "s@example.com",
+        "password123",
+        true,
+    )
+    .await
+    .unwrap();
+    let staff_token = agora_control_plane::identity::create_token(db, staff)
+        .await
+        .unwrap();
+    let (s, body) = app
+        .post(
+            &provider.token,
+            "/api/marketplace-categories/",
+            json!({"slug": "sales", "title": "Sales"}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::FORBIDDEN, "permission_denied");
+    let (s, cat) = app
+        .post(
+            &staff_token,
+            "/api/marketplace-categories/",
+            json!({"slug": "sales", "title": "Sales"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{cat}");
+    let (s, body) = app
+        .post(
+            &staff_token,
+            "/api/marketplace-categories/",
+            json!({"slug": "sales", "title": "Again"}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::CONFLICT, "duplicate_slug");
+    let (s, body) = app
+        .post(
+            &staff_token,
+            "/api/marketplace-categories/",
+            json!({"slug": "Bad Slug", "title": "x"}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_field");
+
+    for i in 0..3 {
+        let (agent, _, _) = app.published_agent(&provider).await;
+        if i == 0 {
+            let (s, _) = app
+                .patch(
+                    &provider.token,
+                    &format!("/api/provider-agents/{agent}/"),
+                    json!({"category": cat["uuid"]}),
+                )
+                .await;
+            assert_eq!(s, StatusCode::OK);
+        }
+    }
+    let (_, p1) = app
+        .get(&provider.token, "/api/marketplace-public-offerings/?page=1")
+        .await;
+    let (_, p2) = app
+        .get(&provider.token, "/api/marketplace-public-offerings/?page=2")
+        .await;
+    assert_eq!(p1["count"], 3);
+    assert_eq!(p1["results"].as_array().unwrap().len(), 2);
+    assert_eq!(p2["results"].as_array().unwrap().len(), 1);
+    assert_ne!(p1["results"][0]["uuid"], p2["results"][0]["uuid"]);
+    let (s, body) = app
+        .get(
+            &provider.token,
+            "/api/marketplace-public-offerings/?page_size=3",
+        )
+        .await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_page_size");
+    let (_, by_slug) = app
+        .get(
+            &provider.token,
+            "/api/marketplace-public-offerings/?category=sales",
+        )
+        .await;
+    assert_eq!(by_slug["count"], 1);
+    let (_, by_uuid) = app
+        .get(
+            &provider.token,
+            &format!(
+                "/api/marketplace-public-offerings/?category={}",
+                cat["uuid"].as_str().unwrap()
+            ),
+        )
+        .await;
+    assert_eq!(by_uuid["count"], 1);
+    app.finish().await;
+}
+
+async fn configs_documents_and_keys(backend: Backend) {
+    let app =
+        TestApp::spawn_with(backend, None, |s| s.control_plane.max_document_bytes = 1024).await;
+    let provider = app.tenant("Acme", OrgKind::Provider).await;
+    let buyer = app.tenant("Globex", OrgKind::Customer).await;
+    let (agent, free, _) = app.published_agent(&provider).await;
+    let (_, config) = app.subscribed(&buyer, agent, free).await;
+
+    // Buyer settings.
+    let path = format!("/api/customer-agent-configs/{config}/");
+    let (s, c) = app
+        .patch(
+            &buyer.token,
+            &path,
+            json!({"name": "Returns Desk", "greeting": "Hello!", "tone": "friendly"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(
+        (c["name"].as_str(), c["tone"].as_str()),
+        (Some("Returns Desk"), Some("friendly"))
+    );
+    let (s, body) = app
+        .patch(&buyer.token, &path, json!({"tone": "sarcastic"}))
+        .await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_body");
+    let (s, body) = app.patch(&buyer.token, &path, json!({"name": ""})).await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_field");
+
+    // Knowledge documents: type, size and name limits.
+    let docs = format!("/api/training-documents/?config={config}&filename=returns.md");
+    let (s, doc) = app
+        .post_raw(
+            &buyer.token,
+            &docs,
+            "text/markdown",
+            b"# Returns\nWithin 30 days.".to_vec(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{doc}");
+    assert_eq!(doc["size_bytes"], 25);
+    let (s, body) = app
+        .post_raw(
+            &buyer.token,
+            &docs,
+            "application/x-msdownload",
+            b"MZ".to_vec(),
+        )
+        .await;
+    assert_error(
+        s,
+        &body,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+    let (s, body) = app
+        .post_raw(&buyer.token, &docs, "text/plain", vec![b'a'; 2048])
+        .await;
+    assert_error(s, &body, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    let (s, body) = app
+        .post_raw(
+            &buyer.token,
+            "/api/training-documents/?filename=../etc/passwd",
+            "text/plain",
+            b"x".to_vec(),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_filename");
+    let (s, c) = app
+        .patch(
+            &buyer.token,
+            &path,
+            json!({"knowledge_documents": [doc["uuid"]]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(c["knowledge_documents"][0]["filename"], "returns.md");
+    let (_, listed) = app
+        .get(
+            &buyer.token,
+            &format!("/api/training-documents/?config={config}"),
+        )
+        .await;
+    assert_eq!(listed["count"], 1);
+
+    // Keys: shown once, stored hashed, listed without the secret.
+    let rev0 = agora_control_plane::db::current_revision(&app.state.db)
+        .await
+        .unwrap();
+    let keys_path = format!("/api/customer-agent-configs/{config}/api_keys/");
+    let (s, issued) = app
+        .post(&buyer.token, &keys_path, json!({"name": "backend"}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{issued}");
+    let secret = issued["key"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("ar_sk_live_"));
+    let key = ApiKey::parse(&secret).unwrap();
+    let verifier = Verifier::new(
+        &agora_control_plane::signing::verification_keys(&app.state.db)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let claims = verifier
+        .verify(&key, i64::MAX / 4_000_000)
+        .or_else(|_| verifier.verify(&key, 1_900_000_000))
+        .unwrap();
+    assert_eq!(claims.cfg, config);
+    assert_eq!(claims.ten, buyer.org);
+    assert_eq!(claims.jti.to_string(), issued["uuid"].as_str().unwrap());
+    let (s, listed) = app.get(&buyer.token, &keys_path).await;
+    assert_eq!(s, StatusCode::OK);
+    let listed_text = listed.to_string();
+    assert!(
+        !listed_text.contains(&secret)
+            && !listed_text.contains(key.expose_secret().rsplit('.').next().unwrap())
+    );
+    assert_eq!(listed[0]["prefix"], key.display_prefix());
+    assert_eq!(listed[0]["status"], "active");
+    let stored: String = sqlx::query("SELECT key_hash FROM api_keys")
+        .fetch_one(&app.state.db.pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, key.hash().to_hex());
+    assert!(
+        agora_control_plane::db::current_revision(&app.state.db)
+            .await
+            .unwrap()
+            > rev0
+    );
+
+    let (s, test_key) = app
+        .post(
+            &buyer.token,
+            &keys_path,
+            json!({"mode": "test", "scopes": ["invoke", "read"], "expires_in_days": 30}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{test_key}");
+    assert!(test_key["key"].as_str().unwrap().starts_with("ar_sk_test_"));
+    assert!(test_key["expires_at"].is_string());
+    let (s, pk) = app
+        .post(
+            &buyer.token,
+            &keys_path,
+            json!({"kind": "publishable", "allowed_origins": ["https://shop.example.com"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{pk}");
+    assert!(pk["key"].as_str().unwrap().starts_with("ar_pk_live_"));
+    for bad in [
+        json!({"kind": "publishable"}),
+        json!({"kind": "publishable", "allowed_origins": ["*"]}),
+        json!({"kind": "publishable", "allowed_origins": ["https://a.com"], "scopes": ["admin"]}),
+        json!({"allowed_origins": ["https://a.com"]}),
+        json!({"scopes": []}),
+        json!({"expires_in_days": 0}),
+    ] {
+        let (s, body) = app.post(&buyer.token, &keys_path, bad.clone()).await;
+        assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_field");
+    }
+
+    // Revocation is idempotent and bumps the revision once.
+    let key_uuid = issued["uuid"].as_str().unwrap();
+    let rev1 = agora_control_plane::db::current_revision(&app.state.db)
+        .await
+        .unwrap();
+    let (s, revoked) = app
+        .post(
+            &buyer.token,
+            &format!("/api/agent-api-keys/{key_uuid}/revoke/"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(revoked["status"], "revoked");
+    let rev2 = agora_control_plane::db::current_revision(&app.state.db)
+        .await
+        .unwrap();
+    assert_eq!(rev2, rev1 + 1);
+    let (s, again) = app
+        .post(
+            &buyer.token,
+            &format!("/api/agent-api-keys/{key_uuid}/revoke/"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (s, again["status"].as_str()),
+        (StatusCode::OK, Some("revoked"))
+    );
+    assert_eq!(
+        agora_control_plane::db::current_revision(&app.state.db)
+            .await
+            .unwrap(),
+        rev2
+    );
+    app.finish().await;
+}
+
+async fn member_role_is_read_only(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let provider = app.tenant("Acme", OrgKind::Provider).await;
+    let buyer = app.tenant("Globex", OrgKind::Customer).await;
+    let (agent, free, _) = app.published_agent(&provider).await;
+    let (_, config) = app.subscribed(&buyer, agent, free).await;
+    let db = &app.state.db;
+    let member = agora_control_plane::identity::create_user(
+        db,
+        "intern",
+        "i@example.com",
+        "password123",
+        false,
+    )
+    .await
+    .unwrap();
+    agora_control_plane::identity::add_member(db, buyer.org, member, Role::Member)
+        .await
+        .unwrap();
+    let token = agora_control_plane::identity::create_token(db, member)
+        .await
+        .unwrap();
+    let (s, _) = app
+        .get(&token, &format!("/api/customer-agent-configs/{config}/"))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, body) = app
+        .post(
+            &token,
+            &format!("/api/customer-agent-configs/{config}/api_keys/"),
+            json!({}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::FORBIDDEN, "permission_denied");
+    let (s, body) = app
+        .patch(
+            &token,
+            &format!("/api/customer-agent-configs/{config}/"),
+            json!({"tone": "casual"}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::FORBIDDEN, "permission_denied");
+    app.finish().await;
+}
+
+async fn flow_import_errors(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let provider = app.tenant("Acme", OrgKind::Provider).await;
+    let (_, agent) = app
+        .post(
+            &provider.token,
+            "/api/provider-agents/",
+            json!({"name": "Broken"}),
+        )
+        .await;
+    let agent = id(&agent);
+    let mut flow: serde_json::Value = serde_json::from_str(&sample_flow()).unwrap();
+    flow["data"]["edges"][0]["target"] = json!("Ghost-123");
+    let (s, body) = app
+        .post_raw(
+            &provider.token,
+            &format!("/api/provider-agents/{agent}/import_flow/"),
+            "application/json",
+            flow.to_string().into_bytes(),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "dangling_edge");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Ghost-123"),
+        "{body}"
+    );
+    let (s, body) = app
+        .post_raw(
+            &provider.token,
+            "/api/provider-agents/validate_flow/",
+            "application/json",
+            b"[1,2,3]".to_vec(),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "not_a_flow");
+    let (_, a) = app
+        .get(&provider.token, &format!("/api/provider-agents/{agent}/"))
+        .await;
+    assert_eq!(a["has_flow"], false, "a rejected import stores nothing");
+
+    // Every real Langflow export imports, when the shared fixtures are present.
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/langflow");
+    match std::fs::read_dir(&dir) {
+        Err(_) => eprintln!(
+            "shared fixtures not found at {}; Langflow export import cases not run",
+            dir.display()
+        ),
+        Ok(entries) => {
+            let mut n = 0;
+            for entry in entries {
+                let path = entry.unwrap().path();
+                let bytes = std::fs::read(&path).unwrap();
+                let (s, body) = app
+                    .post_raw(
+                        &provider.token,
+                        &format!("/api/provider-agents/{agent}/import_flow/"),
+                        "application/json",
+                        bytes,
+                    )
+                    .await;
+                assert_eq!(s, StatusCode::OK, "{}: {body}", path.display());
+                assert!(body["flow_summary"]["outputs"]
+                    .as_array()
+                    .is_some_and(|o| !o.is_empty()));
+                n += 1;
+            }
+            assert!(n >= 5, "expected the shipped Langflow exports");
+        }
+    }
+    app.finish().await;
+}
+
+async fn publish_failures(backend: Backend) {
+    let (runtime_url, _) = fake_runtime("right-key").await;
+    for (client, code, status) in [
+        (None, "runtime_not_configured", StatusCode::CONFLICT),
+        (
+            Some(runtime_client(&runtime_url, "wrong-key")),
+            "runtime_unauthorized",
+            StatusCode::BAD_GATEWAY,
+        ),
+        (
+            Some(runtime_client("http://127.0.0.1:9", "k")),
+            "runtime_unreachable",
+            StatusCode::BAD_GATEWAY,
+        ),
+    ] {
+        let app = TestApp::spawn_with(backend, client, |_| {}).await;
+        let provider = app.tenant("Acme", OrgKind::Provider).await;
+        let (_, agent) = app
+            .post(
+                &provider.token,
+                "/api/provider-agents/",
+                json!({"name": "A"}),
+            )
+            .await;
+        let agent = id(&agent);
+        app.post_raw(
+            &provider.token,
+            &format!("/api/provider-agents/{agent}/import_flow/"),
+            "application/json",
+            sample_flow().into_bytes(),
+        )
+        .await;
+        app.post(
+            &provider.token,
+            &format!("/api/provider-agents/{agent}/plans/"),
+            json!({"name": "Free", "price_cents": 0}),
+        )
+        .await;
+        let (s, body) = app
+            .post(
+                &provider.token,
+                &format!("/api/provider-agents/{agent}/publish/"),
+                json!({}),
+            )
+            .await;
+        assert_error(s, &body, status, code);
+        let (_, a) = app
+            .get(&provider.token, &format!("/api/provider-agents/{agent}/"))
+            .await;
+        assert_eq!(
+            a["status"], "draft",
+            "a failed publish leaves the agent unpublished"
+        );
+        app.finish().await;
+    }
+}
+
+async fn openapi_document(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (s, doc) = app.call("GET", None, "/api/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.0.3");
+    for route in agora_control_plane::ROUTES {
+        assert!(
+            doc["paths"][route.path][route.method].is_object(),
+            "{route:?} missing"
+        );
+    }
+    assert!(
+        doc["paths"]["/api/customer-agent-configs/{uuid}/api_keys/"]["post"]["parameters"][0]
+            ["name"]
+            == "uuid"
+    );
+    app.finish().await;
+}
+
+both!(
+    login_and_errors,
+    body_limit,
+    marketplace_flow,
+    paging_and_categories,
+    configs_documents_and_keys,
+    member_role_is_read_only,
+    flow_import_errors,
+    publish_failures,
+    openapi_document,
+);

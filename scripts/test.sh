@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Agora's test command: prepares what the suite needs, then runs all of it.
+#
+#   ./scripts/test.sh            # the whole suite
+#   ./scripts/test.sh -p agora-config   # extra arguments go to `cargo test`
+#
+# Needs: a Rust toolchain, and either a running Postgres on 127.0.0.1:5432 or
+# root on a Debian-like system (Postgres is then installed and started).
+# Override the server with TEST_PG_ADMIN_URL=postgres://user:pass@host:port/postgres.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+apt_install() {
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    log "missing $*; install it (Debian package names: $*) and re-run"
+    exit 1
+  fi
+  log "installing $*"
+  if [ -z "${APT_UPDATED:-}" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+command -v cargo >/dev/null || { log "cargo not found: install Rust (https://rustup.rs)"; exit 1; }
+command -v curl >/dev/null || apt_install curl
+command -v psql >/dev/null || apt_install postgresql-client
+
+export TEST_PG_ADMIN_URL="${TEST_PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+
+pg_ok() { psql "$TEST_PG_ADMIN_URL" -Atqc 'select 1' >/dev/null 2>&1; }
+
+if ! pg_ok; then
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    apt_install postgresql
+  fi
+  for cluster in /etc/postgresql/*/main; do
+    version=$(basename "$(dirname "$cluster")")
+    log "starting Postgres $version"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start 2>/dev/null || true
+  done
+  for _ in $(seq 1 60); do
+    pg_ok && break
+    # A fresh Debian install refuses password-less TCP logins: give the test
+    # role a password over the local socket and use it.
+    if [ "$(id -u)" = 0 ] && [ "$TEST_PG_ADMIN_URL" = "postgres://postgres@127.0.0.1:5432/postgres" ] \
+       && su postgres -c "psql -Atqc 'select 1'" >/dev/null 2>&1; then
+      su postgres -c "psql -qc \"ALTER USER postgres PASSWORD 'agora-test'\"" >/dev/null
+      export TEST_PG_ADMIN_URL="postgres://postgres:agora-test@127.0.0.1:5432/postgres"
+      continue
+    fi
+    sleep 0.5
+  done
+  pg_ok || { log "Postgres is not reachable at ${TEST_PG_ADMIN_URL%%@*}@…; the suite needs it"; exit 1; }
+fi
+log "Postgres ready"
+
+# Databases left by failed tests of earlier runs.
+stale=$(psql "$TEST_PG_ADMIN_URL" -Atqc "select datname from pg_database where datname like 'agora_t_%'")
+for db in $stale; do
+  psql "$TEST_PG_ADMIN_URL" -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null
+done
+
+log "running the suite (Postgres and SQLite)"
+cargo test --workspace --all-targets "$@"

@@ -1,0 +1,243 @@
+//! `agora`: one binary for every part of Agora.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use agora_config::settings::{Overrides, Settings};
+use agora_control_plane::domain::OrgKind;
+use agora_control_plane::{demo, identity, AppState};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "agora",
+    version,
+    about = "Marketplace and edge gateway for AI agents"
+)]
+struct Cli {
+    /// Settings file (TOML). Environment variables AGORA_* override it; flags override both.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone, Default)]
+struct Common {
+    /// Directory for the embedded database and local state.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Control-plane listen address, e.g. 127.0.0.1:8000 (port 0 picks a free one).
+    #[arg(long)]
+    listen: Option<String>,
+    /// postgres://… or sqlite://…; default: SQLite in the data directory.
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything on the embedded database with demo content, and write DATA_DIR/demo.json.
+    Up(Common),
+    /// Run the control plane.
+    ControlPlane(Common),
+    /// Apply database migrations and exit.
+    Migrate(Common),
+    /// Manage users.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Manage user API tokens.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Create a user; the password is read from standard input.
+    Create {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        username: String,
+        #[arg(long, default_value = "")]
+        email: String,
+        #[arg(long)]
+        staff: bool,
+        /// Also create an organization the user owns.
+        #[arg(long)]
+        org: Option<String>,
+        /// customer or provider.
+        #[arg(long, default_value = "customer")]
+        org_kind: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Create a token for a user and print it (shown once).
+    Create {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        username: String,
+    },
+}
+
+fn load_settings(config: Option<&PathBuf>, common: &Common) -> anyhow::Result<Settings> {
+    let overrides = Overrides {
+        data_dir: common.data_dir.clone(),
+        listen: common.listen.clone(),
+        database_url: common.database_url.clone(),
+    };
+    Ok(Settings::load(
+        config.map(PathBuf::as_path),
+        std::env::vars(),
+        &overrides,
+    )?)
+}
+
+fn init_logging(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log.filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Up(common) => {
+            let settings = load_settings(cli.config.as_ref(), &common)?;
+            init_logging(&settings);
+            up(settings).await
+        }
+        Command::ControlPlane(common) => {
+            let settings = load_settings(cli.config.as_ref(), &common)?;
+            init_logging(&settings);
+            let state = AppState::from_settings(&settings).await?;
+            let listener = bind(&settings.control_plane.listen).await?;
+            tracing::info!(addr = %listener.local_addr()?, "control plane listening");
+            agora_control_plane::serve(listener, state, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Migrate(common) => {
+            let settings = load_settings(cli.config.as_ref(), &common)?;
+            init_logging(&settings);
+            let db = agora_control_plane::db::Db::connect(&settings.database_url(), 1).await?;
+            db.migrate().await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Users {
+            command:
+                UsersCommand::Create {
+                    common,
+                    username,
+                    email,
+                    staff,
+                    org,
+                    org_kind,
+                },
+        } => {
+            let settings = load_settings(cli.config.as_ref(), &common)?;
+            let kind: OrgKind = org_kind.parse().map_err(anyhow::Error::msg)?;
+            let mut password = String::new();
+            std::io::stdin()
+                .read_to_string(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            let state = AppState::from_settings(&settings).await?;
+            let user = identity::create_user(&state.db, &username, &email, password, staff).await?;
+            println!("user {username} {user}");
+            if let Some(org) = org {
+                let org_uuid = identity::create_org(&state.db, &org, kind, "", user).await?;
+                println!("organization {org:?} {org_uuid}");
+            }
+            Ok(())
+        }
+        Command::Tokens {
+            command: TokensCommand::Create { common, username },
+        } => {
+            let settings = load_settings(cli.config.as_ref(), &common)?;
+            let state = AppState::from_settings(&settings).await?;
+            let user = identity::find_user(&state.db, &username)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no user {username:?}"))?;
+            println!("{}", identity::create_token(&state.db, user).await?);
+            Ok(())
+        }
+    }
+}
+
+async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("listen address {addr:?}"))?;
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
+}
+
+/// `agora up`: the control plane on the embedded database, seeded with a demo.
+async fn up(settings: Settings) -> anyhow::Result<()> {
+    let state = AppState::from_settings(&settings).await?;
+    let listener = bind(&settings.control_plane.listen).await?;
+    let addr = listener.local_addr()?;
+    let url = settings
+        .control_plane
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let info = demo::ensure(&state, &settings.data_dir, &url).await?;
+    let demo_file = settings.data_dir.join("demo.json");
+    println!("Agora is up.");
+    println!("  control plane: {url}");
+    println!(
+        "  demo details:  {} (tokens, passwords and an API key)",
+        demo_file.display()
+    );
+    println!("  {}", info.note);
+    println!();
+    println!("Try it (the buyer's agent configurations):");
+    println!(
+        "  curl -s -H \"Authorization: Token $(sed -n 's/.*\"buyer_token\": \"\\(.*\\)\".*/\\1/p' {})\" {url}/api/customer-agent-configs/",
+        demo_file.display()
+    );
+    println!();
+    println!("Press Ctrl-C to stop.");
+    agora_control_plane::serve(listener, state, shutdown_signal()).await?;
+    println!("Agora stopped.");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,181 @@
+//! End to end: `agora up` on a fresh data directory seeds the demo, prints a
+//! curl that works, stops cleanly on SIGTERM, and keeps its data when re-run.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+struct Up {
+    child: Child,
+    lines: Vec<String>,
+}
+
+/// Starts `agora up` and reads its output until it says it is ready.
+fn start(data_dir: &Path) -> Up {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agora"));
+    cmd.args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (name, _) in std::env::vars() {
+        if name.starts_with("AGORA_") {
+            cmd.env_remove(name);
+        }
+    }
+    let mut child = cmd.spawn().expect("run agora up");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) => {
+                let ready = line.contains("Press Ctrl-C");
+                lines.push(line);
+                if ready {
+                    break;
+                }
+            }
+            Err(e) => {
+                let _ = child.kill();
+                panic!("agora up did not become ready ({e}); output so far: {lines:#?}");
+            }
+        }
+    }
+    Up { child, lines }
+}
+
+fn stop(mut up: Up) {
+    let status = Command::new("kill")
+        .args(["-TERM", &up.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for _ in 0..600 {
+        if let Some(status) = up.child.try_wait().unwrap() {
+            assert!(status.success(), "agora up exited with {status}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = up.child.kill();
+    panic!("agora up did not stop within 30 s of SIGTERM");
+}
+
+fn demo(data_dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(data_dir.join("demo.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn up_seeds_serves_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+
+    let up = start(&data_dir);
+    let info = demo(&data_dir);
+    for field in [
+        "control_plane_url",
+        "buyer_token",
+        "provider_token",
+        "api_key",
+    ] {
+        assert!(
+            info[field].as_str().is_some_and(|v| !v.is_empty()),
+            "demo.json lacks {field}: {info}"
+        );
+    }
+    assert!(info["api_key"].as_str().unwrap().starts_with("ar_sk_live_"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data_dir.join("demo.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "demo.json holds credentials and must be private"
+        );
+    }
+
+    // The printed curl works as printed.
+    let curl = up
+        .lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("curl "))
+        .unwrap_or_else(|| panic!("no curl printed: {:#?}", up.lines))
+        .trim()
+        .to_owned();
+    let out = Command::new("bash").args(["-c", &curl]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{curl}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let configs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(configs["count"], 1, "{configs}");
+    assert_eq!(configs["results"][0]["uuid"], info["config_uuid"]);
+
+    // The marketplace holds the three sample agents, each with a free and a paid plan.
+    let out = Command::new("curl")
+        .args([
+            "-sf",
+            "-H",
+            &format!(
+                "Authorization: Token {}",
+                info["buyer_token"].as_str().unwrap()
+            ),
+        ])
+        .arg(format!(
+            "{}/api/marketplace-public-offerings/",
+            info["control_plane_url"].as_str().unwrap()
+        ))
+        .output()
+        .unwrap();
+    let offerings: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(offerings["count"], 3, "{offerings}");
+    for o in offerings["results"].as_array().unwrap() {
+        let prices: Vec<i64> = o["plans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["price_cents"].as_i64().unwrap())
+            .collect();
+        assert!(prices.contains(&0) && prices.iter().any(|p| *p > 0), "{o}");
+    }
+    stop(up);
+
+    // A second run keeps the data: same config, same key, no second seeding.
+    let up = start(&data_dir);
+    let again = demo(&data_dir);
+    assert_eq!(again["config_uuid"], info["config_uuid"]);
+    assert_eq!(again["api_key"], info["api_key"]);
+    assert_eq!(again["buyer_token"], info["buyer_token"]);
+    let out = Command::new("curl")
+        .args([
+            "-sf",
+            "-H",
+            &format!(
+                "Authorization: Token {}",
+                again["provider_token"].as_str().unwrap()
+            ),
+        ])
+        .arg(format!(
+            "{}/api/provider-agents/",
+            again["control_plane_url"].as_str().unwrap()
+        ))
+        .output()
+        .unwrap();
+    let agents: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(agents["count"], 3, "{agents}");
+    stop(up);
+}
