@@ -64,5 +64,12 @@ for db in $stale; do
   psql "$TEST_PG_ADMIN_URL" -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null
 done
 
+fixtures="$(cd .. && pwd)/shared/fixtures"
+if [ -d "$fixtures/langflow" ] && [ -d "$fixtures/langflow-wire" ]; then
+  log "Langflow compatibility fixtures found at $fixtures: those cases run"
+else
+  log "Langflow compatibility fixtures not found at $fixtures: those cases do not run (the project's own fixtures still do)"
+fi
+
 log "running the suite (Postgres and SQLite)"
 cargo test --workspace --all-targets "$@"
