@@ -53,6 +53,9 @@ pub struct ControlPlaneSettings {
     pub max_page_size: u32,
     pub max_document_bytes: usize,
     pub db_max_connections: u32,
+    /// The secret proxies present (`Authorization: Bearer`) to read the
+    /// data-plane snapshot feed; unset turns the feed off.
+    pub proxy_secret: Option<SecretString>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,6 +96,7 @@ impl Default for ControlPlaneSettings {
             max_page_size: 100,
             max_document_bytes: 5 * 1024 * 1024,
             db_max_connections: 10,
+            proxy_secret: None,
         }
     }
 }
@@ -232,6 +236,14 @@ impl Settings {
             return Err(SettingsError::Invalid(
                 "control_plane.db_max_connections must be at least 1".into(),
             ));
+        }
+        if let Some(secret) = &cp.proxy_secret {
+            use secrecy::ExposeSecret;
+            if secret.expose_secret().len() < 16 {
+                return Err(SettingsError::Invalid(
+                    "control_plane.proxy_secret must be at least 16 characters".into(),
+                ));
+            }
         }
         if let Some(url) = &self.runtime.url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

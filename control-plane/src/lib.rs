@@ -22,6 +22,7 @@ pub mod openapi;
 pub mod routes;
 pub mod runtime;
 pub mod signing;
+pub mod sync;
 
 use db::Db;
 use error::ApiError;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     pub signer: Arc<SigningKey>,
     pub runtime: Option<runtime::RuntimeClient>,
+    /// The secret proxies present to read the snapshot feed; none turns it off.
+    pub proxy_secret: Option<secrecy::SecretString>,
 }
 
 impl AppState {
@@ -64,6 +67,7 @@ impl AppState {
             }),
             signer: Arc::new(signer),
             runtime,
+            proxy_secret: cp.proxy_secret.clone(),
         })
     }
 }
@@ -155,6 +159,7 @@ api! {
 pub fn app(state: AppState) -> Router {
     let limit = state.limits.max_body_bytes;
     api_router()
+        .route("/internal/v1/snapshot", axum::routing::get(sync::snapshot))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))

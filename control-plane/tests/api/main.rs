@@ -865,7 +865,116 @@ async fn openapi_document(backend: Backend) {
     app.finish().await;
 }
 
+async fn snapshot_feed(backend: Backend) {
+    use agora_config::snapshot::{KeyStatus, Snapshot};
+    let secret = "proxy-secret-for-tests-0123456789";
+    let (runtime_url, _) = fake_runtime("rt-key").await;
+    let app = TestApp::spawn_with(backend, Some(runtime_client(&runtime_url, "rt-key")), |s| {
+        s.control_plane.proxy_secret = Some(secret.to_owned().into());
+    })
+    .await;
+    let fetch = |auth: Option<String>| {
+        let mut req = app.http.get(format!("{}/internal/v1/snapshot", app.url));
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        async move { decode(req.send().await.unwrap()).await }
+    };
+    let (s, body) = fetch(None).await;
+    assert_error(s, &body, StatusCode::UNAUTHORIZED, "not_authenticated");
+    let (s, body) = fetch(Some(format!("Bearer {secret}x"))).await;
+    assert_error(s, &body, StatusCode::UNAUTHORIZED, "not_authenticated");
+    let snapshot = || async {
+        let (s, body) = fetch(Some(format!("Bearer {secret}"))).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        serde_json::from_value::<Snapshot>(body).unwrap()
+    };
+
+    let provider = app.tenant("Acme", OrgKind::Provider).await;
+    let buyer = app.tenant("Globex", OrgKind::Customer).await;
+    let (agent, free, _) = app.published_agent(&provider).await;
+    let (_, config) = app.subscribed(&buyer, agent, free).await;
+    let keys_path = format!("/api/customer-agent-configs/{config}/api_keys/");
+    let (_, issued) = app.post(&buyer.token, &keys_path, json!({})).await;
+    let key = ApiKey::parse(issued["key"].as_str().unwrap()).unwrap();
+
+    let first = snapshot().await;
+    let entry = &first.keys[&key.hash()];
+    assert_eq!(
+        (entry.config, entry.tenant, entry.status),
+        (config, buyer.org, KeyStatus::Active)
+    );
+    assert_eq!(entry.key_id.to_string(), issued["uuid"].as_str().unwrap());
+    assert_eq!(entry.plan, Some(free));
+    let claims = Verifier::new(&first.verification_keys)
+        .unwrap()
+        .verify(&key, 1_900_000_000)
+        .unwrap();
+    assert_eq!(claims.cfg, config);
+    assert!(
+        !serde_json::to_string(&first)
+            .unwrap()
+            .contains(key.expose_secret()),
+        "the snapshot carries hashes, never keys"
+    );
+    let route = &first.routes[&config];
+    let (_, a) = app
+        .get(&provider.token, &format!("/api/provider-agents/{agent}/"))
+        .await;
+    assert_eq!(route.flow_id, a["runtime_flow_id"].as_str().unwrap());
+    assert_eq!(route.runtime_url, runtime_url);
+    assert_eq!(route.global_vars["TONE"], "professional");
+    assert_eq!(first.plans[&free].requests_per_minute, Some(30));
+
+    // Changes reach the snapshot with a higher revision.
+    app.patch(
+        &buyer.token,
+        &format!("/api/customer-agent-configs/{config}/"),
+        json!({"greeting": "Welcome back!"}),
+    )
+    .await;
+    let (_, pk) = app
+        .post(
+            &buyer.token,
+            &keys_path,
+            json!({"kind": "publishable", "allowed_origins": ["https://shop.example.com"]}),
+        )
+        .await;
+    assert!(pk["key"].is_string());
+    app.post(
+        &buyer.token,
+        &format!(
+            "/api/agent-api-keys/{}/revoke/",
+            issued["uuid"].as_str().unwrap()
+        ),
+        json!({}),
+    )
+    .await;
+    let second = snapshot().await;
+    assert!(second.revision > first.revision);
+    assert_eq!(second.keys[&key.hash()].status, KeyStatus::Revoked);
+    assert_eq!(
+        second.routes[&config].global_vars["GREETING"],
+        "Welcome back!"
+    );
+    assert_eq!(
+        second.widgets[&config].allowed_origins,
+        vec!["https://shop.example.com".to_owned()]
+    );
+    let mut patched = first.clone();
+    patched.apply(&Snapshot::diff(&first, &second)).unwrap();
+    assert_eq!(patched, second);
+    app.finish().await;
+
+    // Without a proxy secret the feed does not exist.
+    let app = TestApp::spawn(backend).await;
+    let (s, body) = app.call("GET", None, "/internal/v1/snapshot", None).await;
+    assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
+    app.finish().await;
+}
+
 both!(
+    snapshot_feed,
     login_and_errors,
     body_limit,
     marketplace_flow,

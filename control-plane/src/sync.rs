@@ -1,0 +1,239 @@
+//! Compiles the control plane's truth into the data-plane [`Snapshot`] the
+//! proxy serves from, and serves it at `GET /internal/v1/snapshot`.
+//!
+//! The snapshot is read in one transaction (repeatable read on Postgres, a
+//! single read snapshot on SQLite), so its `revision` and its contents agree.
+//! Every change the proxy must see bumps the revision in the same transaction
+//! as the change itself ([`crate::db::bump_revision`]).
+//!
+//! The feed is authenticated with the proxy secret (`Authorization: Bearer`),
+//! compared in constant time. Without a configured secret the feed is off and
+//! its routes answer 404.
+
+use std::collections::BTreeMap;
+
+use agora_config::keys::{KeyHash, KeyKind, Scope};
+use agora_config::snapshot::{
+    AgentRoute, BillingInterval, KeyEntry, KeyStatus, PlanLimits, Snapshot, WidgetSettings,
+};
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::Json;
+use secrecy::ExposeSecret;
+use sqlx::Row;
+use subtle::ConstantTimeEq;
+
+use crate::db::{now_ms, opt_uuid_col, uuid_col, Db, Dialect};
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+
+/// Compiles the current snapshot. `runtime_url` is where published flows run.
+pub async fn compile(db: &Db, runtime_url: Option<&str>) -> anyhow::Result<Snapshot> {
+    let mut tx = db.pool.begin().await?;
+    if db.dialect == Dialect::Postgres {
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+    }
+    let revision: i64 = sqlx::query("SELECT revision FROM config_revision WHERE id = 1")
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get(0)?;
+
+    let mut snapshot = Snapshot::empty();
+    snapshot.revision = u64::try_from(revision)?;
+    snapshot.generated_at_ms = now_ms();
+
+    let signing =
+        sqlx::query("SELECT kid, public_key FROM signing_keys WHERE active = 1 ORDER BY kid")
+            .fetch_all(&mut *tx)
+            .await?;
+    for row in &signing {
+        snapshot
+            .verification_keys
+            .push(agora_config::keys::VerificationKey {
+                kid: row.try_get("kid")?,
+                public_key: row.try_get("public_key")?,
+            });
+    }
+
+    let keys = sqlx::query(
+        "SELECT k.uuid, k.config_uuid, k.org_uuid, k.kind, k.mode, k.scopes, k.allowed_origins, k.key_hash, k.status, k.expires_at, \
+                c.project_uuid, r.state AS resource_state, r.plan_uuid \
+         FROM api_keys k JOIN agent_configs c ON c.uuid = k.config_uuid JOIN resources r ON r.uuid = c.resource_uuid",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut origins: BTreeMap<uuid::Uuid, Vec<String>> = BTreeMap::new();
+    for row in &keys {
+        let kind = key_kind(
+            &row.try_get::<String, _>("kind")?,
+            &row.try_get::<String, _>("mode")?,
+        )?;
+        let status = match (
+            row.try_get::<String, _>("status")?.as_str(),
+            row.try_get::<String, _>("resource_state")?.as_str(),
+        ) {
+            ("revoked", _) => KeyStatus::Revoked,
+            (_, "active") => KeyStatus::Active,
+            _ => KeyStatus::Suspended,
+        };
+        let scopes = row
+            .try_get::<String, _>("scopes")?
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<Scope>()
+                    .map_err(|_| anyhow::anyhow!("stored scope {s:?}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let config = uuid_col(row, "config_uuid")?;
+        if kind.is_publishable() && status == KeyStatus::Active {
+            let allowed: Vec<String> =
+                serde_json::from_str(&row.try_get::<String, _>("allowed_origins")?)?;
+            origins.entry(config).or_default().extend(allowed);
+        }
+        let hash = KeyHash::from_hex(&row.try_get::<String, _>("key_hash")?)
+            .map_err(|e| anyhow::anyhow!("stored key hash: {e}"))?;
+        snapshot.keys.insert(
+            hash,
+            KeyEntry {
+                key_id: uuid_col(row, "uuid")?,
+                kind,
+                config,
+                tenant: uuid_col(row, "org_uuid")?,
+                project: opt_uuid_col(row, "project_uuid")?,
+                scopes,
+                status,
+                plan: Some(uuid_col(row, "plan_uuid")?),
+                mode: kind.mode(),
+                expires_at: row
+                    .try_get::<Option<i64>, _>("expires_at")?
+                    .map(|ms| ms / 1000),
+            },
+        );
+    }
+
+    let configs = sqlx::query(
+        "SELECT c.uuid, c.agent_uuid, c.org_uuid, c.name, c.greeting, c.tone, a.runtime_flow_id \
+         FROM agent_configs c JOIN provider_agents a ON a.uuid = c.agent_uuid",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for row in &configs {
+        let config = uuid_col(row, "uuid")?;
+        let name: String = row.try_get("name")?;
+        let greeting: String = row.try_get("greeting")?;
+        if let (Some(url), Some(flow_id)) = (
+            runtime_url,
+            row.try_get::<Option<String>, _>("runtime_flow_id")?,
+        ) {
+            let global_vars = BTreeMap::from([
+                ("AGENT_NAME".to_owned(), name.clone()),
+                ("GREETING".to_owned(), greeting.clone()),
+                ("TONE".to_owned(), row.try_get::<String, _>("tone")?),
+            ]);
+            snapshot.routes.insert(
+                config,
+                AgentRoute {
+                    config,
+                    agent: uuid_col(row, "agent_uuid")?,
+                    tenant: uuid_col(row, "org_uuid")?,
+                    runtime_url: url.to_owned(),
+                    flow_id,
+                    tweaks: serde_json::Map::new(),
+                    global_vars,
+                },
+            );
+        }
+        if let Some(mut allowed) = origins.remove(&config) {
+            allowed.sort();
+            allowed.dedup();
+            snapshot.widgets.insert(
+                config,
+                WidgetSettings {
+                    allowed_origins: allowed,
+                    title: name,
+                    greeting,
+                    primary_color: "#4f46e5".into(),
+                    position: "bottom-right".into(),
+                },
+            );
+        }
+    }
+
+    let plans = sqlx::query(
+        "SELECT DISTINCT p.uuid, p.billing_interval, p.request_quota, p.token_quota, p.requests_per_minute, p.burst, p.max_concurrency \
+         FROM pricing_plans p JOIN resources r ON r.plan_uuid = p.uuid",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for row in &plans {
+        let plan = uuid_col(row, "uuid")?;
+        let small = |col: &str| -> anyhow::Result<Option<u32>> {
+            Ok(row
+                .try_get::<Option<i64>, _>(col)?
+                .map(u32::try_from)
+                .transpose()?)
+        };
+        let large = |col: &str| -> anyhow::Result<Option<u64>> {
+            Ok(row
+                .try_get::<Option<i64>, _>(col)?
+                .map(u64::try_from)
+                .transpose()?)
+        };
+        snapshot.plans.insert(
+            plan,
+            PlanLimits {
+                plan,
+                requests_per_minute: small("requests_per_minute")?,
+                burst: small("burst")?,
+                max_concurrency: small("max_concurrency")?,
+                request_quota: large("request_quota")?,
+                token_quota: large("token_quota")?,
+                interval: match row.try_get::<String, _>("billing_interval")?.as_str() {
+                    "year" => BillingInterval::Year,
+                    _ => BillingInterval::Month,
+                },
+            },
+        );
+    }
+    tx.commit().await?;
+    Ok(snapshot)
+}
+
+fn key_kind(kind: &str, mode: &str) -> anyhow::Result<KeyKind> {
+    match (kind, mode) {
+        ("secret", "live") => Ok(KeyKind::SecretLive),
+        ("secret", "test") => Ok(KeyKind::SecretTest),
+        ("publishable", "live") => Ok(KeyKind::PublishableLive),
+        other => anyhow::bail!("stored key kind {other:?}"),
+    }
+}
+
+/// Checks `Authorization: Bearer <proxy secret>` in constant time.
+fn authorize(app: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(secret) = &app.proxy_secret else {
+        return Err(ApiError::not_found("route"));
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(secret.expose_secret().as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthenticated)
+    }
+}
+
+/// `GET /internal/v1/snapshot`: the full snapshot.
+pub async fn snapshot(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Snapshot>> {
+    authorize(&app, &headers)?;
+    let runtime = app.runtime.as_ref().map(|r| r.base_url().to_owned());
+    Ok(Json(compile(&app.db, runtime.as_deref()).await?))
+}
