@@ -178,4 +178,27 @@ fn up_seeds_serves_and_restarts() {
     let agents: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(agents["count"], 3, "{agents}");
     stop(up);
+
+    // Losing demo.json loses no data: the next run issues new credentials
+    // for the same demo, and they work.
+    std::fs::remove_file(data_dir.join("demo.json")).unwrap();
+    let up = start(&data_dir);
+    let recovered = demo(&data_dir);
+    assert_eq!(recovered["config_uuid"], info["config_uuid"]);
+    assert_ne!(recovered["buyer_password"], info["buyer_password"]);
+    let out = Command::new("curl")
+        .args(["-sf", "-X", "POST", "-H", "Content-Type: application/json", "-d"])
+        .arg(serde_json::json!({"username": recovered["buyer_username"], "password": recovered["buyer_password"]}).to_string())
+        .arg(format!("{}/api/auth/token/", recovered["control_plane_url"].as_str().unwrap()))
+        .output()
+        .unwrap();
+    let login: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert!(
+        login["token"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("agt_")),
+        "{login}"
+    );
+    stop(up);
 }

@@ -41,7 +41,7 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlPlaneSettings {
     pub listen: String,
@@ -49,9 +49,13 @@ pub struct ControlPlaneSettings {
     pub database_url: Option<String>,
     /// The URL clients use to reach the control plane (for links and demo output).
     pub public_url: Option<String>,
+    #[serde(deserialize_with = "number")]
     pub max_body_bytes: usize,
+    #[serde(deserialize_with = "number")]
     pub max_page_size: u32,
+    #[serde(deserialize_with = "number")]
     pub max_document_bytes: usize,
+    #[serde(deserialize_with = "number")]
     pub db_max_connections: u32,
     /// The secret proxies present (`Authorization: Bearer`) to read the
     /// data-plane snapshot feed; unset turns the feed off.
@@ -65,6 +69,7 @@ pub struct RuntimeSettings {
     pub url: Option<String>,
     /// The runtime's `x-api-key`.
     pub api_key: Option<SecretString>,
+    #[serde(deserialize_with = "number")]
     pub timeout_ms: u64,
 }
 
@@ -98,6 +103,32 @@ impl Default for ControlPlaneSettings {
             db_max_connections: 10,
             proxy_secret: None,
         }
+    }
+}
+
+/// Prints the database URL without its password.
+impl std::fmt::Debug for ControlPlaneSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let database_url =
+            self.database_url
+                .as_deref()
+                .map(|url| match (url.find("://"), url.rfind('@')) {
+                    (Some(scheme), Some(at)) if at > scheme => {
+                        let user = url[scheme + 3..at].split(':').next().unwrap_or("");
+                        format!("{}{user}:***@{}", &url[..scheme + 3], &url[at + 1..])
+                    }
+                    _ => url.to_owned(),
+                });
+        f.debug_struct("ControlPlaneSettings")
+            .field("listen", &self.listen)
+            .field("database_url", &database_url)
+            .field("public_url", &self.public_url)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_page_size", &self.max_page_size)
+            .field("max_document_bytes", &self.max_document_bytes)
+            .field("db_max_connections", &self.db_max_connections)
+            .field("proxy_secret", &self.proxy_secret)
+            .finish()
     }
 }
 
@@ -159,7 +190,7 @@ impl Settings {
                     message: "empty key segment".into(),
                 });
             }
-            insert_path(&mut table, &path, env_value(&value)).map_err(|message| {
+            insert_path(&mut table, &path, toml::Value::String(value)).map_err(|message| {
                 SettingsError::Env {
                     name: name.clone(),
                     message,
@@ -277,16 +308,29 @@ impl Settings {
     }
 }
 
-fn env_value(raw: &str) -> toml::Value {
-    match format!("v = {raw}").parse::<toml::Table>() {
-        Ok(mut t) => match t.remove("v") {
-            Some(
-                v @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_)),
-            ) => v,
-            _ => toml::Value::String(raw.to_owned()),
-        },
-        Err(_) => toml::Value::String(raw.to_owned()),
+/// Reads a whole number given as a number (TOML) or as a string holding one
+/// (environment). The value itself is never echoed: it may be a misplaced secret.
+fn number<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumberOrText {
+        Number(u64),
+        Text(String),
     }
+    let value = match NumberOrText::deserialize(deserializer)
+        .map_err(|_| serde::de::Error::custom("expected a whole number"))?
+    {
+        NumberOrText::Number(n) => n,
+        NumberOrText::Text(t) => t
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom("expected a whole number"))?,
+    };
+    T::try_from(value).map_err(|_| serde::de::Error::custom("number out of range"))
 }
 
 fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
@@ -377,6 +421,46 @@ mod tests {
         ] {
             assert!(Settings::from_toml_str(text).is_err(), "{text}");
         }
+    }
+
+    #[test]
+    fn environment_values_are_strings_unless_a_number_is_wanted() {
+        let s = Settings::load(
+            None,
+            env(&[
+                ("AGORA_RUNTIME__URL", "http://127.0.0.1:7860"),
+                ("AGORA_RUNTIME__API_KEY", "1234567890"),
+                ("AGORA_RUNTIME__TIMEOUT_MS", "2500"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(s.runtime.api_key.unwrap().expose_secret(), "1234567890");
+        assert_eq!(s.runtime.timeout_ms, 2500);
+        let err = Settings::load(
+            None,
+            env(&[("AGORA_CONTROL_PLANE__MAX_PAGE_SIZE", "hunter2-secret")]),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("whole number") && !err.contains("hunter2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn debug_does_not_print_the_database_password() {
+        let s = Settings::from_toml_str(
+            "[control_plane]\ndatabase_url = \"postgres://agora:db-password-123@db:5432/agora\"\n",
+        )
+        .unwrap();
+        let printed = format!("{s:?}");
+        assert!(
+            !printed.contains("db-password-123") && printed.contains("agora:***@db"),
+            "{printed}"
+        );
     }
 
     #[test]

@@ -53,6 +53,9 @@ CREATE TABLE provider_agents (
     org_uuid TEXT NOT NULL REFERENCES organizations(uuid) ON DELETE CASCADE,
     name TEXT NOT NULL,
     description TEXT NOT NULL DEFAULT '',
+    -- name and description lowercased by the application (Unicode-aware on
+    -- both databases, unlike SQLite's LOWER), for search.
+    search_text TEXT NOT NULL DEFAULT '',
     category_uuid TEXT REFERENCES categories(uuid) ON DELETE SET NULL,
     status TEXT NOT NULL CHECK (status IN ('draft', 'published')),
     flow_json TEXT,

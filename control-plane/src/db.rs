@@ -54,6 +54,12 @@ impl Db {
             .connect(url)
             .await
             .with_context(|| format!("connecting to the database ({})", redact_url(url)))?;
+        if dialect == Dialect::Sqlite {
+            // Readers don't block the writer; the setting persists in the file.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await?;
+        }
         Ok(Db { pool, dialect })
     }
 
@@ -85,8 +91,8 @@ impl Db {
             .fetch_all(&mut *conn)
             .await?
             .iter()
-            .map(|r| r.get::<i64, _>(0))
-            .collect();
+            .map(|r| r.try_get::<i64, _>(0))
+            .collect::<Result<_, _>>()?;
         let blob = match self.dialect {
             Dialect::Postgres => "BYTEA",
             Dialect::Sqlite => "BLOB",
@@ -125,14 +131,14 @@ pub async fn bump_revision(tx: &mut sqlx::AnyConnection) -> Result<i64, sqlx::Er
     )
     .fetch_one(&mut *tx)
     .await?;
-    Ok(row.get::<i64, _>(0))
+    row.try_get::<i64, _>(0)
 }
 
 pub async fn current_revision(db: &Db) -> Result<i64, sqlx::Error> {
     let row = sqlx::query("SELECT revision FROM config_revision WHERE id = 1")
         .fetch_one(&db.pool)
         .await?;
-    Ok(row.get::<i64, _>(0))
+    row.try_get::<i64, _>(0)
 }
 
 /// Splits a migration into statements on `;` at line ends, skipping comments.

@@ -35,8 +35,9 @@ const SAMPLE_FLOWS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// What `agora up` writes to `DATA_DIR/demo.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What `agora up` writes to `DATA_DIR/demo.json`. It holds credentials, so
+/// it has no `Debug`.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct DemoInfo {
     pub control_plane_url: String,
     pub provider_username: String,
@@ -53,23 +54,32 @@ pub struct DemoInfo {
 /// Seeds (first run) or refreshes (later runs) the demo and returns its details.
 pub async fn ensure(app: &AppState, data_dir: &Path, url: &str) -> anyhow::Result<DemoInfo> {
     let previous = read_previous(data_dir);
-    let (provider_password, buyer_password, config) =
-        match identity::find_user(&app.db, BUYER).await? {
-            Some(_) => {
-                let prev = previous.as_ref().ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "demo data exists but {} is missing; remove the data dir to start over",
-                        data_dir.join("demo.json").display()
-                    )
-                })?;
-                (
+    let (provider_password, buyer_password, config) = match identity::find_user(&app.db, BUYER)
+        .await?
+    {
+        None => seed(app).await?,
+        Some(_) => {
+            let config = demo_config(app).await?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the demo data in this database is incomplete (an earlier first start stopped part way); start again with an empty database or data dir"
+                )
+            })?;
+            match previous.as_ref().filter(|p| p.config_uuid == config) {
+                Some(prev) => (
                     prev.provider_password.clone(),
                     prev.buyer_password.clone(),
-                    prev.config_uuid,
-                )
+                    config,
+                ),
+                None => {
+                    // demo.json was lost: the old passwords are unknown, so set new ones.
+                    let (p, b) = (random_password(), random_password());
+                    identity::set_password(&app.db, PROVIDER, &p).await?;
+                    identity::set_password(&app.db, BUYER, &b).await?;
+                    (p, b, config)
+                }
             }
-            None => seed(app).await?,
-        };
+        }
+    };
     let provider = identity::find_user(&app.db, PROVIDER)
         .await?
         .ok_or_else(|| anyhow::anyhow!("demo provider missing"))?;
@@ -108,6 +118,15 @@ pub async fn ensure(app: &AppState, data_dir: &Path, url: &str) -> anyhow::Resul
     };
     write_demo(data_dir, &info)?;
     Ok(info)
+}
+
+/// The demo buyer's agent config, if the seed got that far.
+async fn demo_config(app: &AppState) -> anyhow::Result<Option<Uuid>> {
+    let row = sqlx::query("SELECT c.uuid FROM agent_configs c JOIN memberships m ON m.org_uuid = c.org_uuid JOIN users u ON u.uuid = m.user_uuid WHERE u.username = $1 ORDER BY c.created_at LIMIT 1")
+        .bind(BUYER)
+        .fetch_optional(&app.db.pool)
+        .await?;
+    Ok(row.map(|r| uuid_col(&r, "uuid")).transpose()?)
 }
 
 fn read_previous(data_dir: &Path) -> Option<DemoInfo> {
@@ -163,6 +182,23 @@ fn random_password() -> String {
 
 async fn seed(app: &AppState) -> anyhow::Result<(String, String, Uuid)> {
     let db = &app.db;
+    // Flows are parsed and provisioned before anything is written, so a
+    // runtime failure leaves the database as it was.
+    let mut flows = Vec::new();
+    for (name, description, flow) in SAMPLE_FLOWS {
+        let flow = FlowDefinition::parse(flow.as_bytes())
+            .map_err(|e| anyhow::anyhow!("sample flow {name}: {e}"))?;
+        let agent = Uuid::new_v4();
+        let flow_id = match &app.runtime {
+            Some(runtime) => Some(
+                runtime
+                    .provision(flow.as_json(), &format!("{name} ({agent})"))
+                    .await?,
+            ),
+            None => None,
+        };
+        flows.push((agent, *name, *description, flow, flow_id));
+    }
     let provider_password = random_password();
     let buyer_password = random_password();
     let provider = identity::create_user(
@@ -196,16 +232,14 @@ async fn seed(app: &AppState) -> anyhow::Result<(String, String, Uuid)> {
             .await?
             .try_get("uuid")?;
     let mut first_free_plan = None;
-    for (name, description, flow) in SAMPLE_FLOWS {
-        let flow = FlowDefinition::parse(flow.as_bytes())
-            .map_err(|e| anyhow::anyhow!("sample flow {name}: {e}"))?;
-        let agent = Uuid::new_v4();
+    for (agent, name, description, flow, flow_id) in flows {
         let now = now_ms();
-        sqlx::query("INSERT INTO provider_agents (uuid, org_uuid, name, description, category_uuid, status, flow_json, flow_summary, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'draft', $6, $7, $8, $8)")
+        sqlx::query("INSERT INTO provider_agents (uuid, org_uuid, name, description, search_text, category_uuid, status, flow_json, flow_summary, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'draft', $7, $8, $9, $9)")
             .bind(agent.to_string())
             .bind(provider_org.to_string())
-            .bind(*name)
-            .bind(*description)
+            .bind(name)
+            .bind(description)
+            .bind(crate::routes::agents::search_text(name, description))
             .bind(&category)
             .bind(serde_json::to_string(flow.as_json())?)
             .bind(serde_json::to_string(flow.summary())?)
@@ -222,14 +256,6 @@ async fn seed(app: &AppState) -> anyhow::Result<(String, String, Uuid)> {
         )
         .await
         .map_err(api_err)?;
-        let flow_id = match &app.runtime {
-            Some(runtime) => Some(
-                runtime
-                    .provision(flow.as_json(), &format!("{name} ({agent})"))
-                    .await?,
-            ),
-            None => None,
-        };
         set_published(db, agent, flow_id.as_deref())
             .await
             .map_err(api_err)?;

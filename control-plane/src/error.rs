@@ -24,6 +24,10 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("{message}")]
     BadGateway { code: &'static str, message: String },
+    #[error("{message}")]
+    Unavailable { code: &'static str, message: String },
+    #[error("the request took too long")]
+    Timeout,
     #[error("internal error")]
     Unexpected(#[from] anyhow::Error),
 }
@@ -68,6 +72,8 @@ impl ApiError {
             }
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::BadGateway { code, .. } => (StatusCode::BAD_GATEWAY, code),
+            ApiError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
+            ApiError::Timeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::Unexpected(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
@@ -102,7 +108,15 @@ impl IntoResponse for ApiError {
         if let ApiError::Unexpected(e) = &self {
             tracing::error!(error = format!("{e:#}"), "unexpected error");
         }
-        (status, axum::Json(error_body(code, &self.to_string()))).into_response()
+        let mut response =
+            (status, axum::Json(error_body(code, &self.to_string()))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 

@@ -73,6 +73,17 @@ pub async fn create_user(
     Ok(uuid)
 }
 
+pub async fn set_password(db: &Db, username: &str, password: &str) -> anyhow::Result<()> {
+    let hash = hash_password(password)?;
+    let updated = sqlx::query("UPDATE users SET password_hash = $2 WHERE username = $1")
+        .bind(username)
+        .bind(hash)
+        .execute(&db.pool)
+        .await?;
+    anyhow::ensure!(updated.rows_affected() == 1, "no user {username:?}");
+    Ok(())
+}
+
 pub async fn find_user(db: &Db, username: &str) -> anyhow::Result<Option<Uuid>> {
     let row = sqlx::query("SELECT uuid FROM users WHERE username = $1")
         .bind(username)

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use agora_config::keys::SigningKey;
 use agora_config::settings::Settings;
 use axum::extract::DefaultBodyLimit;
+use axum::response::IntoResponse;
 use axum::Router;
 
 pub mod db;
@@ -28,12 +29,17 @@ use db::Db;
 use error::ApiError;
 use extract::BodyLimit;
 
+/// Password checks allowed at once; more wait briefly, then get a 503.
+pub const PASSWORD_CHECKS: usize = 4;
+
 /// Limits the API enforces, from settings.
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_page_size: u32,
     pub max_document_bytes: usize,
+    /// Longest a request may take, body upload included.
+    pub request_timeout: std::time::Duration,
 }
 
 #[derive(Clone)]
@@ -44,6 +50,8 @@ pub struct AppState {
     pub runtime: Option<runtime::RuntimeClient>,
     /// The secret proxies present to read the snapshot feed; none turns it off.
     pub proxy_secret: Option<secrecy::SecretString>,
+    /// Bounds concurrent password checks: each costs ~19 MiB and tens of ms.
+    pub password_checks: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -57,6 +65,7 @@ impl AppState {
         db.migrate().await?;
         let signer = signing::active_signing_key(&db).await?;
         let runtime = runtime::RuntimeClient::from_settings(&settings.runtime)?;
+        tokio::task::spawn_blocking(identity::decoy_hash).await?;
         let cp = &settings.control_plane;
         Ok(AppState {
             db,
@@ -64,10 +73,19 @@ impl AppState {
                 max_body_bytes: cp.max_body_bytes,
                 max_page_size: cp.max_page_size,
                 max_document_bytes: cp.max_document_bytes,
+                // Publishing waits for the runtime: leave it room.
+                request_timeout: std::time::Duration::from_millis(
+                    settings
+                        .runtime
+                        .timeout_ms
+                        .saturating_add(5_000)
+                        .max(60_000),
+                ),
             }),
             signer: Arc::new(signer),
             runtime,
             proxy_secret: cp.proxy_secret.clone(),
+            password_checks: Arc::new(tokio::sync::Semaphore::new(PASSWORD_CHECKS)),
         })
     }
 }
@@ -155,16 +173,35 @@ api! {
     delete "/api/training-documents/{uuid}/" => documents::delete_document, "buyer", "Delete a knowledge document";
 }
 
-/// The full application: API routes, JSON 404/405, body limit.
+/// The full application: API routes, JSON 404/405, body limit, a time limit
+/// per request, and panics answered as JSON 500s.
 pub fn app(state: AppState) -> Router {
     let limit = state.limits.max_body_bytes;
+    let timeout = state.limits.request_timeout;
     api_router()
         .route("/internal/v1/snapshot", axum::routing::get(sync::snapshot))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::Extension(BodyLimit(limit)))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            time_limit(timeout, req, next)
+        }))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            ApiError::Unexpected(anyhow::anyhow!("a request handler panicked")).into_response()
+        }))
         .with_state(state)
+}
+
+async fn time_limit(
+    limit: std::time::Duration,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout.into_response(),
+    }
 }
 
 /// Serves until `shutdown` resolves, then finishes in-flight requests.

@@ -27,6 +27,20 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
+    /// What a seller is told; the details (addresses, runtime bodies) stay in the log.
+    pub fn public_message(&self) -> &'static str {
+        match self {
+            RuntimeError::Unreachable { .. } => {
+                "the agent runtime could not be reached; try again later"
+            }
+            RuntimeError::Unauthorized { .. } => {
+                "the agent runtime refused the platform's credentials"
+            }
+            RuntimeError::Rejected { .. } => "the agent runtime rejected the flow",
+            RuntimeError::NoFlowId => "the agent runtime answered without a flow id",
+        }
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             RuntimeError::Unreachable { .. } => "runtime_unreachable",

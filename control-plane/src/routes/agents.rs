@@ -33,6 +33,11 @@ fn agent_json(row: &AnyRow) -> ApiResult<Value> {
     }))
 }
 
+/// What offering search matches: name and description, lowercased here.
+pub fn search_text(name: &str, description: &str) -> String {
+    format!("{name}\n{description}").to_lowercase()
+}
+
 const AGENT_COLUMNS: &str = "uuid, org_uuid, name, description, category_uuid, status, flow_summary, runtime_flow_id, created_at, updated_at";
 
 /// The caller's agent (any role), or 404.
@@ -113,11 +118,12 @@ pub async fn create_agent(
     check_category(&app.db, body.category).await?;
     let uuid = Uuid::new_v4();
     let now = now_ms();
-    sqlx::query("INSERT INTO provider_agents (uuid, org_uuid, name, description, category_uuid, status, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'draft', $6, $6)")
+    sqlx::query("INSERT INTO provider_agents (uuid, org_uuid, name, description, search_text, category_uuid, status, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'draft', $7, $7)")
         .bind(uuid.to_string())
         .bind(org.to_string())
         .bind(&name)
         .bind(&description)
+        .bind(search_text(&name, &description))
         .bind(body.category.map(|c| c.to_string()))
         .bind(now)
         .execute(&app.db.pool)
@@ -167,10 +173,11 @@ pub async fn update_agent(
         }
         None => opt_uuid_col(&row, "category_uuid")?,
     };
-    sqlx::query("UPDATE provider_agents SET name = $2, description = $3, category_uuid = $4, updated_at = $5 WHERE uuid = $1")
+    sqlx::query("UPDATE provider_agents SET name = $2, description = $3, search_text = $4, category_uuid = $5, updated_at = $6 WHERE uuid = $1")
         .bind(uuid.to_string())
         .bind(&name)
         .bind(&description)
+        .bind(search_text(&name, &description))
         .bind(category.map(|c| c.to_string()))
         .bind(now_ms())
         .execute(&app.db.pool)
@@ -232,13 +239,17 @@ pub async fn import_flow(
     let flow = FlowDefinition::parse(&body)?;
     let summary = serde_json::to_string(flow.summary()).map_err(anyhow::Error::from)?;
     let definition = serde_json::to_string(flow.as_json()).map_err(anyhow::Error::from)?;
-    sqlx::query("UPDATE provider_agents SET flow_json = $2, flow_summary = $3, runtime_flow_id = NULL, updated_at = $4 WHERE uuid = $1")
+    let mut tx = app.db.pool.begin().await?;
+    // updated_at always moves, so a publish in flight notices the new flow.
+    sqlx::query("UPDATE provider_agents SET flow_json = $2, flow_summary = $3, runtime_flow_id = NULL, updated_at = CASE WHEN $4 > updated_at THEN $4 ELSE updated_at + 1 END WHERE uuid = $1")
         .bind(uuid.to_string())
         .bind(definition)
         .bind(summary)
         .bind(now_ms())
-        .execute(&app.db.pool)
+        .execute(&mut *tx)
         .await?;
+    bump_revision(&mut tx).await?;
+    tx.commit().await?;
     Ok(Json(agent_json(
         &load_agent(&app.db, &caller, uuid).await?,
     )?))
@@ -284,14 +295,47 @@ pub async fn publish(
     let flow_id = runtime
         .provision(&flow, &format!("{name} ({uuid})"))
         .await
-        .map_err(|e| ApiError::BadGateway {
-            code: e.code(),
-            message: e.to_string(),
+        .map_err(|e| {
+            tracing::warn!(agent = %uuid, error = %e, "provisioning to the runtime failed");
+            ApiError::BadGateway {
+                code: e.code(),
+                message: e.public_message().into(),
+            }
         })?;
-    set_published(&app.db, uuid, Some(&flow_id)).await?;
+    if !publish_if_unchanged(&app.db, uuid, &flow_id, row.try_get("updated_at")?).await? {
+        return Err(ApiError::conflict(
+            "agent_changed",
+            "the agent changed while it was being published; publish again",
+        ));
+    }
     Ok(Json(agent_json(
         &load_agent(&app.db, &caller, uuid).await?,
     )?))
+}
+
+/// Publishes a draft agent that has not changed since `seen_updated_at`
+/// (a flow imported meanwhile would not be the one provisioned). False when
+/// it changed.
+async fn publish_if_unchanged(
+    db: &Db,
+    agent: Uuid,
+    runtime_flow_id: &str,
+    seen_updated_at: i64,
+) -> ApiResult<bool> {
+    let mut tx = db.pool.begin().await?;
+    let updated = sqlx::query("UPDATE provider_agents SET status = 'published', runtime_flow_id = $2, updated_at = $3 WHERE uuid = $1 AND status = 'draft' AND updated_at = $4")
+        .bind(agent.to_string())
+        .bind(runtime_flow_id)
+        .bind(now_ms().max(seen_updated_at + 1))
+        .bind(seen_updated_at)
+        .execute(&mut *tx)
+        .await?;
+    if updated.rows_affected() == 0 {
+        return Ok(false);
+    }
+    bump_revision(&mut tx).await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// Marks an agent published with its runtime flow id, bumping the revision.
@@ -413,7 +457,7 @@ pub async fn archive_plan(
     caller: Caller,
     ApiPath((uuid, plan)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<Value>> {
-    agent_for_change(&app.db, &caller, uuid).await?;
+    let agent = agent_for_change(&app.db, &caller, uuid).await?;
     let mut tx = app.db.pool.begin().await?;
     let updated =
         sqlx::query("UPDATE pricing_plans SET active = 0 WHERE uuid = $1 AND agent_uuid = $2")
@@ -423,6 +467,18 @@ pub async fn archive_plan(
             .await?;
     if updated.rows_affected() == 0 {
         return Err(ApiError::not_found("plan"));
+    }
+    let left: i64 =
+        sqlx::query("SELECT COUNT(*) AS n FROM pricing_plans WHERE agent_uuid = $1 AND active = 1")
+            .bind(uuid.to_string())
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+    if left == 0 && agent.try_get::<String, _>("status")? == AgentStatus::Published.as_str() {
+        return Err(ApiError::conflict(
+            "last_plan",
+            "a published agent keeps at least one active plan; unpublish it first",
+        ));
     }
     bump_revision(&mut tx).await?;
     tx.commit().await?;

@@ -26,11 +26,21 @@ pub async fn obtain_token(
             "invalid username or password",
         ));
     }
-    let user = identity::authenticate(&app.db, &body.username, &body.password)
-        .await?
-        .ok_or_else(|| {
-            ApiError::bad_request("invalid_credentials", "invalid username or password")
-        })?;
+    let permit = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        app.password_checks.clone().acquire_owned(),
+    )
+    .await
+    .map_err(|_| ApiError::Unavailable {
+        code: "login_busy",
+        message: "too many logins at once; retry shortly".into(),
+    })?
+    .map_err(anyhow::Error::from)?;
+    let user = identity::authenticate(&app.db, &body.username, &body.password).await;
+    drop(permit);
+    let user = user?.ok_or_else(|| {
+        ApiError::bad_request("invalid_credentials", "invalid username or password")
+    })?;
     let token = identity::create_token(&app.db, user).await?;
     Ok(Json(json!({ "token": token, "user": user })))
 }

@@ -10,11 +10,17 @@ use uuid::Uuid;
 
 use super::configs::load_config;
 use super::{fetch_page, member_orgs, Arg};
-use crate::db::{now_ms, opt_uuid_col, uuid_col, Db};
+use crate::db::{bump_revision, now_ms, opt_uuid_col, uuid_col, Db};
 use crate::domain::{ts, OrgKind, Page, Paged};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiBytes, ApiPath, ApiQuery, Caller};
 use crate::AppState;
+
+/// Knowledge documents one configuration may use.
+pub const MAX_DOCUMENTS_PER_CONFIG: i64 = 100;
+/// Documents, and their bytes, one organisation may store.
+pub const MAX_DOCUMENTS_PER_ORG: i64 = 1_000;
+pub const MAX_DOCUMENT_BYTES_PER_ORG: i64 = 512 * 1024 * 1024;
 
 /// Content types a knowledge document may have.
 pub const ALLOWED_TYPES: &[&str] = &[
@@ -146,6 +152,32 @@ pub async fn upload_document(
     };
     caller.require_admin(org)?;
     let uuid = Uuid::new_v4();
+    let mut tx = app.db.pool.begin().await?;
+    let usage = sqlx::query("SELECT COUNT(*) AS n, CAST(COALESCE(SUM(size_bytes), 0) AS BIGINT) AS bytes, CAST(COALESCE(SUM(CASE WHEN config_uuid = $2 THEN 1 ELSE 0 END), 0) AS BIGINT) AS in_config FROM training_documents WHERE org_uuid = $1")
+        .bind(org.to_string())
+        .bind(q.config.map(|c| c.to_string()).unwrap_or_default())
+        .fetch_one(&mut *tx)
+        .await?;
+    let (count, bytes, in_config): (i64, i64, i64) = (
+        usage.try_get("n")?,
+        usage.try_get("bytes")?,
+        usage.try_get("in_config")?,
+    );
+    if in_config >= MAX_DOCUMENTS_PER_CONFIG {
+        return Err(ApiError::conflict(
+            "document_limit",
+            format!("a configuration holds at most {MAX_DOCUMENTS_PER_CONFIG} knowledge documents"),
+        ));
+    }
+    if count >= MAX_DOCUMENTS_PER_ORG || bytes + body.len() as i64 > MAX_DOCUMENT_BYTES_PER_ORG {
+        return Err(ApiError::conflict(
+            "document_quota",
+            format!(
+                "an organization stores at most {MAX_DOCUMENTS_PER_ORG} documents and {} MiB",
+                MAX_DOCUMENT_BYTES_PER_ORG >> 20
+            ),
+        ));
+    }
     sqlx::query("INSERT INTO training_documents (uuid, org_uuid, config_uuid, filename, content_type, size_bytes, sha256, content, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
         .bind(uuid.to_string())
         .bind(org.to_string())
@@ -156,8 +188,12 @@ pub async fn upload_document(
         .bind(hex::encode(Sha256::digest(&body)))
         .bind(body.to_vec())
         .bind(now_ms())
-        .execute(&app.db.pool)
+        .execute(&mut *tx)
         .await?;
+    if q.config.is_some() {
+        bump_revision(&mut tx).await?;
+    }
+    tx.commit().await?;
     Ok((
         StatusCode::CREATED,
         Json(load_document(&app.db, &caller, uuid).await?),
@@ -195,9 +231,14 @@ pub async fn delete_document(
     let org: Uuid =
         serde_json::from_value(doc["organization"].clone()).map_err(anyhow::Error::from)?;
     caller.require_admin(org)?;
+    let mut tx = app.db.pool.begin().await?;
     sqlx::query("DELETE FROM training_documents WHERE uuid = $1")
         .bind(uuid.to_string())
-        .execute(&app.db.pool)
+        .execute(&mut *tx)
         .await?;
+    if !doc["config"].is_null() {
+        bump_revision(&mut tx).await?;
+    }
+    tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }

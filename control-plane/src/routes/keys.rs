@@ -178,6 +178,9 @@ pub async fn issue_key(
     Ok((StatusCode::CREATED, Json(out)))
 }
 
+/// Active keys one configuration may have.
+pub const MAX_ACTIVE_KEYS: i64 = 50;
+
 /// What a new key is: validated by the caller.
 pub struct KeySpec {
     pub name: String,
@@ -200,6 +203,19 @@ pub async fn store_key(
 ) -> ApiResult<(Uuid, ApiKey)> {
     let uuid = Uuid::new_v4();
     let now = now_ms();
+    let active: i64 = sqlx::query(
+        "SELECT COUNT(*) AS n FROM api_keys WHERE config_uuid = $1 AND status = 'active'",
+    )
+    .bind(config.to_string())
+    .fetch_one(&app.db.pool)
+    .await?
+    .try_get("n")?;
+    if active >= MAX_ACTIVE_KEYS {
+        return Err(ApiError::conflict(
+            "key_limit",
+            format!("a configuration has at most {MAX_ACTIVE_KEYS} active keys; revoke one first"),
+        ));
+    }
     let claims = Claims {
         jti: uuid,
         cfg: config,

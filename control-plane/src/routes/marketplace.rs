@@ -201,6 +201,40 @@ pub fn plan_json(row: &AnyRow) -> ApiResult<Value> {
     }))
 }
 
+/// Adds each offering's active plans, in one query for the page.
+async fn attach_plans(db: &Db, offerings: &mut [Value]) -> ApiResult<()> {
+    if offerings.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Arg> = offerings
+        .iter()
+        .map(|o| Arg::Text(o["uuid"].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    let marks: Vec<String> = (1..=ids.len()).map(|n| format!("${n}")).collect();
+    let sql = format!(
+        "SELECT * FROM pricing_plans WHERE active = 1 AND agent_uuid IN ({}) ORDER BY price_cents, created_at",
+        marks.join(", ")
+    );
+    let rows = super::bind_all(sqlx::query(&sql), &ids)
+        .fetch_all(&db.pool)
+        .await?;
+    let mut by_agent: std::collections::HashMap<String, Vec<Value>> =
+        std::collections::HashMap::new();
+    for row in &rows {
+        by_agent
+            .entry(row.try_get("agent_uuid")?)
+            .or_default()
+            .push(plan_json(row)?);
+    }
+    for offering in offerings {
+        let plans = by_agent
+            .remove(offering["uuid"].as_str().unwrap_or_default())
+            .unwrap_or_default();
+        offering["plans"] = Value::from(plans);
+    }
+    Ok(())
+}
+
 fn offering_json(row: &AnyRow) -> ApiResult<Value> {
     Ok(json!({
         "uuid": uuid_col(row, "uuid")?,
@@ -243,9 +277,7 @@ pub async fn list_offerings(
         for word in search.split_whitespace().take(10) {
             args.push(Arg::Text(like_pattern(word)));
             let n = args.len();
-            from.push_str(&format!(
-                " AND (LOWER(a.name) LIKE ${n} ESCAPE '\\' OR LOWER(a.description) LIKE ${n} ESCAPE '\\')"
-            ));
+            from.push_str(&format!(" AND a.search_text LIKE ${n} ESCAPE '\\'"));
         }
     }
     if let Some(category) = q.category.as_deref() {
@@ -267,11 +299,7 @@ pub async fn list_offerings(
         offering_json,
     )
     .await?;
-    for offering in &mut page.results {
-        let uuid: Uuid =
-            serde_json::from_value(offering["uuid"].clone()).map_err(anyhow::Error::from)?;
-        offering["plans"] = Value::from(plans_json(&app.db, uuid, true).await?);
-    }
+    attach_plans(&app.db, &mut page.results).await?;
     Ok(Json(page))
 }
 
@@ -291,7 +319,19 @@ pub async fn get_offering(
     let summary: Option<String> = row.try_get("flow_summary")?;
     if let Some(summary) = summary.and_then(|s| serde_json::from_str::<Value>(&s).ok()) {
         offering["model_providers"] = summary["model_providers"].clone();
-        offering["configurable_fields"] = summary["tweakable_fields"].clone();
+        // Names and types only: defaults are the seller's (prompts, URLs, …).
+        let fields: Vec<Value> = summary["tweakable_fields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|f| {
+                json!({
+                    "node_id": f["node_id"], "component_type": f["component_type"],
+                    "field": f["field"], "field_type": f["field_type"], "display_name": f["display_name"],
+                })
+            })
+            .collect();
+        offering["configurable_fields"] = Value::from(fields);
     }
     Ok(Json(offering))
 }
@@ -381,33 +421,43 @@ pub async fn create_order(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let org = caller.org_of_kind(OrgKind::Customer, body.organization)?;
     caller.require_admin(org)?;
+    // Checked in the order's transaction, so a plan archived meanwhile can't
+    // be ordered. The first statement writes, so on SQLite the transaction
+    // holds the write lock before it reads and concurrent orders queue.
+    let mut tx = app.db.pool.begin().await?;
+    bump_revision(&mut tx).await?;
     let agent =
         sqlx::query("SELECT name FROM provider_agents WHERE uuid = $1 AND status = 'published'")
             .bind(body.offering.to_string())
-            .fetch_optional(&app.db.pool)
+            .fetch_optional(&mut *tx)
             .await?
             .ok_or(ApiError::not_found("offering"))?;
     let agent_name: String = agent.try_get("name")?;
     let plan = sqlx::query("SELECT price_cents, currency FROM pricing_plans WHERE uuid = $1 AND agent_uuid = $2 AND active = 1")
         .bind(body.plan.to_string())
         .bind(body.offering.to_string())
-        .fetch_optional(&app.db.pool)
+        .fetch_optional(&mut *tx)
         .await?
         .ok_or(ApiError::not_found("plan"))?;
     if let Some(project) = body.project {
         sqlx::query("SELECT uuid FROM projects WHERE uuid = $1 AND org_uuid = $2")
             .bind(project.to_string())
             .bind(org.to_string())
-            .fetch_optional(&app.db.pool)
+            .fetch_optional(&mut *tx)
             .await?
             .ok_or(ApiError::not_found("project"))?;
     }
-    let name = text_field("name", body.name.as_deref().unwrap_or(&agent_name), 1, 100)?;
+    let default_name: String = agent_name.chars().take(100).collect();
+    let name = text_field(
+        "name",
+        body.name.as_deref().unwrap_or(&default_name),
+        1,
+        100,
+    )?;
     let price: i64 = plan.try_get("price_cents")?;
     let currency: String = plan.try_get("currency")?;
     let uuid = Uuid::new_v4();
     let now = now_ms();
-    let mut tx = app.db.pool.begin().await?;
     sqlx::query(
         "INSERT INTO orders (uuid, org_uuid, project_uuid, agent_uuid, plan_uuid, state, price_cents, currency, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )

@@ -107,6 +107,31 @@ async fn login_and_errors(backend: Backend) {
     let (s, body) = app.get(&token, "/api/organizations/?bogus=1").await;
     assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_query");
 
+    // Password checks are bounded: with every slot taken, a login waits
+    // briefly, then gets a 503 with Retry-After instead of queueing unbounded.
+    let held = app
+        .state
+        .password_checks
+        .clone()
+        .acquire_many_owned(agora_control_plane::PASSWORD_CHECKS as u32)
+        .await
+        .unwrap();
+    let resp = app
+        .http
+        .post(format!("{}/api/auth/token/", app.url))
+        .json(&json!({"username": "alice", "password": "password123"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    let (s, body) = decode(resp).await;
+    assert_error(s, &body, StatusCode::SERVICE_UNAVAILABLE, "login_busy");
+    drop(held);
     let (s, org) = app
         .post(
             &token,
@@ -262,6 +287,28 @@ async fn marketplace_flow(backend: Backend) {
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(offering["provider"]["uuid"], provider.org.to_string());
+    let fields = offering["configurable_fields"].as_array().unwrap();
+    assert!(!fields.is_empty(), "{offering}");
+    assert!(
+        fields.iter().all(|f| f.get("default").is_none()),
+        "the seller's values stay private: {offering}"
+    );
+    // Search is Unicode-aware on both databases.
+    let (s, _) = app
+        .patch(
+            &provider.token,
+            &format!("/api/provider-agents/{agent}/"),
+            json!({"description": "Answers questions about returns at the Café Zoë"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, page) = app
+        .get(
+            &buyer.token,
+            "/api/marketplace-public-offerings/?search=CAF%C3%89%20zo%C3%AB",
+        )
+        .await;
+    assert_eq!(page["count"], 1, "{page}");
     let (s, body) = app
         .get(
             &buyer.token,
@@ -325,6 +372,16 @@ async fn marketplace_flow(backend: Backend) {
         )
         .await;
     assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
+    // A published agent keeps at least one plan.
+    let (s, body) = app
+        .call(
+            "DELETE",
+            Some(&provider.token),
+            &format!("/api/provider-agents/{agent}/plans/{free}/"),
+            None,
+        )
+        .await;
+    assert_error(s, &body, StatusCode::CONFLICT, "last_plan");
     // Providers can't order (no customer organisation).
     let (s, body) = app
         .post(
@@ -630,6 +687,28 @@ async fn configs_documents_and_keys(backend: Backend) {
         assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_field");
     }
 
+    // Caps: keys per configuration, documents per configuration.
+    for _ in 0..(agora_control_plane::routes::keys::MAX_ACTIVE_KEYS - 3) {
+        let (s, body) = app.post(&buyer.token, &keys_path, json!({})).await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+    }
+    let (s, body) = app.post(&buyer.token, &keys_path, json!({})).await;
+    assert_error(s, &body, StatusCode::CONFLICT, "key_limit");
+    for i in 1..agora_control_plane::routes::documents::MAX_DOCUMENTS_PER_CONFIG {
+        let (s, body) = app
+            .post_raw(
+                &buyer.token,
+                &format!("/api/training-documents/?config={config}&filename=n{i}.txt"),
+                "text/plain",
+                b"x".to_vec(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+    }
+    let (s, body) = app
+        .post_raw(&buyer.token, &docs, "text/plain", b"one too many".to_vec())
+        .await;
+    assert_error(s, &body, StatusCode::CONFLICT, "document_limit");
     // Revocation is idempotent and bumps the revision once.
     let key_uuid = issued["uuid"].as_str().unwrap();
     let rev1 = agora_control_plane::db::current_revision(&app.state.db)
@@ -835,6 +914,10 @@ async fn publish_failures(backend: Backend) {
             )
             .await;
         assert_error(s, &body, status, code);
+        assert!(
+            !body.to_string().contains("127.0.0.1"),
+            "runtime addresses stay in the log: {body}"
+        );
         let (_, a) = app
             .get(&provider.token, &format!("/api/provider-agents/{agent}/"))
             .await;
