@@ -9,7 +9,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::marketplace::{plan_json, plans_json};
-use super::{fetch_page, member_orgs, PageQuery};
+use super::{Owned, PageQuery, ALL};
 use crate::db::{bump_revision, now_ms, opt_uuid_col, uuid_col, Db};
 use crate::domain::{text_field, ts, AgentStatus, Cents, Currency, Interval, OrgKind, Page, Paged};
 use crate::error::{ApiError, ApiResult};
@@ -40,18 +40,17 @@ pub fn search_text(name: &str, description: &str) -> String {
 
 const AGENT_COLUMNS: &str = "uuid, org_uuid, name, description, category_uuid, status, flow_summary, runtime_flow_id, created_at, updated_at";
 
+const AGENTS: Owned = Owned {
+    select: AGENT_COLUMNS,
+    from: "FROM provider_agents",
+    id: "uuid",
+    org: "org_uuid",
+    what: "agent",
+};
+
 /// The caller's agent (any role), or 404.
 async fn load_agent(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<AnyRow> {
-    let sql = format!(
-        "SELECT {AGENT_COLUMNS} FROM provider_agents WHERE uuid = $1 AND org_uuid IN ({})",
-        member_orgs(2)
-    );
-    sqlx::query(&sql)
-        .bind(uuid.to_string())
-        .bind(caller.user.to_string())
-        .fetch_optional(&db.pool)
-        .await?
-        .ok_or(ApiError::not_found("agent"))
+    AGENTS.one(db, caller, uuid).await
 }
 
 /// The caller's agent when they may change it.
@@ -78,21 +77,10 @@ pub async fn list_agents(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Paged<Value>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
-    let from = format!(
-        "FROM provider_agents WHERE org_uuid IN ({})",
-        member_orgs(1)
-    );
     Ok(Json(
-        fetch_page(
-            &app.db,
-            AGENT_COLUMNS,
-            &from,
-            "created_at, uuid",
-            vec![caller.user.into()],
-            page,
-            agent_json,
-        )
-        .await?,
+        AGENTS
+            .page(&app.db, &caller, page, ALL, "created_at, uuid", agent_json)
+            .await?,
     ))
 }
 

@@ -6,7 +6,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{fetch_page, member_orgs, PageQuery};
+use super::{Owned, PageQuery, ALL};
 use crate::db::{bump_revision, now_ms, opt_uuid_col, uuid_col, Db};
 use crate::domain::{text_field, ts, Page, Paged, Tone};
 use crate::error::{ApiError, ApiResult};
@@ -15,6 +15,14 @@ use crate::AppState;
 
 const CONFIG_SELECT: &str = "c.*, a.name AS agent_name, r.state AS resource_state, r.plan_uuid";
 const CONFIG_FROM: &str = "FROM agent_configs c JOIN provider_agents a ON a.uuid = c.agent_uuid JOIN resources r ON r.uuid = c.resource_uuid";
+
+const CONFIGS: Owned = Owned {
+    select: CONFIG_SELECT,
+    from: CONFIG_FROM,
+    id: "c.uuid",
+    org: "c.org_uuid",
+    what: "agent config",
+};
 
 fn config_json(row: &AnyRow) -> ApiResult<Value> {
     Ok(json!({
@@ -36,16 +44,7 @@ fn config_json(row: &AnyRow) -> ApiResult<Value> {
 
 /// The caller's configuration row, or 404.
 pub async fn load_config(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<AnyRow> {
-    let sql = format!(
-        "SELECT {CONFIG_SELECT} {CONFIG_FROM} WHERE c.uuid = $1 AND c.org_uuid IN ({})",
-        member_orgs(2)
-    );
-    sqlx::query(&sql)
-        .bind(uuid.to_string())
-        .bind(caller.user.to_string())
-        .fetch_optional(&db.pool)
-        .await?
-        .ok_or(ApiError::not_found("agent config"))
+    CONFIGS.one(db, caller, uuid).await
 }
 
 async fn config_with_documents(db: &Db, row: &AnyRow) -> ApiResult<Value> {
@@ -74,18 +73,17 @@ pub async fn list_configs(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Paged<Value>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
-    let from = format!("{CONFIG_FROM} WHERE c.org_uuid IN ({})", member_orgs(1));
     Ok(Json(
-        fetch_page(
-            &app.db,
-            CONFIG_SELECT,
-            &from,
-            "c.created_at, c.uuid",
-            vec![caller.user.into()],
-            page,
-            config_json,
-        )
-        .await?,
+        CONFIGS
+            .page(
+                &app.db,
+                &caller,
+                page,
+                ALL,
+                "c.created_at, c.uuid",
+                config_json,
+            )
+            .await?,
     ))
 }
 

@@ -9,7 +9,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::configs::load_config;
-use super::{fetch_page, member_orgs, Arg};
+use super::{Arg, Owned, ALL};
 use crate::db::{bump_revision, now_ms, opt_uuid_col, uuid_col, Db};
 use crate::domain::{ts, OrgKind, Page, Paged};
 use crate::error::{ApiError, ApiResult};
@@ -61,26 +61,21 @@ pub async fn list_documents(
     ApiQuery(q): ApiQuery<DocQuery>,
 ) -> ApiResult<Json<Paged<Value>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
-    let mut from = format!(
-        "FROM training_documents WHERE org_uuid IN ({})",
-        member_orgs(1)
-    );
-    let mut args = vec![Arg::from(caller.user)];
-    if let Some(config) = q.config {
-        args.push(config.into());
-        from.push_str(" AND config_uuid = $2");
-    }
+    let filter = match q.config {
+        Some(config) => (" AND config_uuid = $2", vec![Arg::from(config)]),
+        None => ALL,
+    };
     Ok(Json(
-        fetch_page(
-            &app.db,
-            DOC_COLUMNS,
-            &from,
-            "created_at, uuid",
-            args,
-            page,
-            document_json,
-        )
-        .await?,
+        DOCUMENTS
+            .page(
+                &app.db,
+                &caller,
+                page,
+                filter,
+                "created_at, uuid",
+                document_json,
+            )
+            .await?,
     ))
 }
 
@@ -200,18 +195,16 @@ pub async fn upload_document(
     ))
 }
 
+const DOCUMENTS: Owned = Owned {
+    select: DOC_COLUMNS,
+    from: "FROM training_documents",
+    id: "uuid",
+    org: "org_uuid",
+    what: "training document",
+};
+
 async fn load_document(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<Value> {
-    let sql = format!(
-        "SELECT {DOC_COLUMNS} FROM training_documents WHERE uuid = $1 AND org_uuid IN ({})",
-        member_orgs(2)
-    );
-    let row = sqlx::query(&sql)
-        .bind(uuid.to_string())
-        .bind(caller.user.to_string())
-        .fetch_optional(&db.pool)
-        .await?
-        .ok_or(ApiError::not_found("training document"))?;
-    document_json(&row)
+    document_json(&DOCUMENTS.one(db, caller, uuid).await?)
 }
 
 pub async fn get_document(

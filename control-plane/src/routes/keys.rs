@@ -9,7 +9,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::configs::load_config;
-use super::member_orgs;
+use super::Owned;
 use crate::db::{bump_revision, now_ms, uuid_col};
 use crate::domain::{opt_ts, text_field, ts, KeyStatus};
 use crate::error::{ApiError, ApiResult};
@@ -178,6 +178,14 @@ pub async fn issue_key(
     Ok((StatusCode::CREATED, Json(out)))
 }
 
+const KEYS: Owned = Owned {
+    select: "org_uuid, status",
+    from: "FROM api_keys",
+    id: "uuid",
+    org: "org_uuid",
+    what: "api key",
+};
+
 /// Active keys one configuration may have.
 pub const MAX_ACTIVE_KEYS: i64 = 50;
 
@@ -281,16 +289,7 @@ pub async fn revoke_key(
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
 ) -> ApiResult<Json<Value>> {
-    let sql = format!(
-        "SELECT org_uuid, status FROM api_keys WHERE uuid = $1 AND org_uuid IN ({})",
-        member_orgs(2)
-    );
-    let row = sqlx::query(&sql)
-        .bind(uuid.to_string())
-        .bind(caller.user.to_string())
-        .fetch_optional(&app.db.pool)
-        .await?
-        .ok_or(ApiError::not_found("api key"))?;
+    let row = KEYS.one(&app.db, &caller, uuid).await?;
     caller.require_admin(uuid_col(&row, "org_uuid")?)?;
     if row.try_get::<String, _>("status")? == KeyStatus::Active.as_str() {
         let mut tx = app.db.pool.begin().await?;

@@ -7,7 +7,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{fetch_page, like_pattern, member_orgs, Arg, PageQuery};
+use super::{fetch_page, like_pattern, Arg, Owned, PageQuery, ALL};
 use crate::db::{bump_revision, now_ms, opt_uuid_col, uuid_col, Db};
 use crate::domain::{
     opt_ts, text_field, ts, OrderState, OrgKind, Page, Paged, ResourceState, Tone,
@@ -364,33 +364,30 @@ pub async fn list_orders(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Paged<Value>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
-    let from = format!("{ORDER_FROM} WHERE o.org_uuid IN ({})", member_orgs(1));
     Ok(Json(
-        fetch_page(
-            &app.db,
-            ORDER_SELECT,
-            &from,
-            "o.created_at DESC, o.uuid",
-            vec![caller.user.into()],
-            page,
-            order_json,
-        )
-        .await?,
+        ORDERS
+            .page(
+                &app.db,
+                &caller,
+                page,
+                ALL,
+                "o.created_at DESC, o.uuid",
+                order_json,
+            )
+            .await?,
     ))
 }
 
+const ORDERS: Owned = Owned {
+    select: ORDER_SELECT,
+    from: ORDER_FROM,
+    id: "o.uuid",
+    org: "o.org_uuid",
+    what: "order",
+};
+
 async fn load_order(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<Value> {
-    let sql = format!(
-        "SELECT {ORDER_SELECT} {ORDER_FROM} WHERE o.uuid = $1 AND o.org_uuid IN ({})",
-        member_orgs(2)
-    );
-    let row = sqlx::query(&sql)
-        .bind(uuid.to_string())
-        .bind(caller.user.to_string())
-        .fetch_optional(&db.pool)
-        .await?
-        .ok_or(ApiError::not_found("order"))?;
-    order_json(&row)
+    order_json(&ORDERS.one(db, caller, uuid).await?)
 }
 
 pub async fn get_order(
@@ -551,24 +548,31 @@ fn resource_json(row: &AnyRow) -> ApiResult<Value> {
 const RESOURCE_SELECT: &str = "r.*, a.name AS agent_name, c.uuid AS config_uuid";
 const RESOURCE_FROM: &str = "FROM resources r JOIN provider_agents a ON a.uuid = r.agent_uuid LEFT JOIN agent_configs c ON c.resource_uuid = r.uuid";
 
+const RESOURCES: Owned = Owned {
+    select: RESOURCE_SELECT,
+    from: RESOURCE_FROM,
+    id: "r.uuid",
+    org: "r.org_uuid",
+    what: "resource",
+};
+
 pub async fn list_resources(
     State(app): State<AppState>,
     caller: Caller,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Paged<Value>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
-    let from = format!("{RESOURCE_FROM} WHERE r.org_uuid IN ({})", member_orgs(1));
     Ok(Json(
-        fetch_page(
-            &app.db,
-            RESOURCE_SELECT,
-            &from,
-            "r.created_at DESC, r.uuid",
-            vec![caller.user.into()],
-            page,
-            resource_json,
-        )
-        .await?,
+        RESOURCES
+            .page(
+                &app.db,
+                &caller,
+                page,
+                ALL,
+                "r.created_at DESC, r.uuid",
+                resource_json,
+            )
+            .await?,
     ))
 }
 
@@ -577,15 +581,7 @@ pub async fn get_resource(
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
 ) -> ApiResult<Json<Value>> {
-    let sql = format!(
-        "SELECT {RESOURCE_SELECT} {RESOURCE_FROM} WHERE r.uuid = $1 AND r.org_uuid IN ({})",
-        member_orgs(2)
-    );
-    let row = sqlx::query(&sql)
-        .bind(uuid.to_string())
-        .bind(caller.user.to_string())
-        .fetch_optional(&app.db.pool)
-        .await?
-        .ok_or(ApiError::not_found("resource"))?;
-    Ok(Json(resource_json(&row)?))
+    Ok(Json(resource_json(
+        &RESOURCES.one(&app.db, &caller, uuid).await?,
+    )?))
 }

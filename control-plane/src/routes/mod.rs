@@ -13,14 +13,79 @@ pub mod orgs;
 use serde::Deserialize;
 use sqlx::any::AnyRow;
 
+use uuid::Uuid;
+
 use crate::db::Db;
 use crate::domain::{Page, Paged};
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::Caller;
 
 /// `… IN (MEMBER_ORGS)` with the caller's user uuid bound at `$N`.
-pub fn member_orgs(n: usize) -> String {
+fn member_orgs(n: usize) -> String {
     format!("SELECT org_uuid FROM memberships WHERE user_uuid = ${n}")
 }
+
+/// One kind of tenant-owned object, and the only way routes read them: every
+/// read is limited to the caller's organisations, so another tenant's object
+/// is a 404 like one that does not exist.
+pub struct Owned {
+    /// Columns to select.
+    pub select: &'static str,
+    /// `FROM …` with any joins.
+    pub from: &'static str,
+    /// The id column, e.g. `c.uuid`.
+    pub id: &'static str,
+    /// The owning organisation's column, e.g. `c.org_uuid`.
+    pub org: &'static str,
+    /// What a 404 calls it.
+    pub what: &'static str,
+}
+
+impl Owned {
+    /// The caller's object `uuid`, or 404.
+    pub async fn one(&self, db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<AnyRow> {
+        let sql = format!(
+            "SELECT {} {} WHERE {} = $1 AND {} IN ({})",
+            self.select,
+            self.from,
+            self.id,
+            self.org,
+            member_orgs(2)
+        );
+        sqlx::query(&sql)
+            .bind(uuid.to_string())
+            .bind(caller.user.to_string())
+            .fetch_optional(&db.pool)
+            .await?
+            .ok_or(ApiError::not_found(self.what))
+    }
+
+    /// A page of the caller's objects. `filter` is more SQL for the WHERE
+    /// clause, with its arguments numbered from `$2`.
+    pub async fn page<T>(
+        &self,
+        db: &Db,
+        caller: &Caller,
+        page: Page,
+        filter: (&str, Vec<Arg>),
+        order: &str,
+        map: impl Fn(&AnyRow) -> ApiResult<T>,
+    ) -> ApiResult<Paged<T>> {
+        let from_where = format!(
+            "{} WHERE {} IN ({}){}",
+            self.from,
+            self.org,
+            member_orgs(1),
+            filter.0
+        );
+        let mut args = vec![Arg::from(caller.user)];
+        args.extend(filter.1);
+        fetch_page(db, self.select, &from_where, order, args, page, map).await
+    }
+}
+
+/// No extra filter for [`Owned::page`].
+pub const ALL: (&str, Vec<Arg>) = ("", Vec::new());
 
 /// A bind value for dynamically built queries.
 #[derive(Clone, Debug)]

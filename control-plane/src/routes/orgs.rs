@@ -7,12 +7,29 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{fetch_page, member_orgs, Arg, PageQuery};
+use super::{Owned, PageQuery, ALL};
 use crate::db::{now_ms, uuid_col};
 use crate::domain::{text_field, ts, OrgKind, Page, Paged};
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::{identity, AppState};
+
+/// An organisation is "owned" by itself: its members see it.
+const ORGS: Owned = Owned {
+    select: "*",
+    from: "FROM organizations",
+    id: "uuid",
+    org: "uuid",
+    what: "organization",
+};
+
+const PROJECTS: Owned = Owned {
+    select: "*",
+    from: "FROM projects",
+    id: "uuid",
+    org: "org_uuid",
+    what: "project",
+};
 
 fn org_json(row: &AnyRow, caller: &Caller) -> ApiResult<Value> {
     let uuid = uuid_col(row, "uuid")?;
@@ -32,17 +49,11 @@ pub async fn list_orgs(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Paged<Value>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
-    let from = format!("FROM organizations WHERE uuid IN ({})", member_orgs(1));
-    let page = fetch_page(
-        &app.db,
-        "*",
-        &from,
-        "created_at, uuid",
-        vec![caller.user.into()],
-        page,
-        |r| org_json(r, &caller),
-    )
-    .await?;
+    let page = ORGS
+        .page(&app.db, &caller, page, ALL, "created_at, uuid", |r| {
+            org_json(r, &caller)
+        })
+        .await?;
     Ok(Json(page))
 }
 
@@ -76,16 +87,7 @@ pub async fn get_org(
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
 ) -> ApiResult<Json<Value>> {
-    let sql = format!(
-        "SELECT * FROM organizations WHERE uuid = $1 AND uuid IN ({})",
-        member_orgs(2)
-    );
-    let row = sqlx::query(&sql)
-        .bind(uuid.to_string())
-        .bind(caller.user.to_string())
-        .fetch_optional(&app.db.pool)
-        .await?
-        .ok_or(ApiError::not_found("organization"))?;
+    let row = ORGS.one(&app.db, &caller, uuid).await?;
     Ok(Json(org_json(&row, &caller)?))
 }
 
@@ -104,18 +106,17 @@ pub async fn list_projects(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Paged<Value>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
-    let from = format!("FROM projects WHERE org_uuid IN ({})", member_orgs(1));
     Ok(Json(
-        fetch_page(
-            &app.db,
-            "*",
-            &from,
-            "created_at, uuid",
-            vec![Arg::from(caller.user)],
-            page,
-            project_json,
-        )
-        .await?,
+        PROJECTS
+            .page(
+                &app.db,
+                &caller,
+                page,
+                ALL,
+                "created_at, uuid",
+                project_json,
+            )
+            .await?,
     ))
 }
 
@@ -154,15 +155,7 @@ pub async fn get_project(
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
 ) -> ApiResult<Json<Value>> {
-    let sql = format!(
-        "SELECT * FROM projects WHERE uuid = $1 AND org_uuid IN ({})",
-        member_orgs(2)
-    );
-    let row = sqlx::query(&sql)
-        .bind(uuid.to_string())
-        .bind(caller.user.to_string())
-        .fetch_optional(&app.db.pool)
-        .await?
-        .ok_or(ApiError::not_found("project"))?;
-    Ok(Json(project_json(&row)?))
+    Ok(Json(project_json(
+        &PROJECTS.one(&app.db, &caller, uuid).await?,
+    )?))
 }
