@@ -300,6 +300,19 @@ impl Snapshot {
     }
 }
 
+/// The answer to `GET /internal/v1/changes?since=REV`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Changes {
+    /// Nothing changed before the long poll timed out.
+    Unchanged { revision: u64 },
+    /// What changed since `since`: apply it to the snapshot at that revision.
+    Delta { delta: Delta },
+    /// The whole snapshot, when no delta from `since` can be made (the
+    /// server does not hold that revision, or `since` is ahead of it).
+    Full { snapshot: Snapshot },
+}
+
 impl Default for Snapshot {
     fn default() -> Self {
         Snapshot::empty()

@@ -19,6 +19,8 @@ pub enum Dialect {
 pub struct Db {
     pub pool: AnyPool,
     pub dialect: Dialect,
+    /// The URL connected to, for connections outside the pool (LISTEN).
+    pub url: String,
 }
 
 /// Migrations in order; each runs once, in a transaction.
@@ -60,7 +62,11 @@ impl Db {
                 .execute(&pool)
                 .await?;
         }
-        Ok(Db { pool, dialect })
+        Ok(Db {
+            pool,
+            dialect,
+            url: url.to_owned(),
+        })
     }
 
     /// Applies pending migrations. On Postgres an advisory lock serialises
@@ -124,14 +130,28 @@ impl Db {
     }
 }
 
-/// Bumps the data-plane configuration revision inside the caller's transaction.
+/// The Postgres channel on which committed revisions are announced.
+pub const REVISION_CHANNEL: &str = "agora_revision";
+
+/// Bumps the data-plane configuration revision inside the caller's
+/// transaction. On Postgres it also announces the revision on
+/// [`REVISION_CHANNEL`]; the notification is delivered only if the
+/// transaction commits.
 pub async fn bump_revision(tx: &mut sqlx::AnyConnection) -> Result<i64, sqlx::Error> {
     let row = sqlx::query(
         "UPDATE config_revision SET revision = revision + 1 WHERE id = 1 RETURNING revision",
     )
     .fetch_one(&mut *tx)
     .await?;
-    row.try_get::<i64, _>(0)
+    let revision = row.try_get::<i64, _>(0)?;
+    if tx.backend_name() == "PostgreSQL" {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(REVISION_CHANNEL)
+            .bind(revision.to_string())
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(revision)
 }
 
 pub async fn current_revision(db: &Db) -> Result<i64, sqlx::Error> {

@@ -29,6 +29,15 @@ use db::Db;
 use error::ApiError;
 use extract::BodyLimit;
 
+/// How often a replica re-reads the revision: the safety net under LISTEN on
+/// Postgres; the mechanism itself on SQLite.
+fn revision_poll(dialect: db::Dialect) -> std::time::Duration {
+    match dialect {
+        db::Dialect::Postgres => std::time::Duration::from_secs(5),
+        db::Dialect::Sqlite => std::time::Duration::from_millis(100),
+    }
+}
+
 /// Password checks allowed at once; more wait briefly, then get a 503.
 pub const PASSWORD_CHECKS: usize = 4;
 
@@ -50,6 +59,8 @@ pub struct AppState {
     pub runtime: Option<runtime::RuntimeClient>,
     /// The secret proxies present to read the snapshot feed; none turns it off.
     pub proxy_secret: Option<secrecy::SecretString>,
+    /// The data-plane feed: revision watch and recent snapshots.
+    pub feed: sync::Feed,
     /// Bounds concurrent password checks: each costs ~19 MiB and tens of ms.
     pub password_checks: Arc<tokio::sync::Semaphore>,
 }
@@ -68,7 +79,7 @@ impl AppState {
         tokio::task::spawn_blocking(identity::decoy_hash).await?;
         let cp = &settings.control_plane;
         Ok(AppState {
-            db,
+            db: db.clone(),
             limits: Arc::new(Limits {
                 max_body_bytes: cp.max_body_bytes,
                 max_page_size: cp.max_page_size,
@@ -86,6 +97,7 @@ impl AppState {
             runtime,
             proxy_secret: cp.proxy_secret.clone(),
             password_checks: Arc::new(tokio::sync::Semaphore::new(PASSWORD_CHECKS)),
+            feed: sync::Feed::start(db.clone(), revision_poll(db.dialect)),
         })
     }
 }
@@ -180,6 +192,7 @@ pub fn app(state: AppState) -> Router {
     let timeout = state.limits.request_timeout;
     api_router()
         .route("/internal/v1/snapshot", axum::routing::get(sync::snapshot))
+        .route("/internal/v1/changes", axum::routing::get(sync::changes))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))

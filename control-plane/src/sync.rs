@@ -6,15 +6,25 @@
 //! Every change the proxy must see bumps the revision in the same transaction
 //! as the change itself ([`crate::db::bump_revision`]).
 //!
+//! `GET /internal/v1/changes?since=REV&timeout_ms=N` long-polls: it answers
+//! as soon as the revision passes `since` — with a [`Delta`] when this replica
+//! still holds the snapshot at `since`, else the full snapshot — or with
+//! `unchanged` when the timeout (at most [`MAX_LONG_POLL`]) passes first.
+//! Replicas learn of each other's changes through Postgres LISTEN/NOTIFY on
+//! [`REVISION_CHANNEL`], with a poll of the revision as the safety net (and
+//! as the only mechanism on SQLite, which has one writer process).
+//!
 //! The feed is authenticated with the proxy secret (`Authorization: Bearer`),
 //! compared in constant time. Without a configured secret the feed is off and
 //! its routes answer 404.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use agora_config::keys::{KeyHash, KeyKind, Scope};
 use agora_config::snapshot::{
-    AgentRoute, BillingInterval, KeyEntry, KeyStatus, PlanLimits, Snapshot, WidgetSettings,
+    AgentRoute, BillingInterval, Changes, KeyEntry, KeyStatus, PlanLimits, Snapshot, WidgetSettings,
 };
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -23,8 +33,9 @@ use secrecy::ExposeSecret;
 use sqlx::Row;
 use subtle::ConstantTimeEq;
 
-use crate::db::{now_ms, opt_uuid_col, uuid_col, Db, Dialect};
+use crate::db::{current_revision, now_ms, opt_uuid_col, uuid_col, Db, Dialect, REVISION_CHANNEL};
 use crate::error::{ApiError, ApiResult};
+use crate::extract::ApiQuery;
 use crate::AppState;
 
 /// Compiles the current snapshot. `runtime_url` is where published flows run.
@@ -234,6 +245,132 @@ pub async fn snapshot(
     headers: HeaderMap,
 ) -> ApiResult<Json<Snapshot>> {
     authorize(&app, &headers)?;
+    Ok(Json(Snapshot::clone(&*compiled(&app).await?)))
+}
+
+/// The longest a `changes` request waits (it stays under the request time limit).
+pub const MAX_LONG_POLL: Duration = Duration::from_secs(55);
+/// Compiled snapshots a replica keeps to answer with deltas.
+const KEPT_SNAPSHOTS: usize = 8;
+
+/// The newest revision this replica knows of, and its recent snapshots.
+#[derive(Clone)]
+pub struct Feed {
+    revision: tokio::sync::watch::Receiver<i64>,
+    recent: Arc<Mutex<VecDeque<Arc<Snapshot>>>>,
+}
+
+impl Feed {
+    /// Starts watching the revision: LISTEN on Postgres (with a poll every
+    /// `poll` as the safety net), a poll every `poll` on SQLite. The watch
+    /// ends when the database pool is closed.
+    pub fn start(db: Db, poll: Duration) -> Feed {
+        let (tx, rx) = tokio::sync::watch::channel(0);
+        tokio::spawn(watch_revision(db, poll, tx));
+        Feed {
+            revision: rx,
+            recent: Arc::new(Mutex::new(VecDeque::new())),
+        }
+    }
+
+    fn remember(&self, snapshot: Arc<Snapshot>) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.iter().any(|s| s.revision == snapshot.revision) {
+            return;
+        }
+        recent.push_back(snapshot);
+        while recent.len() > KEPT_SNAPSHOTS {
+            recent.pop_front();
+        }
+    }
+
+    fn at(&self, revision: u64) -> Option<Arc<Snapshot>> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().find(|s| s.revision == revision).cloned()
+    }
+}
+
+async fn watch_revision(db: Db, poll: Duration, tx: tokio::sync::watch::Sender<i64>) {
+    let mut listener: Option<sqlx::postgres::PgListener> = None;
+    loop {
+        if db.pool.is_closed() || tx.is_closed() {
+            return;
+        }
+        if db.dialect == Dialect::Postgres && listener.is_none() {
+            listener = listen(&db.url).await;
+        }
+        match listener.as_mut() {
+            Some(l) => {
+                if let Ok(Err(e)) = tokio::time::timeout(poll, l.recv()).await {
+                    tracing::warn!(error = %e, "revision listener lost its connection; reconnecting");
+                    listener = None;
+                }
+            }
+            None => tokio::time::sleep(poll).await,
+        }
+        if let Ok(revision) = current_revision(&db).await {
+            tx.send_if_modified(|known| {
+                let newer = revision > *known;
+                if newer {
+                    *known = revision;
+                }
+                newer
+            });
+        }
+    }
+}
+
+async fn listen(url: &str) -> Option<sqlx::postgres::PgListener> {
+    let mut listener = sqlx::postgres::PgListener::connect(url).await.ok()?;
+    listener.listen(REVISION_CHANNEL).await.ok()?;
+    Some(listener)
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangesQuery {
+    since: u64,
+    timeout_ms: Option<u64>,
+}
+
+async fn compiled(app: &AppState) -> ApiResult<Arc<Snapshot>> {
     let runtime = app.runtime.as_ref().map(|r| r.base_url().to_owned());
-    Ok(Json(compile(&app.db, runtime.as_deref()).await?))
+    let snapshot = Arc::new(compile(&app.db, runtime.as_deref()).await?);
+    app.feed.remember(snapshot.clone());
+    Ok(snapshot)
+}
+
+/// `GET /internal/v1/changes?since=REV&timeout_ms=N`.
+pub async fn changes(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<ChangesQuery>,
+) -> ApiResult<Json<Changes>> {
+    authorize(&app, &headers)?;
+    let wait = Duration::from_millis(q.timeout_ms.unwrap_or(25_000)).min(MAX_LONG_POLL);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut watch = app.feed.revision.clone();
+    let mut current = u64::try_from(current_revision(&app.db).await?).unwrap_or(0);
+    while current == q.since {
+        match tokio::time::timeout_at(deadline, watch.changed()).await {
+            Err(_) => return Ok(Json(Changes::Unchanged { revision: current })),
+            Ok(Err(_)) => {
+                return Err(ApiError::Unexpected(anyhow::anyhow!(
+                    "revision watch stopped"
+                )))
+            }
+            Ok(Ok(())) => {
+                current = u64::try_from(current_revision(&app.db).await?).unwrap_or(0);
+            }
+        }
+    }
+    let snapshot = compiled(&app).await?;
+    Ok(Json(match app.feed.at(q.since) {
+        Some(old) if q.since < snapshot.revision => Changes::Delta {
+            delta: Snapshot::diff(&old, &snapshot),
+        },
+        _ => Changes::Full {
+            snapshot: Snapshot::clone(&snapshot),
+        },
+    }))
 }

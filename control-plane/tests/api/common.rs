@@ -28,6 +28,7 @@ pub fn pg_admin_url() -> String {
 
 pub struct TestApp {
     pub url: String,
+    settings: Settings,
     pub state: AppState,
     pub http: reqwest::Client,
     cleanup: Option<String>,
@@ -89,24 +90,27 @@ impl TestApp {
         settings.control_plane.database_url = Some(url);
         settings.control_plane.db_max_connections = 5;
         adjust(&mut settings);
-        let mut state = AppState::from_settings(&settings)
-            .await
-            .expect("start control plane");
-        state.runtime = runtime;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let served = state.clone();
-        tokio::spawn(async move {
-            agora_control_plane::serve(listener, served, std::future::pending())
-                .await
-                .unwrap();
-        });
+        let (url, state) = serve(&settings, runtime).await;
         TestApp {
-            url: format!("http://{addr}"),
+            url,
+            settings,
             state,
             http: reqwest::Client::new(),
             cleanup,
             _tmp: tmp,
+        }
+    }
+
+    /// Another replica of the control plane on the same database.
+    pub async fn replica(&self) -> TestApp {
+        let (url, state) = serve(&self.settings, self.state.runtime.clone()).await;
+        TestApp {
+            url,
+            settings: self.settings.clone(),
+            state,
+            http: reqwest::Client::new(),
+            cleanup: None,
+            _tmp: None,
         }
     }
 
@@ -116,7 +120,7 @@ impl TestApp {
         self.state.db.pool.close().await;
         if let Some(name) = &self.cleanup {
             if let Ok(admin) = agora_control_plane::db::Db::connect(&pg_admin_url(), 1).await {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .execute(&admin.pool)
                     .await;
                 admin.pool.close().await;
@@ -285,6 +289,22 @@ impl TestApp {
             order["config"].as_str().unwrap().parse().unwrap(),
         )
     }
+}
+
+async fn serve(settings: &Settings, runtime: Option<RuntimeClient>) -> (String, AppState) {
+    let mut state = AppState::from_settings(settings)
+        .await
+        .expect("start control plane");
+    state.runtime = runtime;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = state.clone();
+    tokio::spawn(async move {
+        agora_control_plane::serve(listener, served, std::future::pending())
+            .await
+            .unwrap();
+    });
+    (format!("http://{addr}"), state)
 }
 
 pub async fn decode(resp: reqwest::Response) -> (StatusCode, Value) {

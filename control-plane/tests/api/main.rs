@@ -1056,7 +1056,119 @@ async fn snapshot_feed(backend: Backend) {
     app.finish().await;
 }
 
+async fn changes_long_poll(backend: Backend) {
+    use agora_config::snapshot::{Changes, KeyStatus};
+    let secret = "proxy-secret-for-tests-0123456789";
+    let app = TestApp::spawn_with(backend, None, |s| {
+        s.control_plane.proxy_secret = Some(secret.to_owned().into());
+    })
+    .await;
+    let replica = app.replica().await;
+    let poll = |base: String, since: u64, timeout_ms: u64| {
+        let http = app.http.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let resp = http
+                .get(format!(
+                    "{base}/internal/v1/changes?since={since}&timeout_ms={timeout_ms}"
+                ))
+                .header("Authorization", format!("Bearer {secret}"))
+                .send()
+                .await
+                .unwrap();
+            let (status, body) = decode(resp).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            (
+                serde_json::from_value::<Changes>(body).unwrap(),
+                started.elapsed(),
+            )
+        }
+    };
+    let provider = app.tenant("Acme", OrgKind::Provider).await;
+    let buyer = app.tenant("Globex", OrgKind::Customer).await;
+    let (agent, free, _) = app.published_agent(&provider).await;
+    let (_, config) = app.subscribed(&buyer, agent, free).await;
+    let (_, issued) = app
+        .post(
+            &buyer.token,
+            &format!("/api/customer-agent-configs/{config}/api_keys/"),
+            json!({}),
+        )
+        .await;
+    let key = ApiKey::parse(issued["key"].as_str().unwrap()).unwrap();
+
+    // From nothing: the full snapshot at once.
+    let (full, _) = poll(app.url.clone(), 0, 20_000).await;
+    let Changes::Full { snapshot: base } = full else {
+        panic!("expected a full snapshot, got {full:?}")
+    };
+    assert_eq!(base.keys[&key.hash()].status, KeyStatus::Active);
+
+    // Nothing changes: unchanged after the timeout.
+    let (unchanged, _) = poll(app.url.clone(), base.revision, 300).await;
+    assert_eq!(
+        unchanged,
+        Changes::Unchanged {
+            revision: base.revision
+        }
+    );
+
+    // A revocation wakes a waiting poll with a delta that applies cleanly.
+    let waiting = tokio::spawn(poll(app.url.clone(), base.revision, 30_000));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    app.post(
+        &buyer.token,
+        &format!(
+            "/api/agent-api-keys/{}/revoke/",
+            issued["uuid"].as_str().unwrap()
+        ),
+        json!({}),
+    )
+    .await;
+    let (changes, waited) = waiting.await.unwrap();
+    assert!(
+        waited < std::time::Duration::from_secs(10),
+        "woken by the change, not the timeout: {waited:?}"
+    );
+    let Changes::Delta { delta } = changes else {
+        panic!("expected a delta, got {changes:?}")
+    };
+    assert_eq!(delta.from_revision, base.revision);
+    assert_eq!(delta.upsert_keys[&key.hash()].status, KeyStatus::Revoked);
+    let mut patched = base.clone();
+    patched.apply(&delta).unwrap();
+    assert_eq!(patched.revision, delta.to_revision);
+
+    // A change made through one replica wakes a poll on another, well before
+    // the replicas' revision poll would (5 s on Postgres: LISTEN/NOTIFY does it).
+    let waiting = tokio::spawn(poll(replica.url.clone(), patched.revision, 30_000));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    app.patch(
+        &buyer.token,
+        &format!("/api/customer-agent-configs/{config}/"),
+        json!({"tone": "casual"}),
+    )
+    .await;
+    let (changes, waited) = waiting.await.unwrap();
+    assert!(
+        waited < std::time::Duration::from_millis(2_500),
+        "another replica's change took {waited:?}"
+    );
+    match changes {
+        Changes::Full { snapshot } => assert!(snapshot.revision > patched.revision),
+        Changes::Delta { delta } => assert!(delta.to_revision > patched.revision),
+        other => panic!("expected changes, got {other:?}"),
+    }
+    let (s, body) = app
+        .call("GET", None, "/internal/v1/changes?since=0", None)
+        .await;
+    assert_error(s, &body, StatusCode::UNAUTHORIZED, "not_authenticated");
+    replica.state.db.pool.close().await;
+    app.finish().await;
+}
+
 both!(
+    changes_long_poll,
     snapshot_feed,
     login_and_errors,
     body_limit,
