@@ -105,6 +105,12 @@ fn up_seeds_serves_and_restarts() {
             0,
             "demo.json holds credentials and must be private"
         );
+        let mode = std::fs::metadata(&data_dir).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "the data dir holds the database and must be private"
+        );
     }
 
     // The printed curl works as printed.

@@ -43,8 +43,14 @@ impl Db {
         if dialect == Dialect::Sqlite {
             if let Some(path) = sqlite_path(url) {
                 if let Some(parent) = std::path::Path::new(path).parent() {
-                    if !parent.as_os_str().is_empty() {
-                        std::fs::create_dir_all(parent)
+                    if !parent.as_os_str().is_empty() && !parent.exists() {
+                        // The database holds signing keys and password hashes:
+                        // its directory is the owner's alone.
+                        let mut dir = std::fs::DirBuilder::new();
+                        dir.recursive(true);
+                        #[cfg(unix)]
+                        std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
+                        dir.create(parent)
                             .with_context(|| format!("creating {}", parent.display()))?;
                     }
                 }
