@@ -60,6 +60,10 @@ pub struct ControlPlaneSettings {
     /// The secret proxies present (`Authorization: Bearer`) to read the
     /// data-plane snapshot feed; unset turns the feed off.
     pub proxy_secret: Option<SecretString>,
+    /// 32 bytes, base64: when set, the private keys that sign API keys are
+    /// stored encrypted with it (XChaCha20-Poly1305); without it they are
+    /// stored as PEM and the database must be guarded as a secret.
+    pub key_encryption_key: Option<SecretString>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -102,6 +106,7 @@ impl Default for ControlPlaneSettings {
             max_document_bytes: 5 * 1024 * 1024,
             db_max_connections: 10,
             proxy_secret: None,
+            key_encryption_key: None,
         }
     }
 }
@@ -128,6 +133,7 @@ impl std::fmt::Debug for ControlPlaneSettings {
             .field("max_document_bytes", &self.max_document_bytes)
             .field("db_max_connections", &self.db_max_connections)
             .field("proxy_secret", &self.proxy_secret)
+            .field("key_encryption_key", &self.key_encryption_key)
             .finish()
     }
 }
@@ -276,6 +282,14 @@ impl Settings {
                 ));
             }
         }
+        if let Some(kek) = &cp.key_encryption_key {
+            use secrecy::ExposeSecret;
+            if decode_key(kek.expose_secret()).is_none() {
+                return Err(SettingsError::Invalid(
+                    "control_plane.key_encryption_key must be 32 bytes in base64 (e.g. `openssl rand -base64 32`)".into(),
+                ));
+            }
+        }
         if let Some(url) = &self.runtime.url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(SettingsError::Invalid(
@@ -306,6 +320,22 @@ impl Settings {
             ),
         }
     }
+}
+
+/// Decodes a 32-byte key given in base64 (standard or URL-safe, padded or not).
+pub fn decode_key(text: &str) -> Option<[u8; 32]> {
+    use base64::Engine;
+    let text = text.trim();
+    let engines = [
+        &base64::engine::general_purpose::STANDARD,
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+        &base64::engine::general_purpose::URL_SAFE,
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    engines
+        .iter()
+        .find_map(|e| e.decode(text).ok())
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
 }
 
 /// Reads a whole number given as a number (TOML) or as a string holding one

@@ -74,7 +74,8 @@ impl AppState {
         )
         .await?;
         db.migrate().await?;
-        let signer = signing::active_signing_key(&db).await?;
+        let vault = signing::KeyVault::new(settings.control_plane.key_encryption_key.as_ref())?;
+        let signer = signing::active_signing_key(&db, &vault).await?;
         let runtime = runtime::RuntimeClient::from_settings(&settings.runtime)?;
         tokio::task::spawn_blocking(identity::decoy_hash).await?;
         let cp = &settings.control_plane;

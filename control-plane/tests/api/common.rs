@@ -101,6 +101,11 @@ impl TestApp {
         }
     }
 
+    /// The settings this app started with.
+    pub fn settings(&self) -> Settings {
+        self.settings.clone()
+    }
+
     /// Another replica of the control plane on the same database.
     pub async fn replica(&self) -> TestApp {
         let (url, state) = serve(&self.settings, self.state.runtime.clone()).await;

@@ -1167,7 +1167,70 @@ async fn changes_long_poll(backend: Backend) {
     app.finish().await;
 }
 
+async fn signing_keys_at_rest(backend: Backend) {
+    use agora_control_plane::AppState;
+    let stored = |app: &TestApp| {
+        let pool = app.state.db.pool.clone();
+        async move {
+            let row = sqlx::query("SELECT kid, private_key_pem FROM signing_keys")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            (row.get::<String, _>(0), row.get::<String, _>(1))
+        }
+    };
+    // Started without a key-encryption key: stored as PEM.
+    let app = TestApp::spawn(backend).await;
+    let (kid, plain) = stored(&app).await;
+    assert!(plain.contains("PRIVATE KEY"));
+
+    // The first start with a key-encryption key seals it, keeping the kid, so
+    // keys already issued still verify.
+    let kek = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let mut settings = app.settings();
+    settings.control_plane.key_encryption_key = Some(kek.to_owned().into());
+    let sealed_state = AppState::from_settings(&settings).await.unwrap();
+    assert_eq!(sealed_state.signer.kid(), kid);
+    let (_, sealed) = stored(&app).await;
+    assert!(
+        sealed.starts_with("enc:v1:") && !sealed.contains("PRIVATE KEY"),
+        "{sealed}"
+    );
+
+    // Sealed keys need the right key-encryption key: no silent replacement.
+    let mut wrong = settings.clone();
+    wrong.control_plane.key_encryption_key = Some(
+        "HyAhIiMkJSYnKCkqKywtLi8wMTIzNDU2Nzg5Ojs8PT4="
+            .to_owned()
+            .into(),
+    );
+    let err = AppState::from_settings(&wrong)
+        .await
+        .err()
+        .expect("a wrong key-encryption key must stop start-up");
+    assert!(format!("{err:#}").contains("does not open"), "{err:#}");
+    let mut missing = settings.clone();
+    missing.control_plane.key_encryption_key = None;
+    let err = AppState::from_settings(&missing)
+        .await
+        .err()
+        .expect("a missing key-encryption key must stop start-up");
+    assert!(format!("{err:#}").contains("key_encryption_key"), "{err:#}");
+    let count: i64 = sqlx::query("SELECT COUNT(*) FROM signing_keys")
+        .fetch_one(&app.state.db.pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        count, 1,
+        "no signing key was added behind the operator's back"
+    );
+    sealed_state.db.pool.close().await;
+    app.finish().await;
+}
+
 both!(
+    signing_keys_at_rest,
     changes_long_poll,
     snapshot_feed,
     login_and_errors,
