@@ -144,6 +144,9 @@ api! {
     get "/api/organizations/" => orgs::list_orgs, "organizations", "Organizations you belong to";
     post "/api/organizations/" => orgs::create_org, "organizations", "Create an organization you own";
     get "/api/organizations/{uuid}/" => orgs::get_org, "organizations", "One of your organizations";
+    get "/api/organizations/{uuid}/members/" => orgs::list_members, "organizations", "The organization's members and roles";
+    post "/api/organizations/{uuid}/members/" => orgs::put_member, "organizations", "Add a member or change a role (admins; ownership by owners)";
+    delete "/api/organizations/{uuid}/members/{user}/" => orgs::remove_member, "organizations", "Remove a member (the last owner stays)";
     get "/api/projects/" => orgs::list_projects, "organizations", "Projects of your organizations";
     post "/api/projects/" => orgs::create_project, "organizations", "Create a project";
     get "/api/projects/{uuid}/" => orgs::get_project, "organizations", "One project";

@@ -9,8 +9,8 @@ use uuid::Uuid;
 
 use super::{Owned, PageQuery, ALL};
 use crate::db::{now_ms, uuid_col};
-use crate::domain::{text_field, ts, OrgKind, Page, Paged};
-use crate::error::ApiResult;
+use crate::domain::{text_field, ts, OrgKind, Page, Paged, Role};
+use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::{identity, AppState};
 
@@ -158,4 +158,116 @@ pub async fn get_project(
     Ok(Json(project_json(
         &PROJECTS.one(&app.db, &caller, uuid).await?,
     )?))
+}
+
+fn member_json(row: &AnyRow) -> ApiResult<Value> {
+    Ok(json!({
+        "user": uuid_col(row, "user_uuid")?,
+        "username": row.try_get::<String, _>("username")?,
+        "role": row.try_get::<String, _>("role")?,
+    }))
+}
+
+async fn members_of(app: &AppState, org: Uuid) -> ApiResult<Vec<Value>> {
+    sqlx::query("SELECT m.user_uuid, u.username, m.role FROM memberships m JOIN users u ON u.uuid = m.user_uuid WHERE m.org_uuid = $1 ORDER BY u.username")
+        .bind(org.to_string())
+        .fetch_all(&app.db.pool)
+        .await?
+        .iter()
+        .map(member_json)
+        .collect()
+}
+
+pub async fn list_members(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Value>> {
+    ORGS.one(&app.db, &caller, uuid).await?;
+    Ok(Json(Value::from(members_of(&app, uuid).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewMember {
+    username: String,
+    role: Role,
+}
+
+/// Adds a user to the organisation or changes their role. Admins manage
+/// members; only owners grant or take away ownership, and the last owner stays.
+pub async fn put_member(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<NewMember>,
+) -> ApiResult<Json<Value>> {
+    ORGS.one(&app.db, &caller, uuid).await?;
+    caller.require_admin(uuid)?;
+    let user = identity::find_user(&app.db, body.username.trim())
+        .await?
+        .ok_or(ApiError::not_found("user"))?;
+    let current = caller.membership(uuid).map(|m| m.role);
+    let existing = member_role(&app, uuid, user).await?;
+    let touches_owner = body.role == Role::Owner || existing == Some(Role::Owner);
+    if touches_owner && current != Some(Role::Owner) {
+        return Err(ApiError::forbidden(
+            "only an owner grants or takes away ownership",
+        ));
+    }
+    if existing == Some(Role::Owner) && body.role != Role::Owner {
+        ensure_other_owner(&app, uuid, user).await?;
+    }
+    identity::add_member(&app.db, uuid, user, body.role).await?;
+    Ok(Json(Value::from(members_of(&app, uuid).await?)))
+}
+
+pub async fn remove_member(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath((uuid, user)): ApiPath<(Uuid, Uuid)>,
+) -> ApiResult<StatusCode> {
+    ORGS.one(&app.db, &caller, uuid).await?;
+    caller.require_admin(uuid)?;
+    let existing = member_role(&app, uuid, user)
+        .await?
+        .ok_or(ApiError::not_found("member"))?;
+    if existing == Role::Owner {
+        if caller.membership(uuid).map(|m| m.role) != Some(Role::Owner) {
+            return Err(ApiError::forbidden("only an owner removes an owner"));
+        }
+        ensure_other_owner(&app, uuid, user).await?;
+    }
+    sqlx::query("DELETE FROM memberships WHERE org_uuid = $1 AND user_uuid = $2")
+        .bind(uuid.to_string())
+        .bind(user.to_string())
+        .execute(&app.db.pool)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn member_role(app: &AppState, org: Uuid, user: Uuid) -> ApiResult<Option<Role>> {
+    let row = sqlx::query("SELECT role FROM memberships WHERE org_uuid = $1 AND user_uuid = $2")
+        .bind(org.to_string())
+        .bind(user.to_string())
+        .fetch_optional(&app.db.pool)
+        .await?;
+    row.map(|r| crate::domain::parse_stored(&r.try_get::<String, _>("role")?))
+        .transpose()
+}
+
+async fn ensure_other_owner(app: &AppState, org: Uuid, user: Uuid) -> ApiResult<()> {
+    let others: i64 = sqlx::query("SELECT COUNT(*) AS n FROM memberships WHERE org_uuid = $1 AND role = 'owner' AND user_uuid <> $2")
+        .bind(org.to_string())
+        .bind(user.to_string())
+        .fetch_one(&app.db.pool)
+        .await?
+        .try_get("n")?;
+    if others == 0 {
+        return Err(ApiError::conflict(
+            "last_owner",
+            "an organization keeps at least one owner",
+        ));
+    }
+    Ok(())
 }

@@ -85,6 +85,27 @@ async fn other_tenants_get_404(backend: Backend) {
         ),
         (
             "get",
+            "/api/organizations/{uuid}/members/",
+            format!("/api/organizations/{}/members/", buyer.org),
+            None,
+            false,
+        ),
+        (
+            "post",
+            "/api/organizations/{uuid}/members/",
+            format!("/api/organizations/{}/members/", buyer.org),
+            Some(json!({"username": "anyone", "role": "owner"})),
+            false,
+        ),
+        (
+            "delete",
+            "/api/organizations/{uuid}/members/{user}/",
+            format!("/api/organizations/{}/members/{}/", buyer.org, buyer.user),
+            None,
+            false,
+        ),
+        (
+            "get",
             "/api/marketplace-orders/{uuid}/",
             format!("/api/marketplace-orders/{order}/"),
             None,

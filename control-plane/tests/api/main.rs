@@ -1229,7 +1229,169 @@ async fn signing_keys_at_rest(backend: Backend) {
     app.finish().await;
 }
 
+async fn organization_members(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let owner = app.tenant("Globex", OrgKind::Customer).await;
+    let db = &app.state.db;
+    let mut tokens = std::collections::HashMap::new();
+    for name in ["bob", "carol"] {
+        let user = agora_control_plane::identity::create_user(
+            db,
+            name,
+            "x@example.com",
+            "password123",
+            false,
+        )
+        .await
+        .unwrap();
+        tokens.insert(
+            name,
+            (
+                user,
+                agora_control_plane::identity::create_token(db, user)
+                    .await
+                    .unwrap(),
+            ),
+        );
+    }
+    let members = format!("/api/organizations/{}/members/", owner.org);
+    let role_of = |list: &serde_json::Value, name: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["username"] == name)
+            .map(|m| m["role"].as_str().unwrap().to_owned())
+    };
+
+    let (s, list) = app
+        .post(
+            &owner.token,
+            &members,
+            json!({"username": "bob", "role": "member"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{list}");
+    assert_eq!(role_of(&list, "bob").as_deref(), Some("member"));
+    let bob_token = tokens["bob"].1.clone();
+    let (s, list) = app.get(&bob_token, &members).await;
+    assert_eq!(s, StatusCode::OK, "members read the member list");
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let (s, body) = app
+        .post(
+            &bob_token,
+            &members,
+            json!({"username": "carol", "role": "member"}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::FORBIDDEN, "permission_denied");
+    let (s, body) = app
+        .post(
+            &owner.token,
+            &members,
+            json!({"username": "nobody", "role": "member"}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
+
+    // Admins manage members, but ownership is the owners' to give or take.
+    app.post(
+        &owner.token,
+        &members,
+        json!({"username": "bob", "role": "admin"}),
+    )
+    .await;
+    let (s, _) = app
+        .post(
+            &bob_token,
+            &members,
+            json!({"username": "carol", "role": "member"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, body) = app
+        .post(
+            &bob_token,
+            &members,
+            json!({"username": "carol", "role": "owner"}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::FORBIDDEN, "permission_denied");
+    let (s, body) = app
+        .call(
+            "DELETE",
+            Some(&bob_token),
+            &format!("{members}{}/", owner.user),
+            None,
+        )
+        .await;
+    assert_error(s, &body, StatusCode::FORBIDDEN, "permission_denied");
+
+    // The last owner stays.
+    let (s, body) = app
+        .call(
+            "DELETE",
+            Some(&owner.token),
+            &format!("{members}{}/", owner.user),
+            None,
+        )
+        .await;
+    assert_error(s, &body, StatusCode::CONFLICT, "last_owner");
+    let (_, list) = app.get(&owner.token, &members).await;
+    let me = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["user"] == owner.user.to_string())
+        .unwrap()["username"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (s, body) = app
+        .post(
+            &owner.token,
+            &members,
+            json!({"username": me, "role": "admin"}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::CONFLICT, "last_owner");
+    let (s, _) = app
+        .post(
+            &owner.token,
+            &members,
+            json!({"username": "bob", "role": "owner"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, list) = app
+        .post(
+            &owner.token,
+            &members,
+            json!({"username": me, "role": "admin"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{list}");
+    assert_eq!(role_of(&list, "bob").as_deref(), Some("owner"));
+
+    // Removing a member ends their access.
+    let (carol, carol_token) = tokens["carol"].clone();
+    let (s, _) = app
+        .call(
+            "DELETE",
+            Some(&bob_token),
+            &format!("{members}{carol}/"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, body) = app
+        .get(&carol_token, &format!("/api/organizations/{}/", owner.org))
+        .await;
+    assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
+    app.finish().await;
+}
+
 both!(
+    organization_members,
     signing_keys_at_rest,
     changes_long_poll,
     snapshot_feed,
