@@ -190,7 +190,11 @@ async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
 
 /// `agora up`: the control plane on the embedded database, seeded with a demo.
 async fn up(settings: Settings) -> anyhow::Result<()> {
-    let state = AppState::from_settings(&settings).await?;
+    let mut state = AppState::from_settings(&settings).await?;
+    let built_in = match state.runtime {
+        Some(_) => None,
+        None => Some(start_demo_runtime(&mut state).await?),
+    };
     let listener = bind(&settings.control_plane.listen).await?;
     let addr = listener.local_addr()?;
     let url = settings
@@ -198,7 +202,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{addr}"));
-    let info = demo::ensure(&state, &settings.data_dir, &url).await?;
+    let info = demo::ensure(&state, &settings.data_dir, &url, built_in.as_ref()).await?;
     let demo_file = settings.data_dir.join("demo.json");
     println!("Agora is up.");
     println!("  control plane: {url}");
@@ -218,6 +222,33 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     agora_control_plane::serve(listener, state, shutdown_signal()).await?;
     println!("Agora stopped.");
     Ok(())
+}
+
+/// Starts the built-in demo runtime on a free loopback port, gives it the
+/// flows published on earlier runs, and points the control plane at it.
+async fn start_demo_runtime(state: &mut AppState) -> anyhow::Result<demo::BuiltInRuntime> {
+    let api_key = format!("demo-{}", uuid::Uuid::new_v4().simple());
+    let runtime =
+        agora_runtime::DemoRuntime::new(agora_runtime::RuntimeConfig::new(api_key.clone()));
+    for (id, flow) in demo::provisioned_flows(state).await? {
+        if let Ok(id) = id.parse() {
+            runtime.load_flow(id, &flow);
+        }
+    }
+    let listener = bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        if let Err(e) = runtime.serve(listener).await {
+            tracing::error!(error = %e, "demo runtime stopped");
+        }
+    });
+    state.runtime = Some(agora_control_plane::runtime::RuntimeClient::new(
+        &url,
+        api_key.clone().into(),
+        std::time::Duration::from_secs(10),
+    )?);
+    tracing::info!(%url, "demo runtime listening");
+    Ok(demo::BuiltInRuntime { url, api_key })
 }
 
 async fn shutdown_signal() {

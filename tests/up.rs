@@ -70,6 +70,59 @@ fn stop(mut up: Up) {
     panic!("agora up did not stop within 30 s of SIGTERM");
 }
 
+/// Runs a flow on the demo runtime named in demo.json; returns the answer text.
+fn run_flow(info: &serde_json::Value, flow_id: &str, text: &str) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-sf",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+        ])
+        .arg(format!(
+            "x-api-key: {}",
+            info["runtime_api_key"].as_str().unwrap()
+        ))
+        .arg("-d")
+        .arg(
+            serde_json::json!({"input_value": text, "input_type": "chat", "output_type": "chat"})
+                .to_string(),
+        )
+        .arg(format!(
+            "{}/api/v1/run/{flow_id}",
+            info["runtime_url"].as_str().unwrap()
+        ))
+        .output()
+        .unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    body["outputs"][0]["outputs"][0]["results"]["message"]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no answer in {body}"))
+        .to_owned()
+}
+
+fn agents(info: &serde_json::Value) -> serde_json::Value {
+    let out = Command::new("curl")
+        .args([
+            "-sf",
+            "-H",
+            &format!(
+                "Authorization: Token {}",
+                info["provider_token"].as_str().unwrap()
+            ),
+        ])
+        .arg(format!(
+            "{}/api/provider-agents/",
+            info["control_plane_url"].as_str().unwrap()
+        ))
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn demo(data_dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(data_dir.join("demo.json")).unwrap()).unwrap()
 }
@@ -158,6 +211,30 @@ fn up_seeds_serves_and_restarts() {
             .collect();
         assert!(prices.contains(&0) && prices.iter().any(|p| *p > 0), "{o}");
     }
+    // The sample agents are provisioned to the built-in demo runtime and run there.
+    let listed = agents(&info);
+    let flow_ids: Vec<String> = listed["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            a["runtime_flow_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("not provisioned: {a}"))
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(flow_ids.len(), 3);
+    let echo = listed["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "FAQ Echo")
+        .unwrap()["runtime_flow_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(run_flow(&info, &echo, "where is my parcel?").contains("where is my parcel?"));
     stop(up);
 
     // A second run keeps the data: same config, same key, no second seeding.
@@ -183,6 +260,9 @@ fn up_seeds_serves_and_restarts() {
         .unwrap();
     let agents: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(agents["count"], 3, "{agents}");
+    // The restarted demo runtime (a new process) still knows the flows
+    // published before.
+    assert!(run_flow(&again, &echo, "still there?").contains("still there?"));
     stop(up);
 
     // Losing demo.json loses no data: the next run issues new credentials

@@ -48,11 +48,43 @@ pub struct DemoInfo {
     pub buyer_token: String,
     pub config_uuid: Uuid,
     pub api_key: String,
+    /// The built-in demo runtime, when `agora up` runs one.
+    #[serde(default)]
+    pub runtime_url: Option<String>,
+    #[serde(default)]
+    pub runtime_api_key: Option<String>,
     pub note: String,
 }
 
+/// A runtime `agora up` started itself, for demo.json.
+pub struct BuiltInRuntime {
+    pub url: String,
+    pub api_key: String,
+}
+
+/// Flows already provisioned, by runtime flow id: an in-memory runtime is
+/// given them again when it restarts.
+pub async fn provisioned_flows(app: &AppState) -> anyhow::Result<Vec<(String, serde_json::Value)>> {
+    let rows = sqlx::query("SELECT runtime_flow_id, flow_json FROM provider_agents WHERE runtime_flow_id IS NOT NULL AND flow_json IS NOT NULL")
+        .fetch_all(&app.db.pool)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get::<String, _>("runtime_flow_id")?,
+                serde_json::from_str(&r.try_get::<String, _>("flow_json")?)?,
+            ))
+        })
+        .collect()
+}
+
 /// Seeds (first run) or refreshes (later runs) the demo and returns its details.
-pub async fn ensure(app: &AppState, data_dir: &Path, url: &str) -> anyhow::Result<DemoInfo> {
+pub async fn ensure(
+    app: &AppState,
+    data_dir: &Path,
+    url: &str,
+    built_in: Option<&BuiltInRuntime>,
+) -> anyhow::Result<DemoInfo> {
     let previous = read_previous(data_dir);
     let (provider_password, buyer_password, config) = match identity::find_user(&app.db, BUYER)
         .await?
@@ -99,10 +131,10 @@ pub async fn ensure(app: &AppState, data_dir: &Path, url: &str) -> anyhow::Resul
         Some(k) if key_active(app, &k).await? => k,
         _ => issue_demo_key(app, config, buyer).await?,
     };
-    let note = if app.runtime.is_some() {
-        "Demo agents are provisioned to the configured runtime.".to_owned()
-    } else {
-        "No agent runtime is configured: the demo agents are listed in the marketplace but have no runtime flow yet. Set [runtime] url and api_key to provision them.".to_owned()
+    let note = match (built_in, &app.runtime) {
+        (Some(_), _) => "Agents run on the built-in demo runtime (an echo and a fake model: no LLM is called and nothing leaves this machine). Set [runtime] url and api_key to use Langflow.".to_owned(),
+        (None, Some(_)) => "Demo agents are provisioned to the configured runtime.".to_owned(),
+        (None, None) => "No agent runtime is configured: the demo agents are listed but have no runtime flow.".to_owned(),
     };
     let info = DemoInfo {
         control_plane_url: url.to_owned(),
@@ -114,6 +146,8 @@ pub async fn ensure(app: &AppState, data_dir: &Path, url: &str) -> anyhow::Resul
         buyer_token,
         config_uuid: config,
         api_key,
+        runtime_url: built_in.map(|r| r.url.clone()),
+        runtime_api_key: built_in.map(|r| r.api_key.clone()),
         note,
     };
     write_demo(data_dir, &info)?;
