@@ -104,23 +104,15 @@ fn run_flow(info: &serde_json::Value, flow_id: &str, text: &str) -> String {
         .to_owned()
 }
 
-fn agents(info: &serde_json::Value) -> serde_json::Value {
+/// GET `path` on the control plane as the demo user whose token is `token_field`.
+fn get(info: &serde_json::Value, token_field: &str, path: &str) -> serde_json::Value {
+    let token = info[token_field].as_str().unwrap();
+    let url = format!("{}{path}", info["control_plane_url"].as_str().unwrap());
     let out = Command::new("curl")
-        .args([
-            "-sf",
-            "-H",
-            &format!(
-                "Authorization: Token {}",
-                info["provider_token"].as_str().unwrap()
-            ),
-        ])
-        .arg(format!(
-            "{}/api/provider-agents/",
-            info["control_plane_url"].as_str().unwrap()
-        ))
+        .args(["-sf", "-H", &format!("Authorization: Token {token}"), &url])
         .output()
         .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{path}: {e}: {out:?}"))
 }
 
 fn demo(data_dir: &Path) -> serde_json::Value {
@@ -185,22 +177,7 @@ fn up_seeds_serves_and_restarts() {
     assert_eq!(configs["results"][0]["uuid"], info["config_uuid"]);
 
     // The marketplace holds the three sample agents, each with a free and a paid plan.
-    let out = Command::new("curl")
-        .args([
-            "-sf",
-            "-H",
-            &format!(
-                "Authorization: Token {}",
-                info["buyer_token"].as_str().unwrap()
-            ),
-        ])
-        .arg(format!(
-            "{}/api/marketplace-public-offerings/",
-            info["control_plane_url"].as_str().unwrap()
-        ))
-        .output()
-        .unwrap();
-    let offerings: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let offerings = get(&info, "buyer_token", "/api/marketplace-public-offerings/");
     assert_eq!(offerings["count"], 3, "{offerings}");
     for o in offerings["results"].as_array().unwrap() {
         let prices: Vec<i64> = o["plans"]
@@ -212,7 +189,7 @@ fn up_seeds_serves_and_restarts() {
         assert!(prices.contains(&0) && prices.iter().any(|p| *p > 0), "{o}");
     }
     // The sample agents are provisioned to the built-in demo runtime and run there.
-    let listed = agents(&info);
+    let listed = get(&info, "provider_token", "/api/provider-agents/");
     let flow_ids: Vec<String> = listed["results"]
         .as_array()
         .unwrap()
@@ -243,22 +220,7 @@ fn up_seeds_serves_and_restarts() {
     assert_eq!(again["config_uuid"], info["config_uuid"]);
     assert_eq!(again["api_key"], info["api_key"]);
     assert_eq!(again["buyer_token"], info["buyer_token"]);
-    let out = Command::new("curl")
-        .args([
-            "-sf",
-            "-H",
-            &format!(
-                "Authorization: Token {}",
-                again["provider_token"].as_str().unwrap()
-            ),
-        ])
-        .arg(format!(
-            "{}/api/provider-agents/",
-            again["control_plane_url"].as_str().unwrap()
-        ))
-        .output()
-        .unwrap();
-    let agents: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let agents = get(&again, "provider_token", "/api/provider-agents/");
     assert_eq!(agents["count"], 3, "{agents}");
     // The restarted demo runtime (a new process) still knows the flows
     // published before.

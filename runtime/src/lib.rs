@@ -144,16 +144,8 @@ impl DemoRuntime {
     /// Restores a flow created on an earlier instance under its id, so
     /// callers holding that id keep working after a restart.
     pub fn load_flow(&self, id: uuid::Uuid, flow: &Value) {
-        let data = flow.get("data").cloned().unwrap_or(Value::Null);
-        let list = |key: &str| -> Vec<Value> {
-            data.get(key)
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default()
-        };
-        self.state
-            .flows
-            .insert_as(id, None, list("nodes"), list("edges"));
+        let (nodes, edges) = graph(flow);
+        self.state.flows.insert_as(id, None, nodes, edges);
     }
 
     /// A handle on the run counters; stays valid after [`DemoRuntime::router`].
@@ -178,6 +170,18 @@ impl DemoRuntime {
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
         axum::serve(listener, self.router()).await
     }
+}
+
+/// A flow export's `data.nodes` and `data.edges` (empty when absent).
+fn graph(flow: &Value) -> (Vec<Value>, Vec<Value>) {
+    let list = |key: &str| -> Vec<Value> {
+        flow.get("data")
+            .and_then(|d| d.get(key))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    (list("nodes"), list("edges"))
 }
 
 async fn health() -> Response {
@@ -249,18 +253,12 @@ async fn create_flow(
     if !flow.get("name").is_some_and(Value::is_string) {
         return Err(ApiError::MissingField("name"));
     }
-    let data = flow.get("data").cloned().unwrap_or(Value::Null);
-    let list = |key: &str| -> Vec<Value> {
-        data.get(key)
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-    };
+    let (nodes, edges) = graph(&Value::Object(flow.clone()));
     let endpoint = flow
         .get("endpoint_name")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let (id, endpoint) = state.flows.insert(endpoint, list("nodes"), list("edges"));
+    let (id, endpoint) = state.flows.insert(endpoint, nodes, edges);
 
     let now = time::OffsetDateTime::now_utc();
     let updated_at = now
