@@ -160,6 +160,19 @@ pub async fn bump_revision(tx: &mut sqlx::AnyConnection) -> Result<i64, sqlx::Er
     Ok(revision)
 }
 
+/// Makes a transaction that reads before it writes safe under concurrency on
+/// SQLite: it takes the database's write lock now, waiting for other writers,
+/// instead of failing with SQLITE_BUSY when it first writes. Postgres needs
+/// nothing (row locks and MVCC).
+pub async fn lock_for_write(tx: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+    if tx.backend_name() == "SQLite" {
+        sqlx::query("UPDATE config_revision SET revision = revision WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
 pub async fn current_revision(db: &Db) -> Result<i64, sqlx::Error> {
     let row = sqlx::query("SELECT revision FROM config_revision WHERE id = 1")
         .fetch_one(&db.pool)

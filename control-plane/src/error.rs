@@ -97,8 +97,8 @@ impl From<agora_config::flow::FlowError> for ApiError {
     }
 }
 
-/// The JSON body of an error, shared with handlers that build errors by hand.
-pub fn error_body(code: &str, message: &str) -> serde_json::Value {
+/// The JSON body of an error.
+fn error_body(code: &str, message: &str) -> serde_json::Value {
     serde_json::json!({ "error": { "code": code, "message": message } })
 }
 

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agora_config::keys::{KeyHash, KeyKind, Scope};
+use agora_config::keys::{KeyHash, Scope};
 use agora_config::snapshot::{
     AgentRoute, BillingInterval, Changes, KeyEntry, KeyStatus, PlanLimits, Snapshot, WidgetSettings,
 };
@@ -77,7 +77,7 @@ pub async fn compile(db: &Db, runtime_url: Option<&str>) -> anyhow::Result<Snaps
     .await?;
     let mut origins: BTreeMap<uuid::Uuid, Vec<String>> = BTreeMap::new();
     for row in &keys {
-        let kind = key_kind(
+        let kind = crate::routes::keys::stored_kind(
             &row.try_get::<String, _>("kind")?,
             &row.try_get::<String, _>("mode")?,
         )?;
@@ -211,15 +211,6 @@ pub async fn compile(db: &Db, runtime_url: Option<&str>) -> anyhow::Result<Snaps
     }
     tx.commit().await?;
     Ok(snapshot)
-}
-
-fn key_kind(kind: &str, mode: &str) -> anyhow::Result<KeyKind> {
-    match (kind, mode) {
-        ("secret", "live") => Ok(KeyKind::SecretLive),
-        ("secret", "test") => Ok(KeyKind::SecretTest),
-        ("publishable", "live") => Ok(KeyKind::PublishableLive),
-        other => anyhow::bail!("stored key kind {other:?}"),
-    }
 }
 
 /// Checks `Authorization: Bearer <proxy secret>` in constant time.

@@ -268,6 +268,7 @@ pub async fn store_key(
     Ok((uuid, key))
 }
 
+/// How a key kind is stored: the `kind` and `mode` columns.
 fn kind_text(kind: KeyKind) -> &'static str {
     if kind.is_publishable() {
         "publishable"
@@ -281,6 +282,18 @@ fn mode_text(mode: Mode) -> &'static str {
         Mode::Live => "live",
         Mode::Test => "test",
     }
+}
+
+/// The key kind stored as `kind` and `mode` (the inverse of the two above).
+pub(crate) fn stored_kind(kind: &str, mode: &str) -> anyhow::Result<KeyKind> {
+    [
+        KeyKind::SecretLive,
+        KeyKind::SecretTest,
+        KeyKind::PublishableLive,
+    ]
+    .into_iter()
+    .find(|k| kind_text(*k) == kind && mode_text(k.mode()) == mode)
+    .ok_or_else(|| anyhow::anyhow!("stored key kind {kind:?}, mode {mode:?}"))
 }
 
 /// Revokes a key; revoking twice is harmless.
@@ -310,6 +323,20 @@ pub async fn revoke_key(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stored_kinds_round_trip() {
+        use agora_config::keys::KeyKind;
+        for kind in [
+            KeyKind::SecretLive,
+            KeyKind::SecretTest,
+            KeyKind::PublishableLive,
+        ] {
+            let stored = (super::kind_text(kind), super::mode_text(kind.mode()));
+            assert_eq!(super::stored_kind(stored.0, stored.1).unwrap(), kind);
+        }
+        assert!(super::stored_kind("publishable", "test").is_err());
+    }
+
     #[test]
     fn origins() {
         assert!(super::valid_origin("https://shop.example.com"));

@@ -418,11 +418,9 @@ pub async fn create_order(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let org = caller.org_of_kind(OrgKind::Customer, body.organization)?;
     caller.require_admin(org)?;
-    // Checked in the order's transaction, so a plan archived meanwhile can't
-    // be ordered. The first statement writes, so on SQLite the transaction
-    // holds the write lock before it reads and concurrent orders queue.
+    // Checked in the order's transaction, so a plan archived meanwhile can't be ordered.
     let mut tx = app.db.pool.begin().await?;
-    bump_revision(&mut tx).await?;
+    crate::db::lock_for_write(&mut tx).await?;
     let agent =
         sqlx::query("SELECT name FROM provider_agents WHERE uuid = $1 AND status = 'published'")
             .bind(body.offering.to_string())

@@ -322,8 +322,12 @@ async fn marketplace_flow(backend: Backend) {
     assert_eq!(providers["count"], 1);
     assert_eq!(providers["results"][0]["published_agents"], 1);
 
-    // Free plan: done at once, with a resource and a config.
+    // Free plan: done at once, with a resource and a config the proxy must
+    // learn of (the revision moves).
+    let revision = || agora_control_plane::db::current_revision(&app.state.db);
+    let before_free = revision().await.unwrap();
     let (order, config) = app.subscribed(&buyer, agent, free).await;
+    assert!(revision().await.unwrap() > before_free);
     let (_, o) = app
         .get(&buyer.token, &format!("/api/marketplace-orders/{order}/"))
         .await;
@@ -331,7 +335,9 @@ async fn marketplace_flow(backend: Backend) {
     let (_, resources) = app.get(&buyer.token, "/api/marketplace-resources/").await;
     assert_eq!(resources["count"], 1);
     assert_eq!(resources["results"][0]["config"], config.to_string());
-    // Paid plan: waits for payment, creates nothing yet.
+    // Paid plan: waits for payment, creates nothing yet, so the proxies'
+    // configuration does not change.
+    let before_paid = revision().await.unwrap();
     let (s, pending) = app
         .post(
             &buyer.token,
@@ -344,6 +350,7 @@ async fn marketplace_flow(backend: Backend) {
     assert_eq!(pending["price_cents"], 2900);
     assert_eq!(pending["currency"], "eur");
     assert!(pending["resource"].is_null());
+    assert_eq!(revision().await.unwrap(), before_paid);
     let (_, resources) = app.get(&buyer.token, "/api/marketplace-resources/").await;
     assert_eq!(resources["count"], 1);
     // A plan of another agent, an archived plan, an unpublished agent: refused.
