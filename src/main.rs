@@ -3,6 +3,8 @@
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use agora_config::settings::{Overrides, Settings};
 use agora_control_plane::domain::OrgKind;
@@ -37,12 +39,30 @@ struct Common {
     database_url: Option<String>,
 }
 
+#[derive(Args, Clone, Default)]
+struct ProxyArgs {
+    /// Directory for the saved snapshot.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Proxy listen address, e.g. 0.0.0.0:8080.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Admin (metrics) listen address.
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// The control plane's base URL.
+    #[arg(long)]
+    control_plane_url: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run everything on the embedded database with demo content, and write DATA_DIR/demo.json.
     Up(Common),
     /// Run the control plane.
     ControlPlane(Common),
+    /// Run the data plane (the gateway), fed by the control plane's snapshot feed.
+    Proxy(ProxyArgs),
     /// Apply database migrations and exit.
     Migrate(Common),
     /// Manage users.
@@ -130,6 +150,31 @@ async fn main() -> anyhow::Result<()> {
             agora_control_plane::serve(listener, state, shutdown_signal()).await?;
             Ok(())
         }
+        Command::Proxy(args) => {
+            let common = Common {
+                data_dir: args.data_dir.clone(),
+                ..Common::default()
+            };
+            let mut settings = load_settings(cli.config.as_ref(), &common)?;
+            if let Some(listen) = args.listen {
+                settings.proxy.listen = listen;
+            }
+            if let Some(admin) = args.admin_listen {
+                settings.proxy.admin_listen = admin;
+            }
+            if let Some(url) = args.control_plane_url {
+                settings.proxy.control_plane_url = Some(url);
+            }
+            settings.validate()?;
+            init_logging(&settings);
+            let config = agora_proxy::ProxyConfig::from_settings(&settings)?;
+            let running =
+                agora_proxy::start(config, Arc::new(agora_proxy::usage::LogSink::default()))?;
+            println!("proxy listening on http://{}", running.addr);
+            println!("metrics on http://{}/metrics", running.admin_addr);
+            tokio::task::spawn_blocking(move || running.wait()).await?;
+            Ok(())
+        }
         Command::Migrate(common) => {
             let settings = load_settings(cli.config.as_ref(), &common)?;
             init_logging(&settings);
@@ -188,9 +233,15 @@ async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
         .with_context(|| format!("binding {addr}"))
 }
 
-/// `agora up`: the control plane on the embedded database, seeded with a demo.
+/// `agora up`: the control plane on the embedded database, seeded with a demo,
+/// the proxy in front of the agent runtime, and the demo runtime unless one is
+/// configured.
 async fn up(settings: Settings) -> anyhow::Result<()> {
     let mut state = AppState::from_settings(&settings).await?;
+    if state.proxy_secret.is_none() {
+        // The proxy runs in this process: a secret for this run is enough.
+        state.proxy_secret = Some(format!("up-{}", uuid::Uuid::new_v4().simple()).into());
+    }
     let built_in = match state.runtime {
         Some(_) => None,
         None => Some(start_demo_runtime(&mut state).await?),
@@ -202,24 +253,80 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{addr}"));
-    let info = demo::ensure(&state, &settings.data_dir, &url, built_in.as_ref()).await?;
+
+    let mut proxy_config = agora_proxy::ProxyConfig::from_settings(&settings)?;
+    proxy_config.control_plane_url = format!("http://{addr}");
+    proxy_config.proxy_secret = state.proxy_secret.clone();
+    proxy_config.handle_signals = false;
+    if let Some(runtime) = &built_in {
+        proxy_config.runtime_api_key = Some(runtime.api_key.clone().into());
+    }
+    let proxy = tokio::task::spawn_blocking(move || {
+        agora_proxy::start(
+            proxy_config,
+            Arc::new(agora_proxy::usage::LogSink::default()),
+        )
+    })
+    .await??;
+    let proxy_url = format!("http://{}", proxy.addr);
+    let demo_proxy = demo::DemoProxy {
+        url: proxy_url.clone(),
+        metrics_url: format!("http://{}/metrics", proxy.admin_addr),
+    };
+
+    let info = demo::ensure(
+        &state,
+        &settings.data_dir,
+        &url,
+        built_in.as_ref(),
+        Some(&demo_proxy),
+    )
+    .await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(agora_control_plane::serve(listener, state, async move {
+        let _ = stop_rx.await;
+    }));
+    // The proxy is ready once it holds the control plane's current snapshot.
+    let shared = proxy.gateway.shared.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !(shared.is_loaded() && shared.is_connected()) {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the proxy did not receive its configuration from the control plane"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     let demo_file = settings.data_dir.join("demo.json");
+    let key_of = |field: &str| {
+        format!(
+            "$(sed -n 's/.*\"{field}\": \"\\(.*\\)\".*/\\1/p' {})",
+            demo_file.display()
+        )
+    };
     println!("Agora is up.");
     println!("  control plane: {url}");
+    println!("  proxy:         {proxy_url}");
+    println!("  metrics:       {}", demo_proxy.metrics_url);
     println!(
         "  demo details:  {} (tokens, passwords and an API key)",
         demo_file.display()
     );
     println!("  {}", info.note);
     println!();
-    println!("Try it (the buyer's agent configurations):");
+    println!("Try it (the buyer's agent, through the proxy):");
     println!(
-        "  curl -s -H \"Authorization: Token $(sed -n 's/.*\"buyer_token\": \"\\(.*\\)\".*/\\1/p' {})\" {url}/api/customer-agent-configs/",
-        demo_file.display()
+        "  curl -s -H \"Authorization: Bearer {}\" -H 'Content-Type: application/json' -d '{{\"input_value\": \"Hello!\"}}' {proxy_url}/api/agent-gateway/invoke/",
+        key_of("api_key")
     );
     println!();
     println!("Press Ctrl-C to stop.");
-    agora_control_plane::serve(listener, state, shutdown_signal()).await?;
+    shutdown_signal().await;
+    // The proxy first: it drains its requests and ends its long poll of the
+    // control plane, which then stops without waiting for that poll.
+    tokio::task::spawn_blocking(move || proxy.shutdown()).await?;
+    let _ = stop_tx.send(());
+    server.await??;
     println!("Agora stopped.");
     Ok(())
 }

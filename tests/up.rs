@@ -24,6 +24,8 @@ fn start(data_dir: &Path) -> Up {
             cmd.env_remove(name);
         }
     }
+    cmd.env("AGORA_PROXY__LISTEN", "127.0.0.1:0")
+        .env("AGORA_PROXY__ADMIN_LISTEN", "127.0.0.1:0");
     let mut child = cmd.spawn().expect("run agora up");
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
@@ -131,6 +133,8 @@ fn up_seeds_serves_and_restarts() {
         "buyer_token",
         "provider_token",
         "api_key",
+        "proxy_url",
+        "metrics_url",
     ] {
         assert!(
             info[field].as_str().is_some_and(|v| !v.is_empty()),
@@ -172,7 +176,25 @@ fn up_seeds_serves_and_restarts() {
         "{curl}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let configs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(curl.contains(info["proxy_url"].as_str().unwrap()), "{curl}");
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    let text = answer["outputs"][0]["outputs"][0]["results"]["message"]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no answer text through the proxy: {answer}"));
+    assert!(!text.is_empty());
+    // The proxy counted it.
+    let out = Command::new("curl")
+        .args(["-sf", info["metrics_url"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        metrics.contains(r#"agora_proxy_requests_total{route="invoke",status="200"} 1"#),
+        "{metrics}"
+    );
+    // The buyer's config, from the control plane.
+    let configs = get(&info, "buyer_token", "/api/customer-agent-configs/");
     assert_eq!(configs["count"], 1, "{configs}");
     assert_eq!(configs["results"][0]["uuid"], info["config_uuid"]);
 

@@ -38,6 +38,7 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub control_plane: ControlPlaneSettings,
     pub runtime: RuntimeSettings,
+    pub proxy: ProxySettings,
     pub log: LogSettings,
 }
 
@@ -77,6 +78,50 @@ pub struct RuntimeSettings {
     pub timeout_ms: u64,
 }
 
+/// The data plane (`agora proxy`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySettings {
+    /// Where buyers' requests arrive.
+    pub listen: String,
+    /// Where `/metrics` is served; keep it off the public network.
+    pub admin_listen: String,
+    /// The control plane's base URL for the snapshot feed; when absent,
+    /// `http://` + `control_plane.listen`.
+    pub control_plane_url: Option<String>,
+    /// Where the last applied snapshot is kept; when absent,
+    /// `data_dir/proxy-snapshot.json`.
+    pub snapshot_path: Option<PathBuf>,
+    /// Worker threads of the request path.
+    #[serde(deserialize_with = "number")]
+    pub threads: usize,
+    /// Largest invoke or validate body accepted, in bytes (at most 65536).
+    #[serde(deserialize_with = "number")]
+    pub max_body_bytes: usize,
+    #[serde(deserialize_with = "number")]
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the runtime's next bytes (response header or chunk).
+    #[serde(deserialize_with = "number")]
+    pub read_timeout_ms: u64,
+    /// How long SIGTERM waits for in-flight requests before closing them.
+    #[serde(deserialize_with = "number")]
+    pub grace_period_ms: u64,
+    /// Idle upstream connections kept for reuse, across all threads.
+    #[serde(deserialize_with = "number")]
+    pub upstream_pool_size: usize,
+    /// Requests per second allowed per tenant (organisation), over all its keys.
+    #[serde(deserialize_with = "number")]
+    pub tenant_requests_per_second: u32,
+    #[serde(deserialize_with = "number")]
+    pub tenant_burst: u32,
+    /// Usage events held in memory before the sink takes them.
+    #[serde(deserialize_with = "number")]
+    pub usage_queue_capacity: usize,
+    /// The secret the runtime presents (`X-Runtime-Secret`) to report usage;
+    /// unset turns the usage route off.
+    pub runtime_secret: Option<SecretString>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
@@ -90,6 +135,7 @@ impl Default for Settings {
             data_dir: PathBuf::from(".agora"),
             control_plane: ControlPlaneSettings::default(),
             runtime: RuntimeSettings::default(),
+            proxy: ProxySettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -147,6 +193,30 @@ impl Default for RuntimeSettings {
         }
     }
 }
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        ProxySettings {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9464".into(),
+            control_plane_url: None,
+            snapshot_path: None,
+            threads: 1,
+            max_body_bytes: MAX_PROXY_BODY_BYTES,
+            connect_timeout_ms: 2_000,
+            read_timeout_ms: 60_000,
+            grace_period_ms: 30_000,
+            upstream_pool_size: 256,
+            tenant_requests_per_second: 100,
+            tenant_burst: 200,
+            usage_queue_capacity: 65_536,
+            runtime_secret: None,
+        }
+    }
+}
+
+/// The largest request body the proxy buffers to validate and rewrite.
+pub const MAX_PROXY_BODY_BYTES: usize = 64 * 1024;
 
 impl Default for LogSettings {
     fn default() -> Self {
@@ -302,12 +372,76 @@ impl Settings {
                 ));
             }
         }
+        let px = &self.proxy;
+        for (name, addr) in [("listen", &px.listen), ("admin_listen", &px.admin_listen)] {
+            addr.parse::<SocketAddr>().map_err(|_| {
+                SettingsError::Invalid(format!(
+                    "proxy.{name} {addr:?} is not an address like 127.0.0.1:8080"
+                ))
+            })?;
+        }
+        if let Some(url) = &px.control_plane_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(SettingsError::Invalid(
+                    "proxy.control_plane_url must start with http:// or https://".into(),
+                ));
+            }
+        }
+        if !(1..=64).contains(&px.threads) {
+            return Err(SettingsError::Invalid(
+                "proxy.threads must be between 1 and 64".into(),
+            ));
+        }
+        if !(1024..=MAX_PROXY_BODY_BYTES).contains(&px.max_body_bytes) {
+            return Err(SettingsError::Invalid(format!(
+                "proxy.max_body_bytes must be between 1024 and {MAX_PROXY_BODY_BYTES}"
+            )));
+        }
+        if px.connect_timeout_ms == 0 || px.read_timeout_ms == 0 {
+            return Err(SettingsError::Invalid(
+                "proxy.connect_timeout_ms and proxy.read_timeout_ms must be positive".into(),
+            ));
+        }
+        if px.tenant_requests_per_second == 0 || px.tenant_burst == 0 {
+            return Err(SettingsError::Invalid(
+                "proxy.tenant_requests_per_second and proxy.tenant_burst must be positive".into(),
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&px.usage_queue_capacity) {
+            return Err(SettingsError::Invalid(
+                "proxy.usage_queue_capacity must be between 1024 and 16777216".into(),
+            ));
+        }
+        if let Some(secret) = &px.runtime_secret {
+            use secrecy::ExposeSecret;
+            if secret.expose_secret().len() < 16 {
+                return Err(SettingsError::Invalid(
+                    "proxy.runtime_secret must be at least 16 characters".into(),
+                ));
+            }
+        }
         if self.runtime.timeout_ms == 0 {
             return Err(SettingsError::Invalid(
                 "runtime.timeout_ms must be positive".into(),
             ));
         }
         Ok(())
+    }
+
+    /// The control plane URL the proxy reads its snapshot feed from.
+    pub fn proxy_control_plane_url(&self) -> String {
+        match &self.proxy.control_plane_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("http://{}", self.control_plane.listen),
+        }
+    }
+
+    /// Where the proxy keeps its last snapshot.
+    pub fn proxy_snapshot_path(&self) -> PathBuf {
+        self.proxy
+            .snapshot_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("proxy-snapshot.json"))
     }
 
     /// The database URL in force: the configured one, else SQLite under `data_dir`.

@@ -106,6 +106,27 @@ pub struct AgentRoute {
     /// Global variables for the flow, e.g. `AGENT_NAME`, `GREETING`, `TONE`.
     #[serde(default)]
     pub global_vars: BTreeMap<String, String>,
+    /// What the subscription has used of its plan's quotas this period, as the
+    /// control plane last counted it.
+    #[serde(default)]
+    pub quota: QuotaUsage,
+}
+
+/// A subscription's use of its plan's quotas in the current billing period, as the
+/// control plane counted it when it compiled the snapshot.
+///
+/// The proxy enforces quotas from this count plus what it has served itself since
+/// `counted_at_ms`. All zero means nothing was counted yet (a new subscription, or
+/// no usage store); `period_end_ms` of 0 means the period's end is not known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QuotaUsage {
+    pub period_start_ms: i64,
+    pub period_end_ms: i64,
+    /// When the counts below were taken.
+    pub counted_at_ms: i64,
+    pub requests: u64,
+    pub tokens: u64,
 }
 
 /// Billing period of a plan's quotas.
@@ -398,6 +419,7 @@ mod tests {
                 ("GREETING".into(), "Hello!".into()),
                 ("TONE".into(), "friendly".into()),
             ]),
+            quota: QuotaUsage::default(),
         }
     }
 

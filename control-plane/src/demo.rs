@@ -53,7 +53,19 @@ pub struct DemoInfo {
     pub runtime_url: Option<String>,
     #[serde(default)]
     pub runtime_api_key: Option<String>,
+    /// The data plane, when `agora up` runs one: invoke agents here with `api_key`.
+    #[serde(default)]
+    pub proxy_url: Option<String>,
+    /// The proxy's Prometheus metrics.
+    #[serde(default)]
+    pub metrics_url: Option<String>,
     pub note: String,
+}
+
+/// The proxy `agora up` started, for demo.json.
+pub struct DemoProxy {
+    pub url: String,
+    pub metrics_url: String,
 }
 
 /// A runtime `agora up` started itself, for demo.json.
@@ -84,6 +96,7 @@ pub async fn ensure(
     data_dir: &Path,
     url: &str,
     built_in: Option<&BuiltInRuntime>,
+    proxy: Option<&DemoProxy>,
 ) -> anyhow::Result<DemoInfo> {
     let previous = read_previous(data_dir);
     let (provider_password, buyer_password, config) = match identity::find_user(&app.db, BUYER)
@@ -148,6 +161,8 @@ pub async fn ensure(
         api_key,
         runtime_url: built_in.map(|r| r.url.clone()),
         runtime_api_key: built_in.map(|r| r.api_key.clone()),
+        proxy_url: proxy.map(|p| p.url.clone()),
+        metrics_url: proxy.map(|p| p.metrics_url.clone()),
         note,
     };
     write_demo(data_dir, &info)?;

@@ -77,6 +77,9 @@ impl AppState {
         let vault = signing::KeyVault::new(settings.control_plane.key_encryption_key.as_ref())?;
         let signer = signing::active_signing_key(&db, &vault).await?;
         let runtime = runtime::RuntimeClient::from_settings(&settings.runtime)?;
+        // Settings outside the database (the runtime URL) shape the snapshot too:
+        // a new revision makes proxies that saved the last one fetch it again.
+        db::bump_revision(&mut *db.pool.acquire().await?).await?;
         tokio::task::spawn_blocking(identity::decoy_hash).await?;
         let cp = &settings.control_plane;
         Ok(AppState {

@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use agora_config::keys::{KeyHash, Scope};
 use agora_config::snapshot::{
-    AgentRoute, BillingInterval, Changes, KeyEntry, KeyStatus, PlanLimits, Snapshot, WidgetSettings,
+    AgentRoute, BillingInterval, Changes, KeyEntry, KeyStatus, PlanLimits, QuotaUsage, Snapshot,
+    WidgetSettings,
 };
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -154,6 +155,7 @@ pub async fn compile(db: &Db, runtime_url: Option<&str>) -> anyhow::Result<Snaps
                     flow_id,
                     tweaks: serde_json::Map::new(),
                     global_vars,
+                    quota: QuotaUsage::default(),
                 },
             );
         }

@@ -1,0 +1,284 @@
+//! Why the gateway answered a request itself, and the one place those reasons
+//! become HTTP responses.
+//!
+//! Every refusal has one body shape, `{"error":{"code":"...","message":"..."}}`.
+//! Key failures share a single body whatever the reason, so a caller learns nothing
+//! about which check failed; the reason goes to metrics only.
+
+use std::fmt;
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+
+/// Which side of the gateway a failure came from (as pingora-error classifies it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The caller's request was refused.
+    Downstream,
+    /// The runtime failed or could not be reached.
+    Upstream,
+    /// The gateway itself cannot serve (no configuration yet, shutting down).
+    Internal,
+}
+
+/// A rate-limit answer: what the `RateLimit-*` headers say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateHeaders {
+    pub limit: u32,
+    pub remaining: u32,
+    /// Seconds until the bucket is full again.
+    pub reset_secs: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GatewayError {
+    MissingKey,
+    /// A key that is malformed, unknown, revoked, expired, badly signed... The
+    /// reason is for metrics; the response is the same for all.
+    InvalidKey(&'static str),
+    /// The subscription behind the key is not active.
+    Suspended,
+    InsufficientScope,
+    OriginNotAllowed,
+    RateLimited {
+        limit: &'static str,
+        retry_after_secs: u64,
+        headers: RateHeaders,
+    },
+    QuotaExceeded {
+        retry_after_secs: u64,
+    },
+    TooManyInFlight {
+        limit: u32,
+    },
+    BadRequest {
+        code: &'static str,
+        message: String,
+    },
+    BodyTooLarge {
+        limit: usize,
+    },
+    HeadersTooLarge {
+        limit: usize,
+    },
+    NotFound,
+    MethodNotAllowed,
+    /// The key's agent config has no route (not published, or no runtime).
+    AgentUnavailable,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+    /// The runtime answered with an error status.
+    UpstreamStatus(u16),
+    RuntimeSecretRequired,
+    UsageReportsDisabled,
+    NotReady,
+    ShuttingDown,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> u16 {
+        use GatewayError::*;
+        match self {
+            MissingKey | InvalidKey(_) | RuntimeSecretRequired => 401,
+            Suspended | InsufficientScope | OriginNotAllowed => 403,
+            RateLimited { .. } | QuotaExceeded { .. } | TooManyInFlight { .. } => 429,
+            BadRequest { .. } => 400,
+            BodyTooLarge { .. } => 413,
+            HeadersTooLarge { .. } => 431,
+            NotFound | UsageReportsDisabled => 404,
+            MethodNotAllowed => 405,
+            AgentUnavailable | NotReady | ShuttingDown => 503,
+            UpstreamUnreachable | UpstreamStatus(_) => 502,
+            UpstreamTimeout => 504,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            MissingKey => "missing_api_key",
+            InvalidKey(_) => "invalid_api_key",
+            Suspended => "subscription_inactive",
+            InsufficientScope => "insufficient_scope",
+            OriginNotAllowed => "origin_not_allowed",
+            RateLimited { .. } => "rate_limited",
+            QuotaExceeded { .. } => "quota_exceeded",
+            TooManyInFlight { .. } => "too_many_in_flight",
+            BadRequest { code, .. } => code,
+            BodyTooLarge { .. } => "body_too_large",
+            HeadersTooLarge { .. } => "headers_too_large",
+            NotFound | UsageReportsDisabled => "not_found",
+            MethodNotAllowed => "method_not_allowed",
+            AgentUnavailable => "agent_unavailable",
+            UpstreamUnreachable => "runtime_unreachable",
+            UpstreamTimeout => "runtime_timeout",
+            UpstreamStatus(_) => "runtime_error",
+            RuntimeSecretRequired => "invalid_runtime_secret",
+            NotReady => "not_ready",
+            ShuttingDown => "shutting_down",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        use GatewayError::*;
+        match self {
+            MissingKey => {
+                "An API key is required: `Authorization: Bearer <key>` or `X-API-Key`.".into()
+            }
+            InvalidKey(_) => "The API key is not valid.".into(),
+            Suspended => "The subscription behind this API key is not active.".into(),
+            InsufficientScope => "The API key does not allow this operation.".into(),
+            OriginNotAllowed => "This publishable key is not allowed from this origin.".into(),
+            RateLimited { limit, .. } => format!("Too many requests ({limit} limit)."),
+            QuotaExceeded { .. } => "The plan's quota for this period is used up.".into(),
+            TooManyInFlight { limit } => {
+                format!("At most {limit} requests may be in flight for this key.")
+            }
+            BadRequest { message, .. } => message.clone(),
+            BodyTooLarge { limit } => format!("The request body is larger than {limit} bytes."),
+            HeadersTooLarge { limit } => {
+                format!("The request headers are larger than {limit} bytes.")
+            }
+            NotFound => "No such route.".into(),
+            UsageReportsDisabled => "No such route.".into(),
+            MethodNotAllowed => "Method not allowed on this route.".into(),
+            AgentUnavailable => "The agent is not available right now.".into(),
+            UpstreamUnreachable => "The agent runtime could not be reached.".into(),
+            UpstreamTimeout => "The agent runtime did not answer in time.".into(),
+            UpstreamStatus(status) => format!("The agent runtime failed (status {status})."),
+            RuntimeSecretRequired => "A valid X-Runtime-Secret is required.".into(),
+            NotReady => "The gateway has no configuration yet.".into(),
+            ShuttingDown => "The gateway is shutting down.".into(),
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        use GatewayError::*;
+        match self {
+            UpstreamUnreachable | UpstreamTimeout | UpstreamStatus(_) => Side::Upstream,
+            NotReady | ShuttingDown | AgentUnavailable => Side::Internal,
+            _ => Side::Downstream,
+        }
+    }
+
+    /// Whether sending the same request again may succeed without changing it.
+    pub fn retry_safe(&self) -> bool {
+        use GatewayError::*;
+        matches!(
+            self,
+            RateLimited { .. }
+                | TooManyInFlight { .. }
+                | UpstreamUnreachable
+                | NotReady
+                | ShuttingDown
+                | AgentUnavailable
+        )
+    }
+
+    /// The response header and body for this refusal.
+    pub fn response(&self) -> (ResponseHeader, Bytes) {
+        let body = Bytes::from(error_body(self.code(), &self.message()));
+        let mut header = ResponseHeader::build(self.status(), Some(6)).expect("valid status");
+        let _ = header.insert_header("content-type", "application/json");
+        let _ = header.insert_header("content-length", body.len().to_string());
+        let _ = header.insert_header("cache-control", "no-store");
+        match self {
+            GatewayError::RateLimited {
+                retry_after_secs,
+                headers,
+                ..
+            } => {
+                let _ = header.insert_header("retry-after", retry_after_secs.to_string());
+                rate_headers(&mut header, headers);
+            }
+            GatewayError::QuotaExceeded { retry_after_secs } => {
+                let _ = header.insert_header("retry-after", retry_after_secs.to_string());
+            }
+            GatewayError::TooManyInFlight { .. } => {
+                let _ = header.insert_header("retry-after", "1");
+            }
+            GatewayError::MissingKey | GatewayError::InvalidKey(_) => {
+                let _ = header.insert_header("www-authenticate", "Bearer");
+            }
+            GatewayError::ShuttingDown | GatewayError::HeadersTooLarge { .. } => {
+                let _ = header.insert_header("connection", "close");
+            }
+            _ => {}
+        }
+        (header, body)
+    }
+}
+
+impl fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code(), self.message())
+    }
+}
+
+/// Adds `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
+pub fn rate_headers(header: &mut ResponseHeader, rate: &RateHeaders) {
+    let _ = header.insert_header("ratelimit-limit", rate.limit.to_string());
+    let _ = header.insert_header("ratelimit-remaining", rate.remaining.to_string());
+    let _ = header.insert_header("ratelimit-reset", rate.reset_secs.to_string());
+}
+
+/// `{"error":{"code":...,"message":...}}`.
+pub fn error_body(code: &str, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"error": {"code": code, "message": message}}))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_failures_share_one_body() {
+        let (a, body_a) = GatewayError::InvalidKey("expired").response();
+        let (b, body_b) = GatewayError::InvalidKey("unknown_kid").response();
+        assert_eq!(a.status, 401);
+        assert_eq!(b.status, 401);
+        assert_eq!(body_a, body_b);
+        let value: serde_json::Value = serde_json::from_slice(&body_a).unwrap();
+        assert_eq!(value["error"]["code"], "invalid_api_key");
+    }
+
+    #[test]
+    fn rate_limited_carries_headers() {
+        let (header, _) = GatewayError::RateLimited {
+            limit: "key",
+            retry_after_secs: 3,
+            headers: RateHeaders {
+                limit: 10,
+                remaining: 0,
+                reset_secs: 30,
+            },
+        }
+        .response();
+        assert_eq!(header.status, 429);
+        assert_eq!(header.headers["retry-after"], "3");
+        assert_eq!(header.headers["ratelimit-limit"], "10");
+        assert_eq!(header.headers["ratelimit-remaining"], "0");
+        assert_eq!(header.headers["ratelimit-reset"], "30");
+    }
+
+    #[test]
+    fn every_body_has_the_error_shape() {
+        for e in [
+            GatewayError::MissingKey,
+            GatewayError::UpstreamTimeout,
+            GatewayError::UpstreamStatus(500),
+            GatewayError::BodyTooLarge { limit: 10 },
+            GatewayError::NotReady,
+        ] {
+            let (header, body) = e.response();
+            let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(value["error"]["code"], e.code());
+            assert!(value["error"]["message"].as_str().unwrap().len() > 5);
+            assert_eq!(
+                header.headers["content-length"],
+                body.len().to_string().as_str()
+            );
+        }
+    }
+}

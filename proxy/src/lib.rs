@@ -1,0 +1,317 @@
+//! Agora's data plane: a Pingora gateway in front of the agent runtime.
+//!
+//! On every request it checks the API key against the snapshot the control plane
+//! compiled ([`keys`]), applies the plan's limits ([`ratelimit`]), validates and
+//! rewrites the run request ([`invoke`]), streams the runtime's answer back
+//! unbuffered, and queues one usage event ([`usage`]). Its configuration comes from
+//! the control plane's snapshot feed and is kept on disk ([`sync`]), so it starts and
+//! keeps serving while the control plane is away. Metrics are on a separate admin
+//! listener ([`metrics`]).
+//!
+//! Shutdown (SIGTERM, SIGINT, or [`Running::shutdown`]): new invokes get 503 and
+//! health reports `draining`; requests in flight — streams included — get up to the
+//! grace period to finish; then the listeners close and every queued usage record is
+//! handed to the sink before the process returns.
+
+pub mod error;
+pub mod invoke;
+pub mod keys;
+pub mod metrics;
+pub mod proxy;
+pub mod ratelimit;
+pub mod state;
+pub mod sync;
+pub mod usage;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agora_config::settings::Settings;
+use anyhow::Context as _;
+use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use secrecy::SecretString;
+use tokio::sync::Notify;
+
+use crate::metrics::{Admin, Metrics};
+use crate::proxy::{Gateway, Lifecycle};
+use crate::ratelimit::Limits;
+use crate::state::PeerTimeouts;
+use crate::sync::{FeedConfig, Shared};
+use crate::usage::UsageSink;
+
+/// Everything the proxy needs to run.
+#[derive(Clone)]
+pub struct ProxyConfig {
+    /// Port 0 picks a free port; [`Running::addr`] tells which.
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub control_plane_url: String,
+    pub proxy_secret: Option<SecretString>,
+    pub snapshot_path: PathBuf,
+    pub threads: usize,
+    pub max_body_bytes: usize,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub grace_period: Duration,
+    pub upstream_pool_size: usize,
+    pub tenant_requests_per_second: u32,
+    pub tenant_burst: u32,
+    pub usage_queue_capacity: usize,
+    pub runtime_api_key: Option<SecretString>,
+    pub runtime_secret: Option<SecretString>,
+    /// How long one long poll of the feed waits.
+    pub long_poll: Duration,
+    /// Whether SIGTERM/SIGINT shut the proxy down (off when embedded).
+    pub handle_signals: bool,
+}
+
+impl ProxyConfig {
+    pub fn from_settings(settings: &Settings) -> anyhow::Result<ProxyConfig> {
+        let p = &settings.proxy;
+        Ok(ProxyConfig {
+            listen: p.listen.parse().context("proxy.listen")?,
+            admin_listen: p.admin_listen.parse().context("proxy.admin_listen")?,
+            control_plane_url: settings.proxy_control_plane_url(),
+            proxy_secret: settings.control_plane.proxy_secret.clone(),
+            snapshot_path: settings.proxy_snapshot_path(),
+            threads: p.threads,
+            max_body_bytes: p.max_body_bytes,
+            connect_timeout: Duration::from_millis(p.connect_timeout_ms),
+            read_timeout: Duration::from_millis(p.read_timeout_ms),
+            grace_period: Duration::from_millis(p.grace_period_ms),
+            upstream_pool_size: p.upstream_pool_size,
+            tenant_requests_per_second: p.tenant_requests_per_second,
+            tenant_burst: p.tenant_burst,
+            usage_queue_capacity: p.usage_queue_capacity,
+            runtime_api_key: settings.runtime.api_key.clone(),
+            runtime_secret: p.runtime_secret.clone(),
+            long_poll: Duration::from_secs(25),
+            handle_signals: true,
+        })
+    }
+}
+
+/// A proxy running on its own threads.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub gateway: Arc<GatewayHandle>,
+    trigger: Arc<Notify>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What callers may watch of a running proxy.
+pub struct GatewayHandle {
+    pub shared: Arc<Shared>,
+    pub metrics: Arc<Metrics>,
+    pub life: Arc<Lifecycle>,
+    pub usage: usage::UsageQueue,
+}
+
+impl Running {
+    /// Starts draining and waits until the proxy has stopped and flushed usage.
+    pub fn shutdown(mut self) {
+        self.trigger.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Waits until the proxy stops (after a signal).
+    pub fn wait(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.trigger.notify_one();
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Starts the proxy on its own threads and returns once it is listening.
+pub fn start(config: ProxyConfig, sink: Arc<dyn UsageSink>) -> anyhow::Result<Running> {
+    let addr = free_port(config.listen).context("proxy listen address")?;
+    let admin_addr = free_port(config.admin_listen).context("proxy admin address")?;
+    let timeouts = PeerTimeouts {
+        connect: config.connect_timeout,
+        read: config.read_timeout,
+    };
+    let shared = Arc::new(Shared::new(timeouts));
+    sync::load_saved(&shared, &config.snapshot_path);
+    let metrics = Arc::new(Metrics::new());
+    let life = Arc::new(Lifecycle::default());
+    let (queue, drain) = usage::queue(config.usage_queue_capacity);
+    let limits = Arc::new(Limits::new(
+        config.tenant_requests_per_second,
+        config.tenant_burst,
+    ));
+    let gateway = Gateway {
+        shared: shared.clone(),
+        limits: limits.clone(),
+        usage: queue.clone(),
+        metrics: metrics.clone(),
+        runtime_api_key: config.runtime_api_key.clone(),
+        runtime_secret: config.runtime_secret.clone(),
+        max_body_bytes: config.max_body_bytes,
+        life: life.clone(),
+    };
+    let handle = Arc::new(GatewayHandle {
+        shared: shared.clone(),
+        metrics: metrics.clone(),
+        life: life.clone(),
+        usage: queue.clone(),
+    });
+    let trigger = Arc::new(Notify::new());
+
+    // Background work (feed, usage drain, limiter pruning) runs on its own runtime,
+    // off the request threads.
+    let background = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("agora-proxy-bg")
+        .enable_all()
+        .build()
+        .context("background runtime")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let feed = FeedConfig {
+        control_plane_url: config.control_plane_url.clone(),
+        proxy_secret: config.proxy_secret.clone(),
+        snapshot_path: config.snapshot_path.clone(),
+        long_poll: config.long_poll,
+    };
+    background.spawn(sync::follow(shared.clone(), feed, stop_rx.clone()));
+    let drained = background.spawn(drain.run(sink, stop_rx.clone()));
+
+    let mut conf = ServerConf {
+        threads: config.threads,
+        work_stealing: false,
+        upstream_keepalive_pool_size: config.upstream_pool_size,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    // One attempt: a run is not idempotent.
+    conf.max_retries = 1;
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut proxy_service =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "agora-proxy");
+    proxy_service.add_tcp(&addr.to_string());
+    let mut admin = pingora::services::listening::Service::new(
+        "agora-admin".into(),
+        HttpServer::new_app(Admin {
+            metrics: metrics.clone(),
+            shared: shared.clone(),
+            usage: queue.clone(),
+        }),
+    );
+    admin.add_tcp(&admin_addr.to_string());
+    admin.threads = Some(1);
+    server.add_service(proxy_service);
+    server.add_service(admin);
+
+    let watch = Watch {
+        life: life.clone(),
+        trigger: trigger.clone(),
+        grace: config.grace_period,
+        signals: config.handle_signals,
+    };
+    let prune_shared = shared.clone();
+    background.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            let state = prune_shared.load();
+            limits.prune(|config| state.route(config).is_some());
+        }
+    });
+    let thread = std::thread::Builder::new()
+        .name("agora-proxy".into())
+        .spawn(move || {
+            server.run(RunArgs {
+                shutdown_signal: Box::new(watch),
+            });
+            // Listeners are closed: flush usage, stop the feed.
+            let _ = stop_tx.send(true);
+            let _ = background.block_on(drained);
+            background.shutdown_timeout(Duration::from_secs(1));
+            tracing::info!("proxy stopped");
+        })
+        .context("proxy thread")?;
+
+    // Ready when the listener accepts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            anyhow::bail!("the proxy did not start listening on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    tracing::info!(%addr, %admin_addr, "proxy listening");
+    Ok(Running {
+        addr,
+        admin_addr,
+        gateway: handle,
+        trigger,
+        thread: Some(thread),
+    })
+}
+
+/// Resolves port 0 to a free port (Pingora binds by address).
+fn free_port(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let listener = TcpListener::bind(addr)?;
+    listener.local_addr()
+}
+
+/// Waits for a shutdown request, then drains.
+struct Watch {
+    life: Arc<Lifecycle>,
+    trigger: Arc<Notify>,
+    grace: Duration,
+    signals: bool,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Watch {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        if self.signals {
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                _ = int.recv() => tracing::info!("SIGINT: draining"),
+                _ = self.trigger.notified() => {}
+            }
+        } else {
+            self.trigger.notified().await;
+        }
+        self.life.draining.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + self.grace;
+        while self.life.in_flight.load(Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    in_flight = self.life.in_flight.load(Ordering::SeqCst),
+                    "grace period over; closing requests still in flight"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        ShutdownSignal::GracefulTerminate
+    }
+}

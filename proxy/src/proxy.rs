@@ -1,0 +1,687 @@
+//! The gateway's request phases. Each phase is short and calls into `keys`,
+//! `ratelimit`, `invoke` and `usage`:
+//!
+//! - `request_filter`: route, key check, limits, body validation; answers health,
+//!   validate, usage reports and every refusal itself;
+//! - `upstream_peer` / `upstream_request_filter` / `request_body_filter`: the run
+//!   request the runtime receives (its flow, its key, the buyer's settings);
+//! - response filters: runtime errors become JSON, rate-limit headers are added, token
+//!   usage is read as the bytes pass (nothing is buffered);
+//! - `fail_to_proxy`: runtime unreachable or slow → 502/504 JSON;
+//! - `logging`: one usage event and the metrics, for every request.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agora_config::keys::Scope;
+use agora_config::usage::{TokenSource, UsageEvent, UsageStatus};
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{ErrorSource, ErrorType};
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use crate::error::{rate_headers, GatewayError, RateHeaders};
+use crate::invoke::{self, UsageReader};
+use crate::keys::{self, Caller};
+use crate::metrics::{Metrics, RouteLabel};
+use crate::ratelimit::{InFlight, Limits};
+use crate::state::RouteTarget;
+use crate::sync::{now_ms, Shared};
+use crate::usage::{TokenReport, UsageQueue, UsageRecord};
+
+pub const INVOKE: &str = "/api/agent-gateway/invoke/";
+pub const VALIDATE: &str = "/api/agent-gateway/validate/";
+pub const USAGE: &str = "/api/agent-gateway/usage/";
+pub const HEALTH: &str = "/api/agent-gateway/health/";
+
+/// The data plane's shared parts.
+pub struct Gateway {
+    pub shared: Arc<Shared>,
+    pub limits: Arc<Limits>,
+    pub usage: UsageQueue,
+    pub metrics: Arc<Metrics>,
+    pub runtime_api_key: Option<SecretString>,
+    pub runtime_secret: Option<SecretString>,
+    pub max_body_bytes: usize,
+    pub life: Arc<Lifecycle>,
+}
+
+/// What shutdown needs to see of the gateway.
+#[derive(Default)]
+pub struct Lifecycle {
+    /// Set when shutdown starts: new invokes are refused, health says so.
+    pub draining: AtomicBool,
+    /// Requests being served.
+    pub in_flight: AtomicI64,
+}
+
+/// Headers larger than this in total are refused (431).
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Per-request state.
+pub struct Ctx {
+    route: RouteLabel,
+    started: Instant,
+    counted: bool,
+    event_id: Uuid,
+    caller: Option<Caller>,
+    target: Option<Arc<RouteTarget>>,
+    stream: bool,
+    body: Option<Bytes>,
+    bytes_in: u64,
+    bytes_out: u64,
+    rate: Option<RateHeaders>,
+    _in_flight: Option<InFlight>,
+    refusal: Option<GatewayError>,
+    upstream_sent: Option<Instant>,
+    upstream_done: Option<Instant>,
+    runtime_failed: Option<Bytes>,
+    reader: Option<UsageReader>,
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            route: RouteLabel::Other,
+            started: Instant::now(),
+            counted: false,
+            event_id: Uuid::nil(),
+            caller: None,
+            target: None,
+            stream: false,
+            body: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            rate: None,
+            _in_flight: None,
+            refusal: None,
+            upstream_sent: None,
+            upstream_done: None,
+            runtime_failed: None,
+            reader: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.started = Instant::now();
+        ctx.counted = true;
+        self.life.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.metrics.in_flight.inc();
+        let header_bytes: usize = session
+            .req_header()
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum();
+        if header_bytes > MAX_HEADER_BYTES {
+            self.metrics.auth_failure("headers_too_large");
+            self.refuse(
+                session,
+                ctx,
+                GatewayError::HeadersTooLarge {
+                    limit: MAX_HEADER_BYTES,
+                },
+            )
+            .await;
+            return Ok(true);
+        }
+        let path = session.req_header().uri.path();
+        ctx.route = match path {
+            INVOKE => RouteLabel::Invoke,
+            VALIDATE => RouteLabel::Validate,
+            USAGE => RouteLabel::Usage,
+            HEALTH => RouteLabel::Health,
+            _ => RouteLabel::Other,
+        };
+        let outcome = match ctx.route {
+            RouteLabel::Invoke => self.invoke(session, ctx).await.map(|()| false),
+            RouteLabel::Validate => self.validate(session, ctx).await.map(|()| true),
+            RouteLabel::Usage => self.report_usage(session, ctx).await.map(|()| true),
+            RouteLabel::Health => self.health(session).await.map(|()| true),
+            RouteLabel::Other => Err(GatewayError::NotFound),
+        };
+        match outcome {
+            Ok(done) => Ok(done),
+            Err(refusal) => {
+                self.refuse(session, ctx, refusal).await;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let peer = ctx
+            .target
+            .as_ref()
+            .and_then(|t| t.peer.clone())
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream for request"))?;
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let target = ctx
+            .target
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route"))?;
+        let path = if ctx.stream {
+            format!("{}?stream=true", target.run_path)
+        } else {
+            target.run_path.clone()
+        };
+        req.set_uri(
+            path.parse()
+                .map_err(|_| Error::explain(ErrorType::InternalError, "bad run path"))?,
+        );
+        for name in [
+            "authorization",
+            "x-api-key",
+            "cookie",
+            "accept-encoding",
+            "origin",
+            "transfer-encoding",
+            "content-length",
+            "expect",
+        ] {
+            req.remove_header(name);
+        }
+        req.insert_header("host", target.authority.as_str())?;
+        if let Some(key) = &self.runtime_api_key {
+            req.insert_header("x-api-key", key.expose_secret())?;
+        }
+        for (name, value) in &target.global_vars {
+            req.insert_header(name.clone(), value.clone())?;
+        }
+        req.insert_header("x-agora-request-id", ctx.event_id.to_string())?;
+        req.insert_header("content-type", "application/json")?;
+        let len = ctx.body.as_ref().map_or(0, |b| b.len());
+        req.insert_header("content-length", len.to_string())?;
+        ctx.upstream_sent = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // The buyer's body was read and validated in request_filter; the runtime
+        // gets the rebuilt one instead.
+        *body = if end_of_stream { ctx.body.take() } else { None };
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let status = resp.status.as_u16();
+        if !(200..300).contains(&status) {
+            let refusal = GatewayError::UpstreamStatus(status);
+            self.metrics
+                .upstream_errors
+                .with_label_values(&["status"])
+                .inc();
+            tracing::warn!(status, config = ?ctx.caller.as_ref().map(|c| c.record.entry.config), "runtime answered with an error");
+            let (header, body) = refusal.response();
+            *resp = header;
+            ctx.runtime_failed = Some(body);
+            ctx.refusal = Some(refusal);
+            return Ok(());
+        }
+        ctx.reader = Some(UsageReader::new(ctx.stream));
+        resp.remove_header("server");
+        resp.remove_header("set-cookie");
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(rate) = &ctx.rate {
+            rate_headers(resp, rate);
+        }
+        resp.insert_header("x-agora-request-id", ctx.event_id.to_string())?;
+        Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if end_of_stream {
+            ctx.upstream_done = Some(Instant::now());
+        }
+        Ok(None)
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if let Some(replacement) = &ctx.runtime_failed {
+            *body = end_of_stream.then(|| replacement.clone());
+        } else if let (Some(reader), Some(chunk)) = (&mut ctx.reader, body.as_ref()) {
+            reader.feed(chunk);
+        }
+        if let Some(chunk) = body.as_ref() {
+            ctx.bytes_out += chunk.len() as u64;
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let refusal = match (e.esource(), e.etype()) {
+            (
+                ErrorSource::Upstream,
+                ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,
+            ) => Some(GatewayError::UpstreamTimeout),
+            (ErrorSource::Upstream, _) => Some(GatewayError::UpstreamUnreachable),
+            (_, ErrorType::ConnectTimedout) => Some(GatewayError::UpstreamTimeout),
+            (
+                _,
+                ErrorType::ConnectRefused
+                | ErrorType::ConnectError
+                | ErrorType::ConnectNoRoute
+                | ErrorType::ConnectProxyFailure,
+            ) => Some(GatewayError::UpstreamUnreachable),
+            (ErrorSource::Downstream, _) => None,
+            _ => Some(GatewayError::UpstreamUnreachable),
+        };
+        if let Some(refusal) = &refusal {
+            self.metrics
+                .upstream_errors
+                .with_label_values(&[refusal.code()])
+                .inc();
+        }
+        // Once the response has started nothing else can be said to the client.
+        let can_answer = session.response_written().is_none();
+        let code = match refusal {
+            Some(refusal) if can_answer => {
+                let status = refusal.status();
+                let (mut header, body) = refusal.response();
+                if let Some(rate) = &ctx.rate {
+                    rate_headers(&mut header, rate);
+                }
+                let _ = session.write_response_header(Box::new(header), false).await;
+                let _ = session.write_response_body(Some(body), true).await;
+                ctx.refusal = Some(refusal);
+                status
+            }
+            _ => 0,
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if !ctx.counted {
+            return;
+        }
+        if let Some(e) = e {
+            tracing::debug!(error = %e, route = ctx.route.as_str(), "request ended with an error");
+        }
+        self.life.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.in_flight.dec();
+        let total = ctx.started.elapsed();
+        let upstream = match (ctx.upstream_sent, ctx.upstream_done) {
+            (Some(sent), Some(done)) => Some(done.saturating_duration_since(sent)),
+            (Some(sent), None) => Some(sent.elapsed()),
+            _ => None,
+        };
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let overhead = total.saturating_sub(upstream.unwrap_or_default());
+        tracing::trace!(
+            route = ctx.route.as_str(),
+            status,
+            ?upstream,
+            ?total,
+            "request done"
+        );
+        self.metrics.request(
+            ctx.route,
+            status,
+            total.as_secs_f64(),
+            overhead.as_secs_f64(),
+        );
+        if ctx.route == RouteLabel::Health {
+            return;
+        }
+        let tokens = ctx.reader.as_mut().and_then(UsageReader::finish);
+        if let (Some(t), Some(caller)) = (tokens, &ctx.caller) {
+            self.limits
+                .record_tokens(caller.record.entry.config, t.input + t.output);
+        }
+        let cancelled = e.is_some_and(|e| e.esource() == &ErrorSource::Downstream);
+        let usage_status = match (&ctx.refusal, cancelled) {
+            (_, true) => UsageStatus::Cancelled,
+            (None, false) if (200..300).contains(&status) => UsageStatus::Ok,
+            (None, false) if status == 0 || status >= 500 => UsageStatus::UpstreamError,
+            (None, false) => UsageStatus::ClientError,
+            (Some(r), false) => match r {
+                GatewayError::MissingKey
+                | GatewayError::InvalidKey(_)
+                | GatewayError::Suspended
+                | GatewayError::InsufficientScope
+                | GatewayError::OriginNotAllowed
+                | GatewayError::RuntimeSecretRequired => UsageStatus::Unauthorized,
+                GatewayError::RateLimited { .. }
+                | GatewayError::QuotaExceeded { .. }
+                | GatewayError::TooManyInFlight { .. } => UsageStatus::RateLimited,
+                GatewayError::UpstreamStatus(_)
+                | GatewayError::UpstreamTimeout
+                | GatewayError::UpstreamUnreachable
+                | GatewayError::AgentUnavailable
+                | GatewayError::NotReady
+                | GatewayError::ShuttingDown => UsageStatus::UpstreamError,
+                _ => UsageStatus::ClientError,
+            },
+        };
+        let entry = ctx.caller.as_ref().map(|c| &c.record.entry);
+        let event = UsageEvent {
+            event_id: if ctx.event_id.is_nil() {
+                Uuid::now_v7()
+            } else {
+                ctx.event_id
+            },
+            time_ms: now_ms(),
+            tenant: entry.map(|e| e.tenant),
+            config: entry.map(|e| e.config),
+            key_id: entry.map(|e| e.key_id),
+            agent: ctx.target.as_ref().map(|t| t.route.agent),
+            route: match ctx.route {
+                RouteLabel::Invoke => INVOKE,
+                RouteLabel::Validate => VALIDATE,
+                RouteLabel::Usage => USAGE,
+                _ => "other",
+            }
+            .to_owned(),
+            status: usage_status,
+            http_status: status,
+            latency_us: total.as_micros() as u64,
+            upstream_latency_us: upstream.map(|u| u.as_micros() as u64),
+            bytes_in: ctx.bytes_in,
+            bytes_out: ctx.bytes_out,
+            input_tokens: tokens.map(|t| t.input),
+            output_tokens: tokens.map(|t| t.output),
+            token_source: if tokens.is_some() {
+                TokenSource::Runtime
+            } else {
+                TokenSource::None
+            },
+        };
+        self.usage.push(UsageRecord::Event(Box::new(event)));
+    }
+}
+
+impl Gateway {
+    async fn invoke(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
+        ctx.event_id = Uuid::now_v7();
+        if session.req_header().method != http::Method::POST {
+            return Err(GatewayError::MethodNotAllowed);
+        }
+        if self.life.draining.load(Ordering::Relaxed) {
+            return Err(GatewayError::ShuttingDown);
+        }
+        let state = self.shared.load();
+        if !self.shared.is_loaded() {
+            return Err(GatewayError::NotReady);
+        }
+        let caller = self.authenticate(session, &state, Some(Scope::Invoke))?;
+        keys::check_origin(&state, &caller, session.req_header())?;
+        let entry = &caller.record.entry;
+        let target = state
+            .route(&entry.config)
+            .filter(|t| t.peer.is_some())
+            .ok_or(GatewayError::AgentUnavailable)?
+            .clone();
+        ctx.stream = invoke::wants_stream(session.req_header().uri.query())?;
+        let plan = entry.plan.and_then(|p| state.plan(&p));
+        let admission = self
+            .limits
+            .admit(entry, plan, &target.route.quota, now_ms())
+            .inspect_err(|e| {
+                if let GatewayError::RateLimited { limit, .. } = e {
+                    self.metrics.rate_limited(limit);
+                } else {
+                    self.metrics.rate_limited(e.code());
+                }
+            })?;
+        ctx.rate = admission.headers;
+        ctx._in_flight = Some(admission.in_flight);
+        ctx.caller = Some(caller);
+        let body = self.read_body(session).await?;
+        ctx.bytes_in = body.len() as u64;
+        ctx.body = Some(invoke::runtime_body(&body, &target)?);
+        ctx.target = Some(target);
+        Ok(())
+    }
+
+    async fn validate(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
+        let method = &session.req_header().method;
+        if method != http::Method::GET && method != http::Method::POST {
+            return Err(GatewayError::MethodNotAllowed);
+        }
+        let state = self.shared.load();
+        if !self.shared.is_loaded() {
+            return Err(GatewayError::NotReady);
+        }
+        let caller = self.authenticate(session, &state, None)?;
+        keys::check_origin(&state, &caller, session.req_header())?;
+        if session.req_header().method == http::Method::POST {
+            // The body carries nothing; read it so the connection can be reused.
+            let _ = self.read_body(session).await?;
+        }
+        let entry = &caller.record.entry;
+        let plan = entry.plan.and_then(|p| state.plan(&p));
+        let route = state.route(&entry.config);
+        let body = serde_json::json!({
+            "key_id": entry.key_id,
+            "config": entry.config,
+            "tenant": entry.tenant,
+            "project": entry.project,
+            "agent": route.map(|r| r.route.agent),
+            "available": route.is_some_and(|r| r.peer.is_some()),
+            "scopes": entry.scopes,
+            "mode": entry.mode,
+            "kind": entry.kind,
+            "expires_at": caller.claims.exp,
+            "plan": plan.map(|p| serde_json::json!({
+                "uuid": p.plan,
+                "requests_per_minute": p.requests_per_minute,
+                "burst": p.burst,
+                "max_concurrency": p.max_concurrency,
+                "request_quota": p.request_quota,
+                "token_quota": p.token_quota,
+                "interval": p.interval,
+            })),
+            "revision": state.revision(),
+        });
+        ctx.caller = Some(caller);
+        self.json(session, 200, &body).await;
+        Ok(())
+    }
+
+    async fn report_usage(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
+        let Some(secret) = &self.runtime_secret else {
+            return Err(GatewayError::UsageReportsDisabled);
+        };
+        if session.req_header().method != http::Method::POST {
+            return Err(GatewayError::MethodNotAllowed);
+        }
+        let presented = session
+            .req_header()
+            .headers
+            .get("x-runtime-secret")
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if !bool::from(presented.ct_eq(secret.expose_secret().as_bytes())) {
+            self.metrics.auth_failure("runtime_secret");
+            return Err(GatewayError::RuntimeSecretRequired);
+        }
+        let body = self.read_body(session).await?;
+        ctx.bytes_in = body.len() as u64;
+        let report: TokenReport =
+            serde_json::from_slice(&body).map_err(|e| GatewayError::BadRequest {
+                code: "invalid_body",
+                message: format!(
+                    "The body must be JSON {{request_id, input_tokens, output_tokens}}: {}.",
+                    e.to_string().split(" at line").next().unwrap_or_default()
+                ),
+            })?;
+        self.usage.push(UsageRecord::Report(report));
+        self.json(session, 202, &serde_json::json!({"accepted": true}))
+            .await;
+        Ok(())
+    }
+
+    async fn health(&self, session: &mut Session) -> Result<(), GatewayError> {
+        let now = now_ms();
+        let state = self.shared.load();
+        let loaded = self.shared.is_loaded();
+        let draining = self.life.draining.load(Ordering::Relaxed);
+        let stats = self.usage.stats();
+        let sink_failing = stats.sink_failing.load(Ordering::Relaxed);
+        let status = if draining {
+            "draining"
+        } else if !loaded {
+            "no_snapshot"
+        } else if !self.shared.is_connected() {
+            "stale"
+        } else {
+            "ok"
+        };
+        let body = serde_json::json!({
+            "status": status,
+            "ready": loaded && !draining,
+            "snapshot": {
+                "revision": state.revision(),
+                "age_seconds": self.shared.age_secs(now),
+                "control_plane_connected": self.shared.is_connected(),
+                "keys": state.key_count(),
+            },
+            "usage": {
+                "sink": if sink_failing { "failing" } else { "ok" },
+                "queue_depth": self.usage.depth(),
+                "queue_capacity": self.usage.capacity(),
+                "dropped": stats.dropped.load(Ordering::Relaxed),
+            },
+        });
+        let code = if loaded && !draining { 200 } else { 503 };
+        self.json(session, code, &body).await;
+        Ok(())
+    }
+
+    fn authenticate(
+        &self,
+        session: &Session,
+        state: &crate::state::State,
+        scope: Option<Scope>,
+    ) -> Result<Caller, GatewayError> {
+        let now = now_ms() / 1000;
+        keys::presented(session.req_header())
+            .and_then(|raw| keys::authenticate(state, raw, scope, now))
+            .inspect_err(|e| match e {
+                GatewayError::InvalidKey(reason) => self.metrics.auth_failure(reason),
+                other => self.metrics.auth_failure(other.code()),
+            })
+    }
+
+    /// Reads the whole request body, refusing more than `max_body_bytes`.
+    async fn read_body(&self, session: &mut Session) -> Result<Bytes, GatewayError> {
+        let limit = self.max_body_bytes;
+        let declared = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(GatewayError::BodyTooLarge { limit });
+        }
+        // Keep what is read so the proxy phase can send a body upstream
+        // (pingora replays it through request_body_filter).
+        session.as_mut().enable_retry_buffering();
+        let mut body = BytesMut::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > limit {
+                        return Err(GatewayError::BodyTooLarge { limit });
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    return Err(GatewayError::BadRequest {
+                        code: "body_unreadable",
+                        message: "The request body could not be read.".into(),
+                    })
+                }
+            }
+        }
+        Ok(body.freeze())
+    }
+
+    async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, refusal: GatewayError) {
+        let (mut header, body) = refusal.response();
+        if let (Some(rate), false) = (
+            &ctx.rate,
+            matches!(refusal, GatewayError::RateLimited { .. }),
+        ) {
+            rate_headers(&mut header, rate);
+        }
+        if matches!(refusal, GatewayError::BodyTooLarge { .. }) {
+            // The unread body would be taken for the next request.
+            let _ = header.insert_header("connection", "close");
+            session.set_keepalive(None);
+        }
+        if !ctx.event_id.is_nil() {
+            let _ = header.insert_header("x-agora-request-id", ctx.event_id.to_string());
+        }
+        let _ = session.write_response_header(Box::new(header), false).await;
+        let _ = session.write_response_body(Some(body), true).await;
+        ctx.refusal = Some(refusal);
+    }
+
+    async fn json(&self, session: &mut Session, status: u16, value: &serde_json::Value) {
+        let body = Bytes::from(serde_json::to_vec(value).unwrap_or_default());
+        let Ok(mut header) = ResponseHeader::build(status, Some(4)) else {
+            return;
+        };
+        let _ = header.insert_header("content-type", "application/json");
+        let _ = header.insert_header("content-length", body.len().to_string());
+        let _ = header.insert_header("cache-control", "no-store");
+        let _ = session.write_response_header(Box::new(header), false).await;
+        let _ = session.write_response_body(Some(body), true).await;
+    }
+}

@@ -1,0 +1,332 @@
+//! Usage events: a bounded in-memory queue on the request path, drained in batches
+//! by a background task into a [`UsageSink`].
+//!
+//! Enqueueing never blocks and never allocates beyond the event itself. When the
+//! queue is full the event is counted as dropped (metrics, and a warning at most once
+//! a second) rather than slowing requests; the stores that spill to disk instead
+//! plug in behind the same [`UsageSink`] interface. A batch the sink refuses is
+//! retried with backoff and kept in order; on shutdown the queue is closed and
+//! drained, and every event already queued is handed to the sink.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agora_config::usage::UsageEvent;
+use async_trait::async_trait;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+/// Token counts the runtime reported out of band for one request
+/// (`POST /api/agent-gateway/usage/`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenReport {
+    /// The `X-Agora-Request-Id` the proxy sent with the run (the event's `event_id`).
+    pub request_id: Uuid,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// What flows through the queue.
+#[derive(Clone, Debug)]
+pub enum UsageRecord {
+    Event(Box<UsageEvent>),
+    Report(TokenReport),
+}
+
+/// Where usage goes. Implementations must be idempotent per `event_id`: a batch may
+/// be offered again after an error.
+#[async_trait]
+pub trait UsageSink: Send + Sync + 'static {
+    async fn write(&self, batch: &[UsageRecord]) -> anyhow::Result<()>;
+}
+
+/// Counts what it receives and logs one line per batch.
+#[derive(Default)]
+pub struct LogSink {
+    pub events: AtomicU64,
+    pub reports: AtomicU64,
+    pub input_tokens: AtomicU64,
+    pub output_tokens: AtomicU64,
+}
+
+#[async_trait]
+impl UsageSink for LogSink {
+    async fn write(&self, batch: &[UsageRecord]) -> anyhow::Result<()> {
+        let (mut events, mut reports, mut input, mut output) = (0u64, 0u64, 0u64, 0u64);
+        for record in batch {
+            match record {
+                UsageRecord::Event(e) => {
+                    events += 1;
+                    input += e.input_tokens.unwrap_or(0);
+                    output += e.output_tokens.unwrap_or(0);
+                }
+                UsageRecord::Report(r) => {
+                    reports += 1;
+                    input += r.input_tokens;
+                    output += r.output_tokens;
+                }
+            }
+        }
+        self.events.fetch_add(events, Ordering::Relaxed);
+        self.reports.fetch_add(reports, Ordering::Relaxed);
+        self.input_tokens.fetch_add(input, Ordering::Relaxed);
+        self.output_tokens.fetch_add(output, Ordering::Relaxed);
+        tracing::info!(
+            events,
+            reports,
+            input_tokens = input,
+            output_tokens = output,
+            "usage batch"
+        );
+        Ok(())
+    }
+}
+
+/// The request path's end of the queue.
+#[derive(Clone)]
+pub struct UsageQueue {
+    tx: mpsc::Sender<UsageRecord>,
+    stats: Arc<QueueStats>,
+}
+
+#[derive(Default)]
+pub struct QueueStats {
+    pub enqueued: AtomicU64,
+    pub dropped: AtomicU64,
+    pub written: AtomicU64,
+    pub sink_errors: AtomicU64,
+    pub sink_failing: AtomicBool,
+    last_drop_warning_ms: AtomicI64,
+}
+
+/// The background end of the queue.
+pub struct Drain {
+    rx: mpsc::Receiver<UsageRecord>,
+    stats: Arc<QueueStats>,
+}
+
+pub fn queue(capacity: usize) -> (UsageQueue, Drain) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let stats = Arc::new(QueueStats::default());
+    (
+        UsageQueue {
+            tx,
+            stats: stats.clone(),
+        },
+        Drain { rx, stats },
+    )
+}
+
+impl UsageQueue {
+    /// Queues a record without waiting; returns false (and counts a drop) when full
+    /// or closed.
+    pub fn push(&self, record: UsageRecord) -> bool {
+        match self.tx.try_send(record) {
+            Ok(()) => {
+                self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(_) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                let now = crate::sync::now_ms();
+                let last = self.stats.last_drop_warning_ms.load(Ordering::Relaxed);
+                if now - last >= 1000
+                    && self
+                        .stats
+                        .last_drop_warning_ms
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    tracing::warn!(
+                        dropped = self.stats.dropped.load(Ordering::Relaxed),
+                        "usage queue full; events dropped"
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    pub fn depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.tx.max_capacity()
+    }
+
+    pub fn stats(&self) -> &QueueStats {
+        &self.stats
+    }
+}
+
+/// Largest batch handed to the sink at once.
+pub const MAX_BATCH: usize = 8192;
+
+impl Drain {
+    /// Moves records into `sink` until `stop` turns true, then closes the queue and
+    /// writes everything still in it.
+    pub async fn run(
+        mut self,
+        sink: Arc<dyn UsageSink>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        loop {
+            tokio::select! {
+                n = self.rx.recv_many(&mut batch, MAX_BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.write(&*sink, &mut batch, false).await;
+                }
+                _ = stop.changed() => break,
+            }
+        }
+        self.rx.close();
+        while self.rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            self.write(&*sink, &mut batch, true).await;
+        }
+    }
+
+    async fn write(&self, sink: &dyn UsageSink, batch: &mut Vec<UsageRecord>, closing: bool) {
+        let mut backoff = Duration::from_millis(50);
+        let mut attempts = 0;
+        loop {
+            match sink.write(batch).await {
+                Ok(()) => {
+                    self.stats
+                        .written
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    self.stats.sink_failing.store(false, Ordering::Relaxed);
+                    batch.clear();
+                    return;
+                }
+                Err(e) => {
+                    attempts += 1;
+                    self.stats.sink_errors.fetch_add(1, Ordering::Relaxed);
+                    self.stats.sink_failing.store(true, Ordering::Relaxed);
+                    tracing::warn!(error = %e, records = batch.len(), attempts, "usage sink refused a batch; retrying");
+                    if closing && attempts >= 5 {
+                        self.stats
+                            .dropped
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        tracing::error!(
+                            records = batch.len(),
+                            "usage sink still failing at shutdown; batch dropped"
+                        );
+                        batch.clear();
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agora_config::usage::{TokenSource, UsageStatus};
+    use std::sync::Mutex;
+
+    pub fn event(n: u64) -> UsageEvent {
+        UsageEvent {
+            event_id: Uuid::now_v7(),
+            time_ms: 1,
+            tenant: None,
+            config: None,
+            key_id: None,
+            agent: None,
+            route: "/api/agent-gateway/invoke/".into(),
+            status: UsageStatus::Ok,
+            http_status: 200,
+            latency_us: 1,
+            upstream_latency_us: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            input_tokens: Some(n),
+            output_tokens: Some(1),
+            token_source: TokenSource::Runtime,
+        }
+    }
+
+    /// Fails its first `failures` writes, then records.
+    struct Flaky {
+        failures: AtomicU64,
+        seen: Mutex<Vec<Uuid>>,
+    }
+
+    #[async_trait]
+    impl UsageSink for Flaky {
+        async fn write(&self, batch: &[UsageRecord]) -> anyhow::Result<()> {
+            if self.failures.load(Ordering::Relaxed) > 0 {
+                self.failures.fetch_sub(1, Ordering::Relaxed);
+                anyhow::bail!("store down");
+            }
+            let mut seen = self.seen.lock().unwrap();
+            for r in batch {
+                if let UsageRecord::Event(e) = r {
+                    seen.push(e.event_id);
+                }
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn every_event_reaches_the_sink_in_order_despite_errors_and_shutdown() {
+        let (q, drain) = queue(1024);
+        let sink = Arc::new(Flaky {
+            failures: AtomicU64::new(2),
+            seen: Mutex::new(Vec::new()),
+        });
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(drain.run(sink.clone(), stop_rx));
+        let mut ids = Vec::new();
+        for n in 0..500 {
+            let e = event(n);
+            ids.push(e.event_id);
+            assert!(q.push(UsageRecord::Event(Box::new(e))));
+        }
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+        assert_eq!(*sink.seen.lock().unwrap(), ids);
+        assert_eq!(q.stats().written.load(Ordering::Relaxed), 500);
+        assert_eq!(q.stats().sink_errors.load(Ordering::Relaxed), 2);
+        assert!(!q.push(UsageRecord::Event(Box::new(event(0)))), "closed");
+    }
+
+    #[test]
+    fn a_full_queue_counts_drops() {
+        let (q, _drain) = queue(1);
+        assert!(q.push(UsageRecord::Event(Box::new(event(1)))));
+        assert!(!q.push(UsageRecord::Event(Box::new(event(2)))));
+        assert_eq!(q.depth(), 1);
+        assert_eq!(q.stats().dropped.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn log_sink_counts() {
+        let sink = LogSink::default();
+        sink.write(&[
+            UsageRecord::Event(Box::new(event(3))),
+            UsageRecord::Report(TokenReport {
+                request_id: Uuid::nil(),
+                input_tokens: 2,
+                output_tokens: 4,
+            }),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(sink.events.load(Ordering::Relaxed), 1);
+        assert_eq!(sink.reports.load(Ordering::Relaxed), 1);
+        assert_eq!(sink.input_tokens.load(Ordering::Relaxed), 5);
+        assert_eq!(sink.output_tokens.load(Ordering::Relaxed), 5);
+    }
+}
