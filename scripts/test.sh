@@ -4,7 +4,7 @@
 #   ./scripts/test.sh            # the whole suite
 #   ./scripts/test.sh -p agora-config   # extra arguments go to `cargo test`
 #
-# Needs: a Rust toolchain, and either a running Postgres on 127.0.0.1:5432 or
+# Needs: a Rust toolchain, cmake, and either a running Postgres on 127.0.0.1:5432 or
 # root on a Debian-like system (Postgres is then installed and started).
 # Override the server with TEST_PG_ADMIN_URL=postgres://user:pass@host:port/postgres.
 set -euo pipefail
@@ -27,6 +27,8 @@ apt_install() {
 
 command -v cargo >/dev/null || { log "cargo not found: install Rust (https://rustup.rs)"; exit 1; }
 command -v curl >/dev/null || apt_install curl
+# Pingora's dependencies build C code with cmake.
+command -v cmake >/dev/null || apt_install cmake
 command -v psql >/dev/null || apt_install postgresql-client
 
 export TEST_PG_ADMIN_URL="${TEST_PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"

@@ -258,6 +258,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     proxy_config.control_plane_url = format!("http://{addr}");
     proxy_config.proxy_secret = state.proxy_secret.clone();
     proxy_config.handle_signals = false;
+    proxy_config.work_stealing = true;
     if let Some(runtime) = &built_in {
         proxy_config.runtime_api_key = Some(runtime.api_key.clone().into());
     }

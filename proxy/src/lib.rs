@@ -69,6 +69,10 @@ pub struct ProxyConfig {
     pub long_poll: Duration,
     /// Whether SIGTERM/SIGINT shut the proxy down (off when embedded).
     pub handle_signals: bool,
+    /// Pingora's work-stealing runtime. Off is faster (one runtime per thread), but
+    /// Pingora's per-thread runtime registry outlives a stopped server, so a process
+    /// that starts the proxy more than once (tests, `agora up`) needs it on.
+    pub work_stealing: bool,
 }
 
 impl ProxyConfig {
@@ -93,6 +97,7 @@ impl ProxyConfig {
             runtime_secret: p.runtime_secret.clone(),
             long_poll: Duration::from_secs(25),
             handle_signals: true,
+            work_stealing: false,
         })
     }
 }
@@ -195,7 +200,7 @@ pub fn start(config: ProxyConfig, sink: Arc<dyn UsageSink>) -> anyhow::Result<Ru
 
     let mut conf = ServerConf {
         threads: config.threads,
-        work_stealing: false,
+        work_stealing: config.work_stealing,
         upstream_keepalive_pool_size: config.upstream_pool_size,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),

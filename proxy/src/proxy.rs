@@ -660,10 +660,24 @@ impl Gateway {
         ) {
             rate_headers(&mut header, rate);
         }
-        if matches!(refusal, GatewayError::BodyTooLarge { .. }) {
-            // The unread body would be taken for the next request.
-            let _ = header.insert_header("connection", "close");
-            session.set_keepalive(None);
+        // A body left unread would be taken for the next request on this
+        // connection: read a small one, close the connection for the rest.
+        if !session.as_mut().is_body_done() {
+            let small = session
+                .req_header()
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<usize>().ok())
+                .is_some_and(|n| n <= self.max_body_bytes);
+            let drained = small
+                && tokio::time::timeout(Duration::from_secs(1), session.drain_request_body())
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+            if !drained {
+                let _ = header.insert_header("connection", "close");
+                session.set_keepalive(None);
+            }
         }
         if !ctx.event_id.is_nil() {
             let _ = header.insert_header("x-agora-request-id", ctx.event_id.to_string());

@@ -1,0 +1,1127 @@
+//! End to end through the data plane: a control plane on a fresh Postgres
+//! database, the demo runtime behind a recording TCP relay, and the Pingora proxy,
+//! all on OS-chosen ports. Nothing here sleeps to wait for readiness: it polls.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agora_config::keys::SigningKey;
+use agora_control_plane::demo::{self, BuiltInRuntime};
+use agora_control_plane::AppState;
+use agora_proxy::usage::LogSink;
+use agora_proxy::{ProxyConfig, Running};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use futures_util::StreamExt as _;
+use reqwest::StatusCode;
+use secrecy::ExposeSecret;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+const SECRET: &str = "proxy-secret-for-tests";
+
+fn pg_admin_url() -> String {
+    std::env::var("TEST_PG_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Server-to-client bytes of every connection the relay carried.
+type Recorded = Arc<Mutex<Vec<Vec<u8>>>>;
+
+/// A TCP relay in front of the runtime that records what the runtime sends.
+async fn relay(target: std::net::SocketAddr) -> (String, Recorded) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let recorded: Recorded = Arc::default();
+    let rec = recorded.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let rec = rec.clone();
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let index = {
+                    let mut all = rec.lock().unwrap();
+                    all.push(Vec::new());
+                    all.len() - 1
+                };
+                let (mut cr, mut cw) = client.split();
+                let (mut sr, mut sw) = server.split();
+                let up = tokio::io::copy(&mut cr, &mut sw);
+                let down = async {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        rec.lock().unwrap()[index].extend_from_slice(&buf[..n]);
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = cw.shutdown().await;
+                };
+                tokio::select! {
+                    _ = up => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), recorded)
+}
+
+struct World {
+    cp_url: String,
+    cp_addr: std::net::SocketAddr,
+    state: AppState,
+    stop_cp: Option<tokio::sync::oneshot::Sender<()>>,
+    cp_task: Option<tokio::task::JoinHandle<()>>,
+    stats: Arc<agora_runtime::RunStats>,
+    runtime_task: tokio::task::JoinHandle<()>,
+    recorded: Recorded,
+    proxy: Option<Running>,
+    proxy_url: String,
+    http: reqwest::Client,
+    info: demo::DemoInfo,
+    dir: tempfile::TempDir,
+    database: String,
+}
+
+async fn start_cp(
+    state: AppState,
+    listener: tokio::net::TcpListener,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        agora_control_plane::serve(listener, state, async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    (tx, task)
+}
+
+fn proxy_config(w_dir: &std::path::Path, cp_url: &str, runtime_key: &str) -> ProxyConfig {
+    let mut settings = agora_config::settings::Settings {
+        data_dir: w_dir.to_owned(),
+        ..Default::default()
+    };
+    settings.proxy.listen = "127.0.0.1:0".into();
+    settings.proxy.admin_listen = "127.0.0.1:0".into();
+    settings.proxy.grace_period_ms = 5_000;
+    let mut config = ProxyConfig::from_settings(&settings).unwrap();
+    config.control_plane_url = cp_url.to_owned();
+    config.proxy_secret = Some(SECRET.to_owned().into());
+    config.runtime_api_key = Some(runtime_key.to_owned().into());
+    config.runtime_secret = Some("runtime-secret-for-tests".to_owned().into());
+    config.handle_signals = false;
+    config.work_stealing = true;
+    config
+}
+
+impl World {
+    async fn start(token_delay: Duration) -> World {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
+        let name = format!("agora_t_{}", Uuid::new_v4().simple());
+        let admin = agora_control_plane::db::Db::connect(&pg_admin_url(), 1)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "Postgres is required for the gateway tests and was not reachable at {}: {e:#}",
+                    pg_admin_url()
+                )
+            });
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin.pool)
+            .await
+            .unwrap();
+        admin.pool.close().await;
+        let base = pg_admin_url();
+        let url = format!("{}/{name}", &base[..base.rfind('/').unwrap()]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = agora_config::settings::Settings {
+            data_dir: dir.path().to_owned(),
+            ..Default::default()
+        };
+        settings.control_plane.database_url = Some(url);
+        settings.control_plane.proxy_secret = Some(SECRET.to_owned().into());
+        let mut state = AppState::from_settings(&settings).await.unwrap();
+
+        // The demo runtime, reached through a recording relay.
+        let runtime_key = format!("rt-{}", Uuid::new_v4().simple());
+        let mut rc = agora_runtime::RuntimeConfig::new(runtime_key.clone());
+        rc.token_delay = token_delay;
+        let runtime = agora_runtime::DemoRuntime::new(rc);
+        let stats = runtime.stats();
+        let rt_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let rt_addr = rt_listener.local_addr().unwrap();
+        let runtime_task = tokio::spawn(async move {
+            let _ = runtime.serve(rt_listener).await;
+        });
+        let (runtime_url, recorded) = relay(rt_addr).await;
+        state.runtime = Some(
+            agora_control_plane::runtime::RuntimeClient::new(
+                &runtime_url,
+                runtime_key.clone().into(),
+                Duration::from_secs(10),
+            )
+            .unwrap(),
+        );
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cp_addr = listener.local_addr().unwrap();
+        let cp_url = format!("http://{cp_addr}");
+        let built_in = BuiltInRuntime {
+            url: runtime_url.clone(),
+            api_key: runtime_key.clone(),
+        };
+        let info = demo::ensure(&state, dir.path(), &cp_url, Some(&built_in), None)
+            .await
+            .unwrap();
+        let (stop_cp, cp_task) = start_cp(state.clone(), listener).await;
+
+        let config = proxy_config(dir.path(), &cp_url, &runtime_key);
+        let proxy = tokio::task::spawn_blocking(move || {
+            agora_proxy::start(config, Arc::new(LogSink::default())).unwrap()
+        })
+        .await
+        .unwrap();
+        let proxy_url = format!("http://{}", proxy.addr);
+        let world = World {
+            cp_url,
+            cp_addr,
+            state,
+            stop_cp: Some(stop_cp),
+            cp_task: Some(cp_task),
+            stats,
+            runtime_task,
+            recorded,
+            proxy: Some(proxy),
+            proxy_url,
+            http: reqwest::Client::new(),
+            info,
+            dir,
+            database: name,
+        };
+        world.wait_ready().await;
+        world
+    }
+
+    /// Polls health until the proxy serves the control plane's current snapshot.
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let health = self
+                .http
+                .get(format!("{}/api/agent-gateway/health/", self.proxy_url))
+                .send()
+                .await;
+            if let Ok(r) = health {
+                let body: Value = r.json().await.unwrap_or_default();
+                if body["status"] == "ok" {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "proxy never became ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn proxy(&self) -> &Running {
+        self.proxy.as_ref().unwrap()
+    }
+
+    async fn invoke(&self, key: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/api/agent-gateway/invoke/", self.proxy_url))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn cp(
+        &self,
+        method: reqwest::Method,
+        token: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.cp_url))
+            .header("authorization", format!("Token {token}"));
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn agent(&self, name: &str) -> Uuid {
+        let (_, agents) = self
+            .cp(
+                reqwest::Method::GET,
+                &self.info.provider_token,
+                "/api/provider-agents/",
+                None,
+            )
+            .await;
+        agents["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["name"] == name)
+            .unwrap_or_else(|| panic!("no agent {name}: {agents}"))["uuid"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// A new plan on `agent`, a buyer order of it, and a key for the new config.
+    async fn subscription(&self, agent: &str, plan: Value, key: Value) -> (Uuid, String) {
+        let agent = self.agent(agent).await;
+        let (s, plan) = self
+            .cp(
+                reqwest::Method::POST,
+                &self.info.provider_token,
+                &format!("/api/provider-agents/{agent}/plans/"),
+                Some(plan),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{plan}");
+        let (s, order) = self
+            .cp(
+                reqwest::Method::POST,
+                &self.info.buyer_token,
+                "/api/marketplace-orders/",
+                Some(json!({"offering": agent, "plan": plan["uuid"]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{order}");
+        let config: Uuid = order["config"].as_str().unwrap().parse().unwrap();
+        let (s, issued) = self
+            .cp(
+                reqwest::Method::POST,
+                &self.info.buyer_token,
+                &format!("/api/customer-agent-configs/{config}/api_keys/"),
+                Some(key),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{issued}");
+        let key = issued["key"].as_str().unwrap().to_owned();
+        self.wait_for_key(&key).await;
+        (config, key)
+    }
+
+    /// Polls validate until the proxy knows `key`.
+    async fn wait_for_key(&self, key: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = self
+                .http
+                .get(format!("{}/api/agent-gateway/validate/", self.proxy_url))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap();
+            if r.status() == StatusCode::OK {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the proxy never learned the key");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        self.http
+            .get(format!("http://{}/metrics", self.proxy().admin_addr))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    async fn stop_proxy(&mut self) {
+        if let Some(proxy) = self.proxy.take() {
+            tokio::task::spawn_blocking(move || proxy.shutdown())
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn stop_cp(&mut self) {
+        if let Some(stop) = self.stop_cp.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.cp_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        }
+    }
+
+    async fn finish(mut self) {
+        self.stop_proxy().await;
+        self.stop_cp().await;
+        self.runtime_task.abort();
+        self.state.db.pool.close().await;
+        if let Ok(admin) = agora_control_plane::db::Db::connect(&pg_admin_url(), 1).await {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.database
+            ))
+            .execute(&admin.pool)
+            .await;
+        }
+        drop(self.dir);
+    }
+}
+
+/// (name, key, registered in the key table as (kind, mode), the reason metrics show)
+type Case<'a> = (&'a str, String, Option<(&'a str, &'a str)>, &'a str);
+
+fn canonical_invalid() -> Value {
+    json!({"error": {"code": "invalid_api_key", "message": "The API key is not valid."}})
+}
+
+fn b64(value: &Value) -> String {
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(value).unwrap())
+}
+
+/// Puts a key's hash into the key table as if it had been issued, so the proxy's
+/// checks past the table lookup are the ones that refuse it.
+async fn register(w: &World, raw: &str, key_id: Uuid, kind: &str, mode: &str, tenant: Uuid) {
+    use sha2::Digest;
+    let hash = hex::encode(sha2::Sha256::digest(raw.as_bytes()));
+    let buyer: String = sqlx::query_scalar("SELECT uuid FROM users WHERE username = $1")
+        .bind(&w.info.buyer_username)
+        .fetch_one(&w.state.db.pool)
+        .await
+        .unwrap();
+    let mut tx = w.state.db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO api_keys (uuid, org_uuid, config_uuid, name, kind, mode, scopes, allowed_origins, key_hash, prefix, kid, status, created_by, created_at) VALUES ($1, $2, $3, 'forged', $4, $5, 'invoke', '[\"https://shop.example\"]', $6, 'ar_x', $7, 'active', $8, 0)")
+        .bind(key_id.to_string())
+        .bind(tenant.to_string())
+        .bind(w.info.config_uuid.to_string())
+        .bind(kind)
+        .bind(mode)
+        .bind(hash)
+        .bind(w.state.signer.kid())
+        .bind(buyer)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    agora_control_plane::db::bump_revision(&mut tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_attacks_are_refused_before_the_runtime() {
+    let w = World::start(Duration::from_millis(1)).await;
+    let good = w.info.api_key.clone();
+    // The demo key works, and tells its tenant.
+    let r = w
+        .http
+        .get(format!("{}/api/agent-gateway/validate/", w.proxy_url))
+        .bearer_auth(&good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let ctx: Value = r.json().await.unwrap();
+    let tenant: Uuid = ctx["tenant"].as_str().unwrap().parse().unwrap();
+    assert_eq!(ctx["config"], json!(w.info.config_uuid));
+    assert_eq!(ctx["scopes"], json!(["invoke"]));
+    assert_eq!(ctx["plan"]["requests_per_minute"], 20);
+
+    let kid = w.state.signer.kid().to_owned();
+    let pem = w.state.signer.to_pkcs8_pem();
+    let ed = jsonwebtoken::EncodingKey::from_ed_pem(pem.expose_secret().as_bytes()).unwrap();
+    let public = w.state.signer.verification_key().public_key;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = |id: Uuid, extra: Value| {
+        let mut c = json!({"jti": id, "cfg": w.info.config_uuid, "ten": tenant, "scp": ["invoke"], "iat": now, "mode": "live", "kind": "secret_live"});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    let eddsa = |id: Uuid, extra: Value, kid: &str, key: &jsonwebtoken::EncodingKey| {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&header, &claims(id, extra), key).unwrap()
+    };
+
+    // (name, key, registered as (kind, mode), the reason metrics must show)
+    let mut cases: Vec<Case> = Vec::new();
+    let id = Uuid::new_v4();
+    cases.push((
+        "alg none",
+        format!(
+            "ar_sk_live_{}.{}.AAAA",
+            b64(&json!({"alg": "none", "typ": "JWT", "kid": kid})),
+            b64(&claims(id, json!({})))
+        ),
+        Some(("secret", "live")),
+        "unsupported_algorithm",
+    ));
+    let id = Uuid::new_v4();
+    let mut hs = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    hs.kid = Some(kid.clone());
+    cases.push((
+        "HS256 signed with the public key",
+        format!(
+            "ar_sk_live_{}",
+            jsonwebtoken::encode(
+                &hs,
+                &claims(id, json!({})),
+                &jsonwebtoken::EncodingKey::from_secret(&URL_SAFE_NO_PAD.decode(&public).unwrap())
+            )
+            .unwrap()
+        ),
+        Some(("secret", "live")),
+        "unsupported_algorithm",
+    ));
+    let id = Uuid::new_v4();
+    let stranger = SigningKey::generate("stranger-kid");
+    let stranger_pem = stranger.to_pkcs8_pem();
+    let stranger_key =
+        jsonwebtoken::EncodingKey::from_ed_pem(stranger_pem.expose_secret().as_bytes()).unwrap();
+    cases.push((
+        "unknown kid",
+        format!(
+            "ar_sk_live_{}",
+            eddsa(id, json!({}), "stranger-kid", &stranger_key)
+        ),
+        Some(("secret", "live")),
+        "unknown_kid",
+    ));
+    let id = Uuid::new_v4();
+    cases.push((
+        "signed by another key under our kid",
+        format!("ar_sk_live_{}", eddsa(id, json!({}), &kid, &stranger_key)),
+        Some(("secret", "live")),
+        "bad_signature",
+    ));
+    let id = Uuid::new_v4();
+    cases.push((
+        "expired",
+        format!(
+            "ar_sk_live_{}",
+            eddsa(id, json!({"exp": now - 60}), &kid, &ed)
+        ),
+        Some(("secret", "live")),
+        "key_expired",
+    ));
+    let id = Uuid::new_v4();
+    cases.push((
+        "exp as a string",
+        format!(
+            "ar_sk_live_{}",
+            eddsa(id, json!({"exp": (now + 3600).to_string()}), &kid, &ed)
+        ),
+        Some(("secret", "live")),
+        "invalid_claims",
+    ));
+    let id = Uuid::new_v4();
+    cases.push((
+        "secret token under the publishable prefix",
+        format!("ar_pk_live_{}", eddsa(id, json!({}), &kid, &ed)),
+        Some(("publishable", "live")),
+        "wrong_key_prefix",
+    ));
+    let id = Uuid::new_v4();
+    cases.push((
+        "live token under the test prefix",
+        format!("ar_sk_test_{}", eddsa(id, json!({}), &kid, &ed)),
+        Some(("secret", "test")),
+        "mode_mismatch",
+    ));
+    cases.push((
+        "the good key under the publishable prefix",
+        good.replacen("ar_sk_live_", "ar_pk_live_", 1),
+        None,
+        "unknown_key",
+    ));
+    cases.push(("malformed", "ar_sk_live_abc".into(), None, "malformed_key"));
+    cases.push((
+        "oversized",
+        format!("ar_sk_live_{}", "a".repeat(5000)),
+        None,
+        "key_too_long",
+    ));
+    for (_, key, registered, _) in &cases {
+        if let Some((kind, mode)) = registered {
+            let claims_part = key.split('.').nth(1).unwrap();
+            let claims: Value =
+                serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims_part).unwrap()).unwrap();
+            let id: Uuid = claims["jti"].as_str().unwrap().parse().unwrap();
+            register(&w, key, id, kind, mode, tenant).await;
+        }
+    }
+    // Wait until the proxy holds the registered keys (the last registration's revision).
+    let cp_rev: i64 = sqlx::query_scalar("SELECT revision FROM config_revision WHERE id = 1")
+        .fetch_one(&w.state.db.pool)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.proxy().gateway.shared.load().revision() < cp_rev as u64 {
+        assert!(Instant::now() < deadline, "proxy did not catch up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let runs_before = w.stats.started();
+    for (name, key, _, reason) in &cases {
+        let r = w
+            .http
+            .post(format!("{}/api/agent-gateway/invoke/", w.proxy_url))
+            .header("authorization", format!("Bearer {key}"))
+            .header("origin", "https://shop.example")
+            .json(&json!({"input_value": "hi"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{name}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            body,
+            canonical_invalid(),
+            "{name}: one body for every key failure"
+        );
+        let metrics = w.metrics().await;
+        assert!(
+            metrics.contains(&format!(
+                "agora_proxy_auth_failures_total{{reason=\"{reason}\"}}"
+            )),
+            "{name} should be refused as {reason}: {metrics}"
+        );
+    }
+    // The same through X-API-Key.
+    let r = w
+        .http
+        .post(format!("{}/api/agent-gateway/invoke/", w.proxy_url))
+        .header("x-api-key", "ar_sk_live_abc")
+        .json(&json!({"input_value": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // No key at all.
+    let r = w
+        .http
+        .post(format!("{}/api/agent-gateway/invoke/", w.proxy_url))
+        .json(&json!({"input_value": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "missing_api_key");
+    // A 1 MB header is refused without reaching anything.
+    let huge = format!("Bearer ar_sk_live_{}", "a".repeat(1024 * 1024));
+    let r = w
+        .http
+        .post(format!("{}/api/agent-gateway/invoke/", w.proxy_url))
+        .header("authorization", huge)
+        .json(&json!({"input_value": "hi"}))
+        .send()
+        .await;
+    match r {
+        Ok(r) => assert!(
+            r.status().is_client_error(),
+            "a 1 MB header must be refused, got {}",
+            r.status()
+        ),
+        // Refusing to read it at all is a refusal too.
+        Err(e) => assert!(e.is_request() || e.is_connect() || e.is_body(), "{e}"),
+    }
+    assert_eq!(
+        w.stats.started(),
+        runs_before,
+        "no refused key reached the runtime"
+    );
+    // The good key still works.
+    let r = w.invoke(&good, json!({"input_value": "still fine"})).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(w.stats.started(), runs_before + 1);
+    w.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scope_and_revocation() {
+    let w = World::start(Duration::from_millis(1)).await;
+    // A read-only key: validate yes, invoke no.
+    let (s, issued) = w
+        .cp(
+            reqwest::Method::POST,
+            &w.info.buyer_token,
+            &format!(
+                "/api/customer-agent-configs/{}/api_keys/",
+                w.info.config_uuid
+            ),
+            Some(json!({"name": "reader", "scopes": ["read"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{issued}");
+    let reader = issued["key"].as_str().unwrap().to_owned();
+    w.wait_for_key(&reader).await;
+    let r = w.invoke(&reader, json!({"input_value": "hi"})).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "insufficient_scope");
+
+    // Revocation through the control plane reaches the proxy within a second.
+    let key = w.info.api_key.clone();
+    assert_eq!(
+        w.invoke(&key, json!({"input_value": "hi"})).await.status(),
+        StatusCode::OK
+    );
+    let (_, keys) = w
+        .cp(
+            reqwest::Method::GET,
+            &w.info.buyer_token,
+            &format!(
+                "/api/customer-agent-configs/{}/api_keys/",
+                w.info.config_uuid
+            ),
+            None,
+        )
+        .await;
+    let key_id = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] != "reader")
+        .unwrap()["uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let started = Instant::now();
+    let (s, _) = w
+        .cp(
+            reqwest::Method::POST,
+            &w.info.buyer_token,
+            &format!("/api/agent-api-keys/{key_id}/revoke/"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let refused_after = loop {
+        let r = w
+            .http
+            .get(format!("{}/api/agent-gateway/validate/", w.proxy_url))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::UNAUTHORIZED {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "revocation never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    eprintln!("revoked key refused by the proxy after {refused_after:?}");
+    assert!(
+        refused_after < Duration::from_secs(1),
+        "took {refused_after:?}"
+    );
+    let r = w.invoke(&key, json!({"input_value": "hi"})).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    w.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_contract_and_body_validation() {
+    let w = World::start(Duration::from_millis(1)).await;
+    let (_, key) = w
+        .subscription(
+            "FAQ Echo",
+            json!({"name": "Roomy", "price_cents": 0, "requests_per_minute": 600}),
+            json!({"name": "roomy"}),
+        )
+        .await;
+    // Bad bodies are refused before they count against the runtime.
+    let runs = w.stats.started();
+    for (body, code) in [
+        (
+            json!({"input_value": "hi", "input_type": "bogus"}),
+            "invalid_body",
+        ),
+        (
+            json!({"input_value": "hi", "tweaks": {"x": 1}}),
+            "invalid_body",
+        ),
+        (
+            json!({"input_value": "hi", "session_id": ""}),
+            "invalid_session_id",
+        ),
+    ] {
+        let r = w.invoke(&key, body.clone()).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{body}");
+        let err: Value = r.json().await.unwrap();
+        assert_eq!(err["error"]["code"], code, "{body}");
+    }
+    assert_eq!(w.stats.started(), runs);
+    // The 429 contract, on a plan of two requests a minute.
+    let (_, key) = w
+        .subscription(
+            "FAQ Echo",
+            json!({"name": "Tiny 2", "price_cents": 0, "requests_per_minute": 2, "burst": 2}),
+            json!({"name": "tiny2"}),
+        )
+        .await;
+    for remaining in ["1", "0"] {
+        let r = w.invoke(&key, json!({"input_value": "hi"})).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["ratelimit-limit"], "2");
+        assert_eq!(r.headers()["ratelimit-remaining"], remaining);
+        assert!(r.headers().contains_key("ratelimit-reset"));
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            body["outputs"][0]["outputs"][0]["results"]["message"]["text"],
+            "hi"
+        );
+    }
+    let runs = w.stats.started();
+    let r = w.invoke(&key, json!({"input_value": "hi"})).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&retry), "retry-after {retry}");
+    assert_eq!(r.headers()["ratelimit-limit"], "2");
+    assert_eq!(r.headers()["ratelimit-remaining"], "0");
+    assert!(r.headers().contains_key("ratelimit-reset"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert_eq!(
+        w.stats.started(),
+        runs,
+        "a refused request never reaches the runtime"
+    );
+    assert!(w
+        .metrics()
+        .await
+        .contains("agora_proxy_rate_limited_total{limit=\"key\"} 1"));
+    w.finish().await;
+}
+
+/// Decodes an HTTP/1.1 chunked response body from raw bytes.
+fn dechunk(raw: &[u8]) -> Vec<u8> {
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let mut rest = &raw[head_end..];
+    let mut out = Vec::new();
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap().trim(), 16)
+                .unwrap();
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_pass_through_unbuffered_and_byte_identical() {
+    let w = World::start(Duration::from_millis(150)).await;
+    let (_, key) = w
+        .subscription(
+            "Document Summarizer",
+            json!({"name": "Stream", "price_cents": 0}),
+            json!({"name": "stream"}),
+        )
+        .await;
+    let connections_before = w.recorded.lock().unwrap().len();
+    let started = Instant::now();
+    let r = w
+        .http
+        .post(format!(
+            "{}/api/agent-gateway/invoke/?stream=true",
+            w.proxy_url
+        ))
+        .bearer_auth(&key)
+        .json(&json!({"input_value": "A long document to summarise."}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.headers()["content-type"],
+        "text/event-stream; charset=utf-8"
+    );
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    let first_at = started.elapsed();
+    assert_eq!(
+        w.stats.completed(),
+        0,
+        "the first bytes arrived while the run was still going"
+    );
+    let mut received = first.to_vec();
+    while let Some(chunk) = stream.next().await {
+        received.extend_from_slice(&chunk.unwrap());
+    }
+    let done_at = started.elapsed();
+    eprintln!("first chunk after {first_at:?}, end after {done_at:?}");
+    assert!(
+        done_at > first_at + Duration::from_millis(300),
+        "tokens were paced, so the end came later"
+    );
+    assert_eq!(w.stats.completed(), 1);
+    let text = String::from_utf8(received.clone()).unwrap();
+    assert!(text.contains("{\"event\": \"token\""));
+    assert!(text.trim_end().ends_with('}') && text.contains("{\"event\": \"end\""));
+    // What the runtime sent on its connection, de-chunked, is what the client got.
+    let runs: Vec<Vec<u8>> = w.recorded.lock().unwrap()[connections_before..]
+        .iter()
+        .filter(|c| c.windows(17).any(|x| x == b"text/event-stream"))
+        .cloned()
+        .collect();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(dechunk(&runs[0]), received, "frames are byte-identical");
+    // Usage from the stream's end event reached the sink.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = w.metrics().await;
+        if m.contains("agora_proxy_usage_written_total")
+            && !m.contains("agora_proxy_usage_written_total 0")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    w.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_cancels_the_run_and_sigterm_drains_streams() {
+    let mut w = World::start(Duration::from_millis(200)).await;
+    let (_, key) = w
+        .subscription(
+            "Document Summarizer",
+            json!({"name": "Stream", "price_cents": 0}),
+            json!({"name": "stream"}),
+        )
+        .await;
+    let r = w
+        .http
+        .post(format!(
+            "{}/api/agent-gateway/invoke/?stream=true",
+            w.proxy_url
+        ))
+        .bearer_auth(&key)
+        .json(&json!({"input_value": "cut me off"}))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = r.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.stats.cancelled() < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the runtime never saw the cancellation"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(w.stats.completed(), 0);
+
+    // A stream in flight when shutdown starts runs to its end.
+    let r = w
+        .http
+        .post(format!(
+            "{}/api/agent-gateway/invoke/?stream=true",
+            w.proxy_url
+        ))
+        .bearer_auth(&key)
+        .json(&json!({"input_value": "finish me"}))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = r.bytes_stream();
+    let mut received = stream.next().await.unwrap().unwrap().to_vec();
+    let life = w.proxy().gateway.life.clone();
+    let proxy = w.proxy.take().unwrap();
+    let stopping = tokio::task::spawn_blocking(move || proxy.shutdown());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !life.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // New invokes are refused while draining.
+    let refused = w.invoke(&key, json!({"input_value": "too late"})).await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    while let Some(chunk) = stream.next().await {
+        received.extend_from_slice(&chunk.unwrap());
+    }
+    let text = String::from_utf8(received).unwrap();
+    assert!(
+        text.contains("{\"event\": \"end\""),
+        "the drained stream ended normally: {text}"
+    );
+    stopping.await.unwrap();
+    assert_eq!(w.stats.completed(), 1);
+    w.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_from_disk_while_the_control_plane_is_down_and_catches_up() {
+    let mut w = World::start(Duration::from_millis(1)).await;
+    let key = w.info.api_key.clone();
+    assert_eq!(
+        w.invoke(&key, json!({"input_value": "hi"})).await.status(),
+        StatusCode::OK
+    );
+    w.stop_proxy().await;
+    w.stop_cp().await;
+
+    // A new proxy with the control plane unreachable starts from the saved snapshot.
+    let config = proxy_config(
+        w.dir.path(),
+        &w.cp_url,
+        &w.info.runtime_api_key.clone().unwrap(),
+    );
+    let proxy = tokio::task::spawn_blocking(move || {
+        agora_proxy::start(config, Arc::new(LogSink::default())).unwrap()
+    })
+    .await
+    .unwrap();
+    w.proxy_url = format!("http://{}", proxy.addr);
+    w.proxy = Some(proxy);
+    let r = w.invoke(&key, json!({"input_value": "from disk"})).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let health: Value = w
+        .http
+        .get(format!("{}/api/agent-gateway/health/", w.proxy_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "stale", "{health}");
+    assert_eq!(health["ready"], true);
+    assert!(health["snapshot"]["age_seconds"].as_f64().unwrap() >= 0.0);
+
+    // The control plane returns on the same address; a revocation made there arrives.
+    let listener = tokio::net::TcpListener::bind(w.cp_addr).await.unwrap();
+    let (stop, task) = start_cp(w.state.clone(), listener).await;
+    w.stop_cp = Some(stop);
+    w.cp_task = Some(task);
+    w.wait_ready().await;
+    let (_, keys) = w
+        .cp(
+            reqwest::Method::GET,
+            &w.info.buyer_token,
+            &format!(
+                "/api/customer-agent-configs/{}/api_keys/",
+                w.info.config_uuid
+            ),
+            None,
+        )
+        .await;
+    let key_id = keys[0]["uuid"].as_str().unwrap().to_owned();
+    let (s, _) = w
+        .cp(
+            reqwest::Method::POST,
+            &w.info.buyer_token,
+            &format!("/api/agent-api-keys/{key_id}/revoke/"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.invoke(&key, json!({"input_value": "hi"})).await.status() != StatusCode::UNAUTHORIZED {
+        assert!(Instant::now() < deadline, "the proxy never caught up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    w.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_down_is_a_502_json_and_usage_reports_need_the_secret() {
+    let w = World::start(Duration::from_millis(1)).await;
+    w.runtime_task.abort();
+    // The relay still accepts, but cannot reach the runtime: it closes at once.
+    let key = w.info.api_key.clone();
+    let started = Instant::now();
+    let r = w
+        .invoke(&key, json!({"input_value": "anyone there?"}))
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "runtime_unreachable", "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Usage reports: the secret is required and compared.
+    let url = format!("{}/api/agent-gateway/usage/", w.proxy_url);
+    let report = json!({"request_id": Uuid::now_v7(), "input_tokens": 3, "output_tokens": 4});
+    let r = w.http.post(&url).json(&report).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = w
+        .http
+        .post(&url)
+        .header("x-runtime-secret", "runtime-secret-for-tests")
+        .json(&json!({"request_id": "nope"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = w
+        .http
+        .post(&url)
+        .header("x-runtime-secret", "runtime-secret-for-tests")
+        .json(&report)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // Unknown routes are JSON 404s.
+    let r = w
+        .http
+        .get(format!("{}/nowhere", w.proxy_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+    let metrics = w.metrics().await;
+    assert!(
+        metrics.contains("agora_proxy_requests_total{route=\"invoke\",status=\"502\"} 1"),
+        "{metrics}"
+    );
+    w.finish().await;
+}
