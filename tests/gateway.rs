@@ -656,6 +656,18 @@ async fn key_attacks_are_refused_before_the_runtime() {
         // Refusing to read it at all is a refusal too.
         Err(e) => assert!(e.is_request() || e.is_connect() || e.is_body(), "{e}"),
     }
+    // Headers past 32 KiB (and under Pingora's own 1 MiB bound) get a JSON 431.
+    let r = w
+        .http
+        .post(format!("{}/api/agent-gateway/invoke/", w.proxy_url))
+        .header("authorization", format!("Bearer ar_sk_live_{}", "a".repeat(40 * 1024)))
+        .json(&json!({"input_value": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "headers_too_large");
     assert_eq!(
         w.stats.started(),
         runs_before,

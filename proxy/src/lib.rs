@@ -23,6 +23,8 @@ pub mod state;
 pub mod sync;
 pub mod usage;
 
+pub use async_trait::async_trait;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -31,7 +33,6 @@ use std::time::{Duration, Instant};
 
 use agora_config::settings::Settings;
 use anyhow::Context as _;
-use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};

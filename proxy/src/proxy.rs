@@ -679,6 +679,9 @@ impl Gateway {
                 session.set_keepalive(None);
             }
         }
+        if header.headers.get("connection").is_some_and(|v| v == "close") {
+            session.set_keepalive(None);
+        }
         if !ctx.event_id.is_nil() {
             let _ = header.insert_header("x-agora-request-id", ctx.event_id.to_string());
         }

@@ -1,0 +1,107 @@
+//! What the benchmarks share: a snapshot holding one key and one route, and a tiny
+//! upstream that answers runs the way Langflow does (non-stream, with usage).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use agora_config::keys::{Claims, KeyKind, Mode, Scope, SigningKey};
+use agora_config::snapshot::{
+    AgentRoute, BillingInterval, KeyEntry, KeyStatus, PlanLimits, QuotaUsage, Snapshot,
+};
+use uuid::Uuid;
+
+/// The flow id the fixture routes to.
+pub const FLOW_ID: &str = "bench-flow";
+
+/// What the upstream answers: a Langflow run result carrying `properties.usage`.
+pub const RUN_RESPONSE: &str = r#"{"session_id":"bench","outputs":[{"inputs":{"input_value":"hi"},"outputs":[{"results":{"message":{"text":"hello there","sender":"Machine","properties":{"usage":{"input_tokens":5,"output_tokens":7,"total_tokens":12}}}},"artifacts":{},"outputs":{},"logs":{},"messages":[]}]}]}"#;
+
+/// A snapshot with one active key on a generous plan, routed to `upstream`.
+/// Returns the snapshot and the key string.
+pub fn fixture(upstream: &str) -> (Snapshot, String) {
+    let signer = SigningKey::generate("bench-kid");
+    let key_id = Uuid::from_u128(1);
+    let config = Uuid::from_u128(2);
+    let tenant = Uuid::from_u128(3);
+    let plan = Uuid::from_u128(4);
+    let claims = Claims {
+        jti: key_id,
+        cfg: config,
+        ten: tenant,
+        prj: None,
+        scp: vec![Scope::Invoke],
+        iat: 1_700_000_000,
+        nbf: None,
+        exp: None,
+        mode: Mode::Live,
+    };
+    let key = signer.issue(KeyKind::SecretLive, &claims).expect("issue");
+    let mut snapshot = Snapshot::empty();
+    snapshot.revision = 1;
+    snapshot.verification_keys = vec![signer.verification_key()];
+    snapshot.keys.insert(
+        key.hash(),
+        KeyEntry {
+            key_id,
+            kind: KeyKind::SecretLive,
+            config,
+            tenant,
+            project: None,
+            scopes: vec![Scope::Invoke],
+            status: KeyStatus::Active,
+            plan: Some(plan),
+            mode: Mode::Live,
+            expires_at: None,
+        },
+    );
+    snapshot.plans.insert(
+        plan,
+        PlanLimits {
+            plan,
+            requests_per_minute: Some(100_000_000),
+            burst: Some(1_000_000),
+            max_concurrency: Some(10_000),
+            request_quota: None,
+            token_quota: None,
+            interval: BillingInterval::Month,
+        },
+    );
+    snapshot.routes.insert(
+        config,
+        AgentRoute {
+            config,
+            agent: Uuid::from_u128(5),
+            tenant,
+            runtime_url: upstream.to_owned(),
+            flow_id: FLOW_ID.into(),
+            tweaks: serde_json::Map::new(),
+            global_vars: BTreeMap::from([("AGENT_NAME".to_owned(), "Bench".to_owned())]),
+            quota: QuotaUsage::default(),
+        },
+    );
+    (snapshot, key.expose_secret().to_owned())
+}
+
+/// Serves `RUN_RESPONSE` for every request on its own thread (one-thread runtime).
+pub fn spawn_upstream() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let app = axum::Router::new().fallback(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    RUN_RESPONSE,
+                )
+            });
+            axum::serve(listener, app).await.expect("serve");
+        });
+    });
+    addr
+}
