@@ -660,7 +660,10 @@ async fn key_attacks_are_refused_before_the_runtime() {
     let r = w
         .http
         .post(format!("{}/api/agent-gateway/invoke/", w.proxy_url))
-        .header("authorization", format!("Bearer ar_sk_live_{}", "a".repeat(40 * 1024)))
+        .header(
+            "authorization",
+            format!("Bearer ar_sk_live_{}", "a".repeat(40 * 1024)),
+        )
         .json(&json!({"input_value": "hi"}))
         .send()
         .await

@@ -105,3 +105,80 @@ pub fn spawn_upstream() -> SocketAddr {
     });
     addr
 }
+
+/// Bare Pingora: a `ProxyHttp` that only picks the upstream and sets the run path,
+/// configured like Agora's (one thread, no work stealing, the same pool). The
+/// baseline for what Agora's features cost.
+struct Bare {
+    upstream: SocketAddr,
+}
+
+#[async_trait::async_trait]
+impl pingora::proxy::ProxyHttp for Bare {
+    type CTX = ();
+
+    fn new_ctx(&self) {}
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut pingora::proxy::Session,
+        _ctx: &mut (),
+    ) -> pingora::Result<Box<pingora::upstreams::peer::HttpPeer>> {
+        Ok(Box::new(pingora::upstreams::peer::HttpPeer::new(
+            self.upstream,
+            false,
+            String::new(),
+        )))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut pingora::proxy::Session,
+        req: &mut pingora::http::RequestHeader,
+        _ctx: &mut (),
+    ) -> pingora::Result<()> {
+        req.set_uri(axum::http::Uri::from_static("/api/v1/run/bench-flow"));
+        Ok(())
+    }
+}
+
+struct Never;
+
+#[async_trait::async_trait]
+impl pingora::server::ShutdownSignalWatch for Never {
+    async fn recv(&self) -> pingora::server::ShutdownSignal {
+        std::future::pending().await
+    }
+}
+
+/// Starts bare Pingora in front of `upstream` on its own threads; returns its address.
+pub fn spawn_bare_pingora(upstream: SocketAddr, threads: usize) -> SocketAddr {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let conf = pingora::server::configuration::ServerConf {
+        threads,
+        work_stealing: false,
+        upstream_keepalive_pool_size: 1024,
+        ..Default::default()
+    };
+    let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, Bare { upstream });
+    service.add_tcp(&addr.to_string());
+    server.add_service(service);
+    std::thread::spawn(move || {
+        server.run(pingora::server::RunArgs {
+            shutdown_signal: Box::new(Never),
+        })
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bare pingora did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    addr
+}

@@ -217,9 +217,14 @@ impl fmt::Display for GatewayError {
 
 /// Adds `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
 pub fn rate_headers(header: &mut ResponseHeader, rate: &RateHeaders) {
-    let _ = header.insert_header("ratelimit-limit", rate.limit.to_string());
-    let _ = header.insert_header("ratelimit-remaining", rate.remaining.to_string());
-    let _ = header.insert_header("ratelimit-reset", rate.reset_secs.to_string());
+    use http::header::HeaderName;
+    use http::HeaderValue;
+    static LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+    static REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+    static RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+    let _ = header.insert_header(LIMIT.clone(), HeaderValue::from(rate.limit));
+    let _ = header.insert_header(REMAINING.clone(), HeaderValue::from(rate.remaining));
+    let _ = header.insert_header(RESET.clone(), HeaderValue::from(rate.reset_secs));
 }
 
 /// `{"error":{"code":...,"message":...}}`.

@@ -190,9 +190,7 @@ impl UsageReader {
             self.finish_event();
         } else if !self.skip {
             let body = self.take();
-            if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&body) {
-                self.found = last_usage(&value).or(self.found);
-            }
+            self.found = last_usage(&body).or(self.found);
         }
         self.found
     }
@@ -231,10 +229,10 @@ impl UsageReader {
         if skip || event.is_empty() {
             return;
         }
-        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&event) {
-            if value.get("event").and_then(|e| e.as_str()) == Some("end") {
-                self.found = last_usage(&value).or(self.found);
-            }
+        if event.trim_ascii_start().starts_with(b"{\"event\": \"end\"")
+            || event.trim_ascii_start().starts_with(b"{\"event\":\"end\"")
+        {
+            self.found = last_usage(&event).or(self.found);
         }
     }
 
@@ -260,33 +258,32 @@ fn find_blank_line(bytes: &[u8], previous_newline: bool) -> Option<(usize, usize
         .map(|i| (i, i + 2))
 }
 
-/// The last `usage` object with integer `input_tokens`/`output_tokens`, depth first.
-fn last_usage(value: &serde_json::Value) -> Option<Tokens> {
-    match value {
-        serde_json::Value::Object(map) => {
-            let mut found = None;
-            for (name, member) in map {
-                if name == "usage" {
-                    if let (Some(i), Some(o)) = (
-                        member.get("input_tokens").and_then(|v| v.as_u64()),
-                        member.get("output_tokens").and_then(|v| v.as_u64()),
-                    ) {
-                        found = Some(Tokens {
-                            input: i,
-                            output: o,
-                        });
-                        continue;
-                    }
-                }
-                if let Some(t) = last_usage(member) {
-                    found = Some(t);
-                }
-            }
-            found
-        }
-        serde_json::Value::Array(items) => items.iter().rev().find_map(last_usage),
-        _ => None,
+/// The last `"usage": {"input_tokens": N, "output_tokens": N, ...}` in `json`,
+/// read in place: only the object after the last `"usage"` key that parses as one
+/// is decoded, not the whole document.
+fn last_usage(json: &[u8]) -> Option<Tokens> {
+    #[derive(Deserialize)]
+    struct Usage {
+        input_tokens: u64,
+        output_tokens: u64,
     }
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = json.len();
+    while let Some(at) = json[..end].windows(KEY.len()).rposition(|w| w == KEY) {
+        end = at;
+        let rest = json[at + KEY.len()..].trim_ascii_start();
+        let Some(value) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Usage>();
+        if let Some(Ok(usage)) = values.next() {
+            return Some(Tokens {
+                input: usage.input_tokens,
+                output: usage.output_tokens,
+            });
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -71,6 +71,7 @@ pub struct Ctx {
     started: Instant,
     counted: bool,
     event_id: Uuid,
+    request_id: Option<http::HeaderValue>,
     caller: Option<Caller>,
     target: Option<Arc<RouteTarget>>,
     stream: bool,
@@ -96,6 +97,7 @@ impl ProxyHttp for Gateway {
             started: Instant::now(),
             counted: false,
             event_id: Uuid::nil(),
+            request_id: None,
             caller: None,
             target: None,
             stream: false,
@@ -178,15 +180,11 @@ impl ProxyHttp for Gateway {
             .target
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route"))?;
-        let path = if ctx.stream {
-            format!("{}?stream=true", target.run_path)
+        req.set_uri(if ctx.stream {
+            target.stream_uri.clone()
         } else {
-            target.run_path.clone()
-        };
-        req.set_uri(
-            path.parse()
-                .map_err(|_| Error::explain(ErrorType::InternalError, "bad run path"))?,
-        );
+            target.run_uri.clone()
+        });
         for name in [
             "authorization",
             "x-api-key",
@@ -206,7 +204,7 @@ impl ProxyHttp for Gateway {
         for (name, value) in &target.global_vars {
             req.insert_header(name.clone(), value.clone())?;
         }
-        req.insert_header("x-agora-request-id", ctx.event_id.to_string())?;
+        req.insert_header("x-agora-request-id", request_id(ctx))?;
         req.insert_header("content-type", "application/json")?;
         let len = ctx.body.as_ref().map_or(0, |b| b.len());
         req.insert_header("content-length", len.to_string())?;
@@ -262,7 +260,7 @@ impl ProxyHttp for Gateway {
         if let Some(rate) = &ctx.rate {
             rate_headers(resp, rate);
         }
-        resp.insert_header("x-agora-request-id", ctx.event_id.to_string())?;
+        resp.insert_header("x-agora-request-id", request_id(ctx))?;
         Ok(())
     }
 
@@ -441,6 +439,18 @@ impl ProxyHttp for Gateway {
         };
         self.usage.push(UsageRecord::Event(Box::new(event)));
     }
+}
+
+/// The request id header value, formatted once per request.
+fn request_id(ctx: &mut Ctx) -> http::HeaderValue {
+    if let Some(v) = &ctx.request_id {
+        return v.clone();
+    }
+    let mut buf = Uuid::encode_buffer();
+    let v = http::HeaderValue::from_str(ctx.event_id.hyphenated().encode_lower(&mut buf))
+        .unwrap_or_else(|_| http::HeaderValue::from_static(""));
+    ctx.request_id = Some(v.clone());
+    v
 }
 
 impl Gateway {
@@ -679,7 +689,11 @@ impl Gateway {
                 session.set_keepalive(None);
             }
         }
-        if header.headers.get("connection").is_some_and(|v| v == "close") {
+        if header
+            .headers
+            .get("connection")
+            .is_some_and(|v| v == "close")
+        {
             session.set_keepalive(None);
         }
         if !ctx.event_id.is_nil() {

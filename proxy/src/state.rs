@@ -42,6 +42,9 @@ pub struct RouteTarget {
     pub authority: String,
     /// `/api/v1/run/{flow_id}`, with the runtime URL's base path in front.
     pub run_path: String,
+    /// `run_path` as the upstream request target, and with `?stream=true`.
+    pub run_uri: http::Uri,
+    pub stream_uri: http::Uri,
     /// `X-LANGFLOW-GLOBAL-VAR-*` headers carrying the buyer's settings.
     pub global_vars: Vec<(HeaderName, HeaderValue)>,
 }
@@ -175,6 +178,12 @@ impl RouteTarget {
             }
         };
         let run_path = format!("{base}/api/v1/run/{}", route.flow_id);
+        let run_uri = run_path
+            .parse()
+            .unwrap_or_else(|_| http::Uri::from_static("/"));
+        let stream_uri = format!("{run_path}?stream=true")
+            .parse()
+            .unwrap_or_else(|_| http::Uri::from_static("/"));
         let global_vars = route
             .global_vars
             .iter()
@@ -196,6 +205,8 @@ impl RouteTarget {
             peer,
             authority,
             run_path,
+            run_uri,
+            stream_uri,
             global_vars,
         }
     }

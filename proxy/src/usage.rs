@@ -1,7 +1,9 @@
 //! Usage events: a bounded in-memory queue on the request path, drained in batches
 //! by a background task into a [`UsageSink`].
 //!
-//! Enqueueing never blocks and never allocates beyond the event itself. When the
+//! Enqueueing never blocks, never allocates beyond the event itself and never
+//! wakes another thread: the drain runs every [`FLUSH_INTERVAL`] (sooner when the
+//! queue is half full). When the
 //! queue is full the event is counted as dropped (metrics, and a warning at most once
 //! a second) rather than slowing requests; the stores that spill to disk instead
 //! plug in behind the same [`UsageSink`] interface. A batch the sink refuses is
@@ -100,6 +102,8 @@ pub struct QueueStats {
     pub sink_errors: AtomicU64,
     pub sink_failing: AtomicBool,
     last_drop_warning_ms: AtomicI64,
+    /// Wakes the drain early when the queue is half full.
+    pressure: tokio::sync::Notify,
 }
 
 /// The background end of the queue.
@@ -127,6 +131,9 @@ impl UsageQueue {
         match self.tx.try_send(record) {
             Ok(()) => {
                 self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+                if self.tx.capacity() < self.tx.max_capacity() / 2 {
+                    self.stats.pressure.notify_one();
+                }
                 true
             }
             Err(_) => {
@@ -166,6 +173,10 @@ impl UsageQueue {
 /// Largest batch handed to the sink at once.
 pub const MAX_BATCH: usize = 8192;
 
+/// How often the drain looks at the queue; it is woken sooner when the queue is
+/// half full.
+pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
 impl Drain {
     /// Moves records into `sink` until `stop` turns true, then closes the queue and
     /// writes everything still in it.
@@ -176,20 +187,32 @@ impl Drain {
     ) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         loop {
+            // Wake on a timer, not per event: a request never pays for waking this
+            // task (a cross-thread wake-up is a syscall and a context switch).
             tokio::select! {
-                n = self.rx.recv_many(&mut batch, MAX_BATCH) => {
-                    if n == 0 {
-                        break;
-                    }
-                    self.write(&*sink, &mut batch, false).await;
-                }
+                _ = tokio::time::sleep(FLUSH_INTERVAL) => {}
+                _ = self.stats.pressure.notified() => {}
                 _ = stop.changed() => break,
+            }
+            while self.take(&mut batch) > 0 {
+                self.write(&*sink, &mut batch, false).await;
             }
         }
         self.rx.close();
-        while self.rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        while self.take(&mut batch) > 0 {
             self.write(&*sink, &mut batch, true).await;
         }
+    }
+
+    /// Moves up to [`MAX_BATCH`] waiting records into `batch` without waiting.
+    fn take(&mut self, batch: &mut Vec<UsageRecord>) -> usize {
+        while batch.len() < MAX_BATCH {
+            match self.rx.try_recv() {
+                Ok(record) => batch.push(record),
+                Err(_) => break,
+            }
+        }
+        batch.len()
     }
 
     async fn write(&self, sink: &dyn UsageSink, batch: &mut Vec<UsageRecord>, closing: bool) {
