@@ -1140,3 +1140,145 @@ async fn runtime_down_is_a_502_json_and_usage_reports_need_the_secret() {
     );
     w.finish().await;
 }
+
+/// A stand-in runtime that answers every request with `response` after `delay`.
+async fn canned_runtime(response: &'static [u8], delay: Duration) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 128 * 1024];
+                let _ = socket.read(&mut buf).await;
+                tokio::time::sleep(delay).await;
+                let _ = socket.write_all(response).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_timeouts_errors_and_large_bodies_are_json() {
+    use agora_config::keys::{Claims, KeyKind, Mode, Scope};
+    use agora_config::snapshot::{AgentRoute, KeyEntry, KeyStatus, QuotaUsage, Snapshot};
+    let silent = canned_runtime(b"", Duration::from_secs(3600)).await;
+    let failing = canned_runtime(
+        b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: 43\r\n\r\n{\"detail\":\"{\\\"message\\\":\\\"secret trace\\\"}\"}",
+        Duration::ZERO,
+    )
+    .await;
+
+    // A snapshot on disk and no control plane: the proxy serves from the file.
+    let signer = SigningKey::generate("k1");
+    let mut snapshot = Snapshot::empty();
+    snapshot.revision = 1;
+    snapshot.verification_keys = vec![signer.verification_key()];
+    let mut keys = Vec::new();
+    for (n, runtime) in [(1u128, silent), (2, failing)] {
+        let (key_id, config, tenant) = (
+            Uuid::from_u128(n),
+            Uuid::from_u128(100 + n),
+            Uuid::from_u128(7),
+        );
+        let claims = Claims {
+            jti: key_id,
+            cfg: config,
+            ten: tenant,
+            prj: None,
+            scp: vec![Scope::Invoke],
+            iat: 1_700_000_000,
+            nbf: None,
+            exp: None,
+            mode: Mode::Live,
+        };
+        let key = signer.issue(KeyKind::SecretLive, &claims).unwrap();
+        snapshot.keys.insert(
+            key.hash(),
+            KeyEntry {
+                key_id,
+                kind: KeyKind::SecretLive,
+                config,
+                tenant,
+                project: None,
+                scopes: vec![Scope::Invoke],
+                status: KeyStatus::Active,
+                plan: None,
+                mode: Mode::Live,
+                expires_at: None,
+            },
+        );
+        snapshot.routes.insert(
+            config,
+            AgentRoute {
+                config,
+                agent: Uuid::from_u128(9),
+                tenant,
+                runtime_url: format!("http://{runtime}"),
+                flow_id: "f".into(),
+                tweaks: serde_json::Map::new(),
+                global_vars: Default::default(),
+                quota: QuotaUsage::default(),
+            },
+        );
+        keys.push(key.expose_secret().to_owned());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = proxy_config(dir.path(), "http://127.0.0.1:1", "runtime-key");
+    agora_proxy::sync::save(&config.snapshot_path, &snapshot).unwrap();
+    config.read_timeout = Duration::from_millis(300);
+    let proxy = tokio::task::spawn_blocking(move || {
+        agora_proxy::start(config, Arc::new(LogSink::default())).unwrap()
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{}/api/agent-gateway/invoke/", proxy.addr);
+    let http = reqwest::Client::new();
+
+    let started = Instant::now();
+    let r = http
+        .post(&url)
+        .bearer_auth(&keys[0])
+        .json(&json!({"input_value": "hello?"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "runtime_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let r = http
+        .post(&url)
+        .bearer_auth(&keys[1])
+        .json(&json!({"input_value": "hello?"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    let text = r.text().await.unwrap();
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["error"]["code"], "runtime_error");
+    assert!(
+        !text.contains("secret trace"),
+        "the runtime's error body stays inside: {text}"
+    );
+
+    let r = http
+        .post(&url)
+        .bearer_auth(&keys[1])
+        .json(&json!({"input_value": "x".repeat(70 * 1024)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "body_too_large");
+    tokio::task::spawn_blocking(move || proxy.shutdown())
+        .await
+        .unwrap();
+}

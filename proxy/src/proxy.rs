@@ -84,6 +84,8 @@ pub struct Ctx {
     upstream_sent: Option<Instant>,
     upstream_done: Option<Instant>,
     runtime_failed: Option<Bytes>,
+    /// The runtime failed: its body is replaced by `runtime_failed`.
+    replacing: bool,
     reader: Option<UsageReader>,
 }
 
@@ -110,6 +112,7 @@ impl ProxyHttp for Gateway {
             upstream_sent: None,
             upstream_done: None,
             runtime_failed: None,
+            replacing: false,
             reader: None,
         }
     }
@@ -242,6 +245,7 @@ impl ProxyHttp for Gateway {
             let (header, body) = refusal.response();
             *resp = header;
             ctx.runtime_failed = Some(body);
+            ctx.replacing = true;
             ctx.refusal = Some(refusal);
             return Ok(());
         }
@@ -281,11 +285,13 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        end_of_stream: bool,
+        _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
-        if let Some(replacement) = &ctx.runtime_failed {
-            *body = end_of_stream.then(|| replacement.clone());
+        if ctx.replacing {
+            // The client gets the whole error at once, whatever the runtime's
+            // body does afterwards; the runtime's own bytes are dropped.
+            *body = ctx.runtime_failed.take();
         } else if let (Some(reader), Some(chunk)) = (&mut ctx.reader, body.as_ref()) {
             reader.feed(chunk);
         }
