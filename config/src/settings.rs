@@ -95,7 +95,7 @@ pub struct ProxySettings {
     /// Worker threads of the request path.
     #[serde(deserialize_with = "number")]
     pub threads: usize,
-    /// Largest invoke or validate body accepted, in bytes (at most 65536).
+    /// Largest invoke or validate body accepted, in bytes (at most 1 MiB).
     #[serde(deserialize_with = "number")]
     pub max_body_bytes: usize,
     #[serde(deserialize_with = "number")]
@@ -202,7 +202,7 @@ impl Default for ProxySettings {
             control_plane_url: None,
             snapshot_path: None,
             threads: 1,
-            max_body_bytes: MAX_PROXY_BODY_BYTES,
+            max_body_bytes: 64 * 1024,
             connect_timeout_ms: 2_000,
             read_timeout_ms: 60_000,
             grace_period_ms: 30_000,
@@ -215,8 +215,9 @@ impl Default for ProxySettings {
     }
 }
 
-/// The largest request body the proxy buffers to validate and rewrite.
-pub const MAX_PROXY_BODY_BYTES: usize = 64 * 1024;
+/// The largest request body the proxy may be configured to buffer, validate and
+/// rewrite.
+pub const MAX_PROXY_BODY_BYTES: usize = 1024 * 1024;
 
 impl Default for LogSettings {
     fn default() -> Self {

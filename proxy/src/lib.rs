@@ -14,6 +14,7 @@
 //! handed to the sink before the process returns.
 
 pub mod error;
+pub mod forward;
 pub mod invoke;
 pub mod keys;
 pub mod metrics;
@@ -172,6 +173,9 @@ pub fn start(config: ProxyConfig, sink: Arc<dyn UsageSink>) -> anyhow::Result<Ru
         runtime_secret: config.runtime_secret.clone(),
         max_body_bytes: config.max_body_bytes,
         life: life.clone(),
+        connector: pingora::connectors::http::Connector::new(Some(
+            pingora::connectors::ConnectorOptions::new(config.upstream_pool_size),
+        )),
     };
     let handle = Arc::new(GatewayHandle {
         shared: shared.clone(),

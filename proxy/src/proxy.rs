@@ -1,14 +1,14 @@
 //! The gateway's request phases. Each phase is short and calls into `keys`,
-//! `ratelimit`, `invoke` and `usage`:
+//! `ratelimit`, `invoke`, `forward` and `usage`:
 //!
-//! - `request_filter`: route, key check, limits, body validation; answers health,
-//!   validate, usage reports and every refusal itself;
-//! - `upstream_peer` / `upstream_request_filter` / `request_body_filter`: the run
-//!   request the runtime receives (its flow, its key, the buyer's settings);
-//! - response filters: runtime errors become JSON, rate-limit headers are added, token
-//!   usage is read as the bytes pass (nothing is buffered);
-//! - `fail_to_proxy`: runtime unreachable or slow → 502/504 JSON;
+//! - `request_filter`: route, key check, limits, body validation, then the invoke
+//!   itself (`forward`, on a pooled runtime connection in this task); health,
+//!   validate, usage reports and every refusal are answered here too;
 //! - `logging`: one usage event and the metrics, for every request.
+//!
+//! Pingora's own proxy phases (`upstream_peer` onwards) are not used: an invoke is
+//! one body and one streamed answer, and forwarding it in the request's task
+//! avoids the stock path's per-request channels and task join.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -18,9 +18,10 @@ use agora_config::keys::Scope;
 use agora_config::usage::{TokenSource, UsageEvent, UsageStatus};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use pingora::connectors::http::Connector;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 use secrecy::{ExposeSecret, SecretString};
@@ -28,7 +29,8 @@ use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use crate::error::{rate_headers, GatewayError, RateHeaders};
-use crate::invoke::{self, UsageReader};
+use crate::forward::{self, Exchange, Failure, Progress};
+use crate::invoke;
 use crate::keys::{self, Caller};
 use crate::metrics::{Metrics, RouteLabel};
 use crate::ratelimit::{InFlight, Limits};
@@ -51,6 +53,8 @@ pub struct Gateway {
     pub runtime_secret: Option<SecretString>,
     pub max_body_bytes: usize,
     pub life: Arc<Lifecycle>,
+    /// Pooled connections to runtimes.
+    pub connector: Connector,
 }
 
 /// What shutdown needs to see of the gateway.
@@ -77,16 +81,11 @@ pub struct Ctx {
     stream: bool,
     body: Option<Bytes>,
     bytes_in: u64,
-    bytes_out: u64,
     rate: Option<RateHeaders>,
     _in_flight: Option<InFlight>,
     refusal: Option<GatewayError>,
-    upstream_sent: Option<Instant>,
-    upstream_done: Option<Instant>,
-    runtime_failed: Option<Bytes>,
-    /// The runtime failed: its body is replaced by `runtime_failed`.
-    replacing: bool,
-    reader: Option<UsageReader>,
+    progress: Progress,
+    cancelled: bool,
 }
 
 #[async_trait]
@@ -105,15 +104,11 @@ impl ProxyHttp for Gateway {
             stream: false,
             body: None,
             bytes_in: 0,
-            bytes_out: 0,
             rate: None,
             _in_flight: None,
             refusal: None,
-            upstream_sent: None,
-            upstream_done: None,
-            runtime_failed: None,
-            replacing: false,
-            reader: None,
+            progress: Progress::default(),
+            cancelled: false,
         }
     }
 
@@ -149,202 +144,28 @@ impl ProxyHttp for Gateway {
             _ => RouteLabel::Other,
         };
         let outcome = match ctx.route {
-            RouteLabel::Invoke => self.invoke(session, ctx).await.map(|()| false),
-            RouteLabel::Validate => self.validate(session, ctx).await.map(|()| true),
-            RouteLabel::Usage => self.report_usage(session, ctx).await.map(|()| true),
-            RouteLabel::Health => self.health(session).await.map(|()| true),
+            RouteLabel::Invoke => match self.invoke(session, ctx).await {
+                Ok(()) => self.forward(session, ctx).await,
+                Err(refusal) => Err(refusal),
+            },
+            RouteLabel::Validate => self.validate(session, ctx).await,
+            RouteLabel::Usage => self.report_usage(session, ctx).await,
+            RouteLabel::Health => self.health(session).await,
             RouteLabel::Other => Err(GatewayError::NotFound),
         };
-        match outcome {
-            Ok(done) => Ok(done),
-            Err(refusal) => {
-                self.refuse(session, ctx, refusal).await;
-                Ok(true)
-            }
+        if let Err(refusal) = outcome {
+            self.refuse(session, ctx, refusal).await;
         }
+        Ok(true)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let peer = ctx
-            .target
-            .as_ref()
-            .and_then(|t| t.peer.clone())
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream for request"))?;
-        Ok(Box::new(peer))
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        _session: &mut Session,
-        req: &mut RequestHeader,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        let target = ctx
-            .target
-            .as_ref()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route"))?;
-        req.set_uri(if ctx.stream {
-            target.stream_uri.clone()
-        } else {
-            target.run_uri.clone()
-        });
-        for name in [
-            "authorization",
-            "x-api-key",
-            "cookie",
-            "accept-encoding",
-            "origin",
-            "transfer-encoding",
-            "content-length",
-            "expect",
-        ] {
-            req.remove_header(name);
-        }
-        req.insert_header("host", target.authority.as_str())?;
-        if let Some(key) = &self.runtime_api_key {
-            req.insert_header("x-api-key", key.expose_secret())?;
-        }
-        for (name, value) in &target.global_vars {
-            req.insert_header(name.clone(), value.clone())?;
-        }
-        req.insert_header("x-agora-request-id", request_id(ctx))?;
-        req.insert_header("content-type", "application/json")?;
-        let len = ctx.body.as_ref().map_or(0, |b| b.len());
-        req.insert_header("content-length", len.to_string())?;
-        ctx.upstream_sent = Some(Instant::now());
-        Ok(())
-    }
-
-    async fn request_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        // The buyer's body was read and validated in request_filter; the runtime
-        // gets the rebuilt one instead.
-        *body = if end_of_stream { ctx.body.take() } else { None };
-        Ok(())
-    }
-
-    async fn upstream_response_filter(
-        &self,
-        _session: &mut Session,
-        resp: &mut ResponseHeader,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        let status = resp.status.as_u16();
-        if !(200..300).contains(&status) {
-            let refusal = GatewayError::UpstreamStatus(status);
-            self.metrics
-                .upstream_errors
-                .with_label_values(&["status"])
-                .inc();
-            tracing::warn!(status, config = ?ctx.caller.as_ref().map(|c| c.record.entry.config), "runtime answered with an error");
-            let (header, body) = refusal.response();
-            *resp = header;
-            ctx.runtime_failed = Some(body);
-            ctx.replacing = true;
-            ctx.refusal = Some(refusal);
-            return Ok(());
-        }
-        ctx.reader = Some(UsageReader::new(ctx.stream));
-        resp.remove_header("server");
-        resp.remove_header("set-cookie");
-        Ok(())
-    }
-
-    async fn response_filter(
-        &self,
-        _session: &mut Session,
-        resp: &mut ResponseHeader,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        if let Some(rate) = &ctx.rate {
-            rate_headers(resp, rate);
-        }
-        resp.insert_header("x-agora-request-id", request_id(ctx))?;
-        Ok(())
-    }
-
-    fn upstream_response_body_filter(
-        &self,
-        _session: &mut Session,
-        _body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut Ctx,
-    ) -> Result<Option<Duration>> {
-        if end_of_stream {
-            ctx.upstream_done = Some(Instant::now());
-        }
-        Ok(None)
-    }
-
-    fn response_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut Ctx,
-    ) -> Result<Option<Duration>> {
-        if ctx.replacing {
-            // The client gets the whole error at once, whatever the runtime's
-            // body does afterwards; the runtime's own bytes are dropped.
-            *body = ctx.runtime_failed.take();
-        } else if let (Some(reader), Some(chunk)) = (&mut ctx.reader, body.as_ref()) {
-            reader.feed(chunk);
-        }
-        if let Some(chunk) = body.as_ref() {
-            ctx.bytes_out += chunk.len() as u64;
-        }
-        Ok(None)
-    }
-
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        let refusal = match (e.esource(), e.etype()) {
-            (
-                ErrorSource::Upstream,
-                ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,
-            ) => Some(GatewayError::UpstreamTimeout),
-            (ErrorSource::Upstream, _) => Some(GatewayError::UpstreamUnreachable),
-            (_, ErrorType::ConnectTimedout) => Some(GatewayError::UpstreamTimeout),
-            (
-                _,
-                ErrorType::ConnectRefused
-                | ErrorType::ConnectError
-                | ErrorType::ConnectNoRoute
-                | ErrorType::ConnectProxyFailure,
-            ) => Some(GatewayError::UpstreamUnreachable),
-            (ErrorSource::Downstream, _) => None,
-            _ => Some(GatewayError::UpstreamUnreachable),
-        };
-        if let Some(refusal) = &refusal {
-            self.metrics
-                .upstream_errors
-                .with_label_values(&[refusal.code()])
-                .inc();
-        }
-        // Once the response has started nothing else can be said to the client.
-        let can_answer = session.response_written().is_none();
-        let code = match refusal {
-            Some(refusal) if can_answer => {
-                let status = refusal.status();
-                let (mut header, body) = refusal.response();
-                if let Some(rate) = &ctx.rate {
-                    rate_headers(&mut header, rate);
-                }
-                let _ = session.write_response_header(Box::new(header), false).await;
-                let _ = session.write_response_body(Some(body), true).await;
-                ctx.refusal = Some(refusal);
-                status
-            }
-            _ => 0,
-        };
-        FailToProxy {
-            error_code: code,
-            can_reuse_downstream: false,
-        }
+    /// Invokes are forwarded in `request_filter` (see `forward`); nothing reaches
+    /// Pingora's own proxy phases.
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        Err(Error::explain(
+            ErrorType::InternalError,
+            "every request is answered in request_filter",
+        ))
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
@@ -357,7 +178,7 @@ impl ProxyHttp for Gateway {
         self.life.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.metrics.in_flight.dec();
         let total = ctx.started.elapsed();
-        let upstream = match (ctx.upstream_sent, ctx.upstream_done) {
+        let upstream = match (ctx.progress.upstream_sent, ctx.progress.upstream_done) {
             (Some(sent), Some(done)) => Some(done.saturating_duration_since(sent)),
             (Some(sent), None) => Some(sent.elapsed()),
             _ => None,
@@ -380,12 +201,12 @@ impl ProxyHttp for Gateway {
         if ctx.route == RouteLabel::Health {
             return;
         }
-        let tokens = ctx.reader.as_mut().and_then(UsageReader::finish);
+        let tokens = ctx.progress.tokens;
         if let (Some(t), Some(caller)) = (tokens, &ctx.caller) {
             self.limits
                 .record_tokens(caller.record.entry.config, t.input + t.output);
         }
-        let cancelled = e.is_some_and(|e| e.esource() == &ErrorSource::Downstream);
+        let cancelled = ctx.cancelled || e.is_some_and(|e| e.esource() == &ErrorSource::Downstream);
         let usage_status = match (&ctx.refusal, cancelled) {
             (_, true) => UsageStatus::Cancelled,
             (None, false) if (200..300).contains(&status) => UsageStatus::Ok,
@@ -434,7 +255,7 @@ impl ProxyHttp for Gateway {
             latency_us: total.as_micros() as u64,
             upstream_latency_us: upstream.map(|u| u.as_micros() as u64),
             bytes_in: ctx.bytes_in,
-            bytes_out: ctx.bytes_out,
+            bytes_out: ctx.progress.bytes_out,
             input_tokens: tokens.map(|t| t.input),
             output_tokens: tokens.map(|t| t.output),
             token_source: if tokens.is_some() {
@@ -460,6 +281,44 @@ fn request_id(ctx: &mut Ctx) -> http::HeaderValue {
 }
 
 impl Gateway {
+    /// Sends the validated invoke to the runtime and streams its answer back.
+    async fn forward(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
+        let (Some(target), Some(body)) = (ctx.target.clone(), ctx.body.take()) else {
+            return Err(GatewayError::AgentUnavailable);
+        };
+        let exchange = Exchange {
+            target: &target,
+            body,
+            stream: ctx.stream,
+            request_id: request_id(ctx),
+            rate: ctx.rate,
+            runtime_key: self.runtime_api_key.as_ref(),
+        };
+        let result = forward::forward(&self.connector, session, exchange, &mut ctx.progress).await;
+        match result {
+            Ok(()) => Ok(()),
+            Err(Failure::Refused(e)) => {
+                self.metrics
+                    .upstream_errors
+                    .with_label_values(&[e.code()])
+                    .inc();
+                Err(e)
+            }
+            Err(Failure::Cancelled) => {
+                ctx.cancelled = true;
+                Ok(())
+            }
+            Err(Failure::Broken(e)) => {
+                self.metrics
+                    .upstream_errors
+                    .with_label_values(&[e.code()])
+                    .inc();
+                ctx.refusal = Some(e);
+                Ok(())
+            }
+        }
+    }
+
     async fn invoke(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
         ctx.event_id = Uuid::now_v7();
         if session.req_header().method != http::Method::POST {
@@ -644,9 +503,6 @@ impl Gateway {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(GatewayError::BodyTooLarge { limit });
         }
-        // Keep what is read so the proxy phase can send a body upstream
-        // (pingora replays it through request_body_filter).
-        session.as_mut().enable_retry_buffering();
         let mut body = BytesMut::new();
         loop {
             match session.read_request_body().await {
