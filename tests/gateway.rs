@@ -244,10 +244,48 @@ impl World {
     }
 
     async fn invoke(&self, key: &str, body: Value) -> reqwest::Response {
+        let auth = format!("Bearer {key}");
+        self.invoke_with("", &[("authorization", &auth)], body)
+            .await
+            .unwrap()
+    }
+
+    /// `POST invoke/{query}` with exactly these headers.
+    async fn invoke_with(
+        &self,
+        query: &str,
+        headers: &[(&str, &str)],
+        body: Value,
+    ) -> reqwest::Result<reqwest::Response> {
+        let mut req = self
+            .http
+            .post(format!(
+                "{}/api/agent-gateway/invoke/{query}",
+                self.proxy_url
+            ))
+            .json(&body);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.send().await
+    }
+
+    /// A streamed invoke of `text`.
+    async fn stream(&self, key: &str, text: &str) -> reqwest::Response {
+        let auth = format!("Bearer {key}");
+        self.invoke_with(
+            "?stream=true",
+            &[("authorization", &auth)],
+            json!({"input_value": text}),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn validate(&self, key: &str) -> reqwest::Response {
         self.http
-            .post(format!("{}/api/agent-gateway/invoke/", self.proxy_url))
+            .get(format!("{}/api/agent-gateway/validate/", self.proxy_url))
             .bearer_auth(key)
-            .json(&body)
             .send()
             .await
             .unwrap()
@@ -333,13 +371,7 @@ impl World {
     async fn wait_for_key(&self, key: &str) {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let r = self
-                .http
-                .get(format!("{}/api/agent-gateway/validate/", self.proxy_url))
-                .bearer_auth(key)
-                .send()
-                .await
-                .unwrap();
+            let r = self.validate(key).await;
             if r.status() == StatusCode::OK {
                 return;
             }
@@ -438,13 +470,7 @@ async fn key_attacks_are_refused_before_the_runtime() {
     let w = World::start(Duration::from_millis(1)).await;
     let good = w.info.api_key.clone();
     // The demo key works, and tells its tenant.
-    let r = w
-        .http
-        .get(format!("{}/api/agent-gateway/validate/", w.proxy_url))
-        .bearer_auth(&good)
-        .send()
-        .await
-        .unwrap();
+    let r = w.validate(&good).await;
     assert_eq!(r.status(), StatusCode::OK);
     let ctx: Value = r.json().await.unwrap();
     let tenant: Uuid = ctx["tenant"].as_str().unwrap().parse().unwrap();
@@ -593,13 +619,13 @@ async fn key_attacks_are_refused_before_the_runtime() {
 
     let runs_before = w.stats.started();
     for (name, key, _, reason) in &cases {
+        let auth = format!("Bearer {key}");
         let r = w
-            .http
-            .post(format!("{}/api/agent-gateway/invoke/", w.proxy_url))
-            .header("authorization", format!("Bearer {key}"))
-            .header("origin", "https://shop.example")
-            .json(&json!({"input_value": "hi"}))
-            .send()
+            .invoke_with(
+                "",
+                &[("authorization", &auth), ("origin", "https://shop.example")],
+                json!({"input_value": "hi"}),
+            )
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{name}");
@@ -619,20 +645,17 @@ async fn key_attacks_are_refused_before_the_runtime() {
     }
     // The same through X-API-Key.
     let r = w
-        .http
-        .post(format!("{}/api/agent-gateway/invoke/", w.proxy_url))
-        .header("x-api-key", "ar_sk_live_abc")
-        .json(&json!({"input_value": "hi"}))
-        .send()
+        .invoke_with(
+            "",
+            &[("x-api-key", "ar_sk_live_abc")],
+            json!({"input_value": "hi"}),
+        )
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     // No key at all.
     let r = w
-        .http
-        .post(format!("{}/api/agent-gateway/invoke/", w.proxy_url))
-        .json(&json!({"input_value": "hi"}))
-        .send()
+        .invoke_with("", &[], json!({"input_value": "hi"}))
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
@@ -641,11 +664,11 @@ async fn key_attacks_are_refused_before_the_runtime() {
     // A 1 MB header is refused without reaching anything.
     let huge = format!("Bearer ar_sk_live_{}", "a".repeat(1024 * 1024));
     let r = w
-        .http
-        .post(format!("{}/api/agent-gateway/invoke/", w.proxy_url))
-        .header("authorization", huge)
-        .json(&json!({"input_value": "hi"}))
-        .send()
+        .invoke_with(
+            "",
+            &[("authorization", &huge)],
+            json!({"input_value": "hi"}),
+        )
         .await;
     match r {
         Ok(r) => assert!(
@@ -657,15 +680,13 @@ async fn key_attacks_are_refused_before_the_runtime() {
         Err(e) => assert!(e.is_request() || e.is_connect() || e.is_body(), "{e}"),
     }
     // Headers past 32 KiB (and under Pingora's own 1 MiB bound) get a JSON 431.
+    let large = format!("Bearer ar_sk_live_{}", "a".repeat(40 * 1024));
     let r = w
-        .http
-        .post(format!("{}/api/agent-gateway/invoke/", w.proxy_url))
-        .header(
-            "authorization",
-            format!("Bearer ar_sk_live_{}", "a".repeat(40 * 1024)),
+        .invoke_with(
+            "",
+            &[("authorization", &large)],
+            json!({"input_value": "hi"}),
         )
-        .json(&json!({"input_value": "hi"}))
-        .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
@@ -743,13 +764,7 @@ async fn scope_and_revocation() {
         .await;
     assert_eq!(s, StatusCode::OK);
     let refused_after = loop {
-        let r = w
-            .http
-            .get(format!("{}/api/agent-gateway/validate/", w.proxy_url))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap();
+        let r = w.validate(&key).await;
         if r.status() == StatusCode::UNAUTHORIZED {
             break started.elapsed();
         }
@@ -878,17 +893,7 @@ async fn streams_pass_through_unbuffered_and_byte_identical() {
         .await;
     let connections_before = w.recorded.lock().unwrap().len();
     let started = Instant::now();
-    let r = w
-        .http
-        .post(format!(
-            "{}/api/agent-gateway/invoke/?stream=true",
-            w.proxy_url
-        ))
-        .bearer_auth(&key)
-        .json(&json!({"input_value": "A long document to summarise."}))
-        .send()
-        .await
-        .unwrap();
+    let r = w.stream(&key, "A long document to summarise.").await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(
         r.headers()["content-type"],
@@ -949,17 +954,7 @@ async fn client_disconnect_cancels_the_run_and_sigterm_drains_streams() {
             json!({"name": "stream"}),
         )
         .await;
-    let r = w
-        .http
-        .post(format!(
-            "{}/api/agent-gateway/invoke/?stream=true",
-            w.proxy_url
-        ))
-        .bearer_auth(&key)
-        .json(&json!({"input_value": "cut me off"}))
-        .send()
-        .await
-        .unwrap();
+    let r = w.stream(&key, "cut me off").await;
     let mut stream = r.bytes_stream();
     stream.next().await.unwrap().unwrap();
     drop(stream);
@@ -974,17 +969,7 @@ async fn client_disconnect_cancels_the_run_and_sigterm_drains_streams() {
     assert_eq!(w.stats.completed(), 0);
 
     // A stream in flight when shutdown starts runs to its end.
-    let r = w
-        .http
-        .post(format!(
-            "{}/api/agent-gateway/invoke/?stream=true",
-            w.proxy_url
-        ))
-        .bearer_auth(&key)
-        .json(&json!({"input_value": "finish me"}))
-        .send()
-        .await
-        .unwrap();
+    let r = w.stream(&key, "finish me").await;
     let mut stream = r.bytes_stream();
     let mut received = stream.next().await.unwrap().unwrap().to_vec();
     let life = w.proxy().gateway.life.clone();

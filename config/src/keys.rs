@@ -232,8 +232,9 @@ struct WireClaimsIn {
 pub struct KeyHash([u8; 32]);
 
 impl KeyHash {
-    /// Hash of a key string (the whole string, prefix included).
-    fn of(key: &str) -> KeyHash {
+    /// Hash of a key string (the whole string, prefix included). Says nothing about
+    /// the string's shape: [`ApiKey::parse`] checks that.
+    pub fn of(key: &str) -> KeyHash {
         KeyHash(Sha256::digest(key.as_bytes()).into())
     }
 

@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use agora_config::usage::UsageStatus;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 
@@ -161,18 +162,22 @@ impl GatewayError {
         }
     }
 
-    /// Whether sending the same request again may succeed without changing it.
-    pub fn retry_safe(&self) -> bool {
+    /// How a request refused this way is recorded in its usage event.
+    pub fn usage_status(&self) -> UsageStatus {
         use GatewayError::*;
-        matches!(
-            self,
-            RateLimited { .. }
-                | TooManyInFlight { .. }
-                | UpstreamUnreachable
-                | NotReady
-                | ShuttingDown
-                | AgentUnavailable
-        )
+        match self {
+            MissingKey
+            | InvalidKey(_)
+            | Suspended
+            | InsufficientScope
+            | OriginNotAllowed
+            | RuntimeSecretRequired => UsageStatus::Unauthorized,
+            RateLimited { .. } | QuotaExceeded { .. } | TooManyInFlight { .. } => {
+                UsageStatus::RateLimited
+            }
+            _ if self.side() != Side::Downstream => UsageStatus::UpstreamError,
+            _ => UsageStatus::ClientError,
+        }
     }
 
     /// The response header and body for this refusal.

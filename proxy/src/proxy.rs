@@ -73,6 +73,8 @@ pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 pub struct Ctx {
     route: RouteLabel,
     started: Instant,
+    /// Wall-clock time of the request, read once: limits, key expiry, the event.
+    started_ms: i64,
     counted: bool,
     event_id: Uuid,
     request_id: Option<http::HeaderValue>,
@@ -96,6 +98,7 @@ impl ProxyHttp for Gateway {
         Ctx {
             route: RouteLabel::Other,
             started: Instant::now(),
+            started_ms: 0,
             counted: false,
             event_id: Uuid::nil(),
             request_id: None,
@@ -114,6 +117,7 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.started = Instant::now();
+        ctx.started_ms = now_ms();
         ctx.counted = true;
         self.life.in_flight.fetch_add(1, Ordering::Relaxed);
         self.metrics.in_flight.inc();
@@ -209,27 +213,10 @@ impl ProxyHttp for Gateway {
         let cancelled = ctx.cancelled || e.is_some_and(|e| e.esource() == &ErrorSource::Downstream);
         let usage_status = match (&ctx.refusal, cancelled) {
             (_, true) => UsageStatus::Cancelled,
+            (Some(refusal), false) => refusal.usage_status(),
             (None, false) if (200..300).contains(&status) => UsageStatus::Ok,
             (None, false) if status == 0 || status >= 500 => UsageStatus::UpstreamError,
             (None, false) => UsageStatus::ClientError,
-            (Some(r), false) => match r {
-                GatewayError::MissingKey
-                | GatewayError::InvalidKey(_)
-                | GatewayError::Suspended
-                | GatewayError::InsufficientScope
-                | GatewayError::OriginNotAllowed
-                | GatewayError::RuntimeSecretRequired => UsageStatus::Unauthorized,
-                GatewayError::RateLimited { .. }
-                | GatewayError::QuotaExceeded { .. }
-                | GatewayError::TooManyInFlight { .. } => UsageStatus::RateLimited,
-                GatewayError::UpstreamStatus(_)
-                | GatewayError::UpstreamTimeout
-                | GatewayError::UpstreamUnreachable
-                | GatewayError::AgentUnavailable
-                | GatewayError::NotReady
-                | GatewayError::ShuttingDown => UsageStatus::UpstreamError,
-                _ => UsageStatus::ClientError,
-            },
         };
         let entry = ctx.caller.as_ref().map(|c| &c.record.entry);
         let event = UsageEvent {
@@ -238,7 +225,7 @@ impl ProxyHttp for Gateway {
             } else {
                 ctx.event_id
             },
-            time_ms: now_ms(),
+            time_ms: ctx.started_ms,
             tenant: entry.map(|e| e.tenant),
             config: entry.map(|e| e.config),
             key_id: entry.map(|e| e.key_id),
@@ -331,7 +318,7 @@ impl Gateway {
         if !self.shared.is_loaded() {
             return Err(GatewayError::NotReady);
         }
-        let caller = self.authenticate(session, &state, Some(Scope::Invoke))?;
+        let caller = self.authenticate(session, &state, Some(Scope::Invoke), ctx.started_ms)?;
         keys::check_origin(&state, &caller, session.req_header())?;
         let entry = &caller.record.entry;
         let target = state
@@ -343,7 +330,7 @@ impl Gateway {
         let plan = entry.plan.and_then(|p| state.plan(&p));
         let admission = self
             .limits
-            .admit(entry, plan, &target.route.quota, now_ms())
+            .admit(entry, plan, &target.route.quota, ctx.started_ms)
             .inspect_err(|e| {
                 if let GatewayError::RateLimited { limit, .. } = e {
                     self.metrics.rate_limited(limit);
@@ -370,7 +357,7 @@ impl Gateway {
         if !self.shared.is_loaded() {
             return Err(GatewayError::NotReady);
         }
-        let caller = self.authenticate(session, &state, None)?;
+        let caller = self.authenticate(session, &state, None, ctx.started_ms)?;
         keys::check_origin(&state, &caller, session.req_header())?;
         if session.req_header().method == http::Method::POST {
             // The body carries nothing; read it so the connection can be reused.
@@ -481,8 +468,9 @@ impl Gateway {
         session: &Session,
         state: &crate::state::State,
         scope: Option<Scope>,
+        now_ms: i64,
     ) -> Result<Caller, GatewayError> {
-        let now = now_ms() / 1000;
+        let now = now_ms / 1000;
         keys::presented(session.req_header())
             .and_then(|raw| keys::authenticate(state, raw, scope, now))
             .inspect_err(|e| match e {
@@ -559,7 +547,7 @@ impl Gateway {
             session.set_keepalive(None);
         }
         if !ctx.event_id.is_nil() {
-            let _ = header.insert_header("x-agora-request-id", ctx.event_id.to_string());
+            let _ = header.insert_header("x-agora-request-id", request_id(ctx));
         }
         let _ = session.write_response_header(Box::new(header), false).await;
         let _ = session.write_response_body(Some(body), true).await;

@@ -40,9 +40,8 @@ pub struct RouteTarget {
     pub peer: Option<HttpPeer>,
     /// `host[:port]` for the upstream `Host` header.
     pub authority: String,
-    /// `/api/v1/run/{flow_id}`, with the runtime URL's base path in front.
-    pub run_path: String,
-    /// `run_path` as the upstream request target, and with `?stream=true`.
+    /// `/api/v1/run/{flow_id}` (after the runtime URL's base path), and the same
+    /// with `?stream=true`: the upstream request targets.
     pub run_uri: http::Uri,
     pub stream_uri: http::Uri,
     /// `X-LANGFLOW-GLOBAL-VAR-*` headers carrying the buyer's settings.
@@ -154,7 +153,7 @@ impl State {
         self.widgets.get(config)
     }
 
-    /// Whether a key with this id is in the table (for pruning limiter state).
+    /// Keys in the table (for health).
     pub fn key_count(&self) -> usize {
         self.keys.len()
     }
@@ -178,12 +177,18 @@ impl RouteTarget {
             }
         };
         let run_path = format!("{base}/api/v1/run/{}", route.flow_id);
-        let run_uri = run_path
-            .parse()
-            .unwrap_or_else(|_| http::Uri::from_static("/"));
-        let stream_uri = format!("{run_path}?stream=true")
-            .parse()
-            .unwrap_or_else(|_| http::Uri::from_static("/"));
+        let uris = run_path
+            .parse::<http::Uri>()
+            .and_then(|run| Ok((run, format!("{run_path}?stream=true").parse()?)));
+        let (peer, run_uri, stream_uri) = match uris {
+            Ok((run, stream)) => (peer, run, stream),
+            Err(_) => {
+                // Never run some other target: the route is unusable (503).
+                tracing::error!(config = %route.config, "flow id of route is not a valid path");
+                let root = http::Uri::from_static("/");
+                (None, root.clone(), root)
+            }
+        };
         let global_vars = route
             .global_vars
             .iter()
@@ -204,7 +209,6 @@ impl RouteTarget {
             route,
             peer,
             authority,
-            run_path,
             run_uri,
             stream_uri,
             global_vars,
