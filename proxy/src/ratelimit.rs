@@ -38,7 +38,7 @@ pub struct Limits<C: Clock = DefaultClock> {
     per_plan: DashMap<(u32, u32), Arc<Keyed<C>>>,
     tenants: Keyed<C>,
     in_flight: DashMap<Uuid, Arc<AtomicU32>>,
-    quotas: DashMap<Uuid, QuotaCounter>,
+    quotas: DashMap<Uuid, Arc<QuotaCounter>>,
 }
 
 /// What this proxy served for a config since the snapshot's count.
@@ -46,6 +46,23 @@ struct QuotaCounter {
     counted_at_ms: i64,
     requests: AtomicU64,
     tokens: AtomicU64,
+}
+
+impl QuotaCounter {
+    fn since(counted_at_ms: i64) -> Arc<QuotaCounter> {
+        Arc::new(QuotaCounter {
+            counted_at_ms,
+            requests: AtomicU64::new(0),
+            tokens: AtomicU64::new(0),
+        })
+    }
+}
+
+/// The value under `key`, inserted by `make` when missing. The common case (it
+/// exists) takes only a read lock.
+fn get_or_insert<V>(map: &DashMap<Uuid, Arc<V>>, key: Uuid, make: impl FnOnce() -> V) -> Arc<V> {
+    let existing = map.get(&key).map(|v| Arc::clone(&v));
+    existing.unwrap_or_else(|| map.entry(key).or_insert_with(|| Arc::new(make())).clone())
 }
 
 /// Holds one in-flight slot of a key until dropped.
@@ -96,9 +113,10 @@ impl<C: Clock + Clone> Limits<C> {
         now_ms: i64,
     ) -> Result<Admission, GatewayError> {
         // Quota first: it does not consume rate-limit tokens when refused.
-        if let Some(plan) = plan {
-            self.check_quota(key.config, plan, quota, now_ms)?;
-        }
+        let counted = match plan {
+            Some(plan) => self.check_quota(key.config, plan, quota, now_ms)?,
+            None => None,
+        };
         let tenant = self
             .tenants
             .check_key(&key.tenant)
@@ -114,11 +132,7 @@ impl<C: Clock + Clone> Limits<C> {
         }
         let in_flight = match plan.and_then(|p| p.max_concurrency) {
             Some(max) => {
-                let slot = self
-                    .in_flight
-                    .entry(key.key_id)
-                    .or_insert_with(|| Arc::new(AtomicU32::new(0)))
-                    .clone();
+                let slot = get_or_insert(&self.in_flight, key.key_id, || AtomicU32::new(0));
                 if slot.fetch_add(1, Ordering::AcqRel) >= max {
                     slot.fetch_sub(1, Ordering::AcqRel);
                     return Err(GatewayError::TooManyInFlight { limit: max });
@@ -127,10 +141,8 @@ impl<C: Clock + Clone> Limits<C> {
             }
             None => InFlight { slot: None },
         };
-        if plan.is_some_and(|p| p.request_quota.is_some() || p.token_quota.is_some()) {
-            if let Some(counter) = self.quotas.get(&key.config) {
-                counter.requests.fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(counter) = counted {
+            counter.requests.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Admission { headers, in_flight })
     }
@@ -148,26 +160,26 @@ impl<C: Clock + Clone> Limits<C> {
         plan: &PlanLimits,
         quota: &QuotaUsage,
         now_ms: i64,
-    ) -> Result<(), GatewayError> {
+    ) -> Result<Option<Arc<QuotaCounter>>, GatewayError> {
         if plan.request_quota.is_none() && plan.token_quota.is_none() {
-            return Ok(());
+            return Ok(None);
         }
-        let counter = {
-            let mut counter = self.quotas.entry(config).or_insert_with(|| QuotaCounter {
-                counted_at_ms: quota.counted_at_ms,
-                requests: AtomicU64::new(0),
-                tokens: AtomicU64::new(0),
-            });
+        let current = self
+            .quotas
+            .get(&config)
+            .map(|c| Arc::clone(&c))
+            .filter(|c| c.counted_at_ms == quota.counted_at_ms);
+        let counter = current.unwrap_or_else(|| {
+            let mut counter = self
+                .quotas
+                .entry(config)
+                .or_insert_with(|| QuotaCounter::since(quota.counted_at_ms));
             // A newer count from the control plane includes what we served before it.
             if counter.counted_at_ms != quota.counted_at_ms {
-                *counter = QuotaCounter {
-                    counted_at_ms: quota.counted_at_ms,
-                    requests: AtomicU64::new(0),
-                    tokens: AtomicU64::new(0),
-                };
+                *counter = QuotaCounter::since(quota.counted_at_ms);
             }
-            counter.downgrade()
-        };
+            counter.clone()
+        });
         let requests = quota.requests + counter.requests.load(Ordering::Relaxed);
         let tokens = quota.tokens + counter.tokens.load(Ordering::Relaxed);
         let over = plan.request_quota.is_some_and(|q| requests >= q)
@@ -180,7 +192,7 @@ impl<C: Clock + Clone> Limits<C> {
             };
             return Err(GatewayError::QuotaExceeded { retry_after_secs });
         }
-        Ok(())
+        Ok(Some(counter))
     }
 
     fn plan_limiter(&self, rpm: u32, burst: u32) -> Arc<Keyed<C>> {

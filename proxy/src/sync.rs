@@ -192,7 +192,8 @@ async fn poll_once(
     have_current: bool,
 ) -> anyhow::Result<()> {
     let base = &config.control_plane_url;
-    let current = shared.load();
+    // An owned handle: it is held across the long poll.
+    let current = shared.state.load_full();
     // Before the first answer (or after an outage) ask without waiting: the answer
     // brings us up to date at once; then long-poll.
     let wait_ms = if have_current && shared.is_loaded() {
