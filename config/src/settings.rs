@@ -39,6 +39,7 @@ pub struct Settings {
     pub control_plane: ControlPlaneSettings,
     pub runtime: RuntimeSettings,
     pub proxy: ProxySettings,
+    pub usage: UsageSettings,
     pub log: LogSettings,
 }
 
@@ -122,6 +123,74 @@ pub struct ProxySettings {
     pub runtime_secret: Option<SecretString>,
 }
 
+/// Where usage events are stored, and how the proxy delivers them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageSettings {
+    /// `embedded` (a SQLite file, no server) or `clickhouse`.
+    pub store: UsageStoreKind,
+    /// ClickHouse's HTTP interface, e.g. `http://127.0.0.1:8123`.
+    pub clickhouse_url: Option<String>,
+    pub clickhouse_database: String,
+    pub clickhouse_user: Option<String>,
+    pub clickhouse_password: Option<SecretString>,
+    /// The embedded store's file; when absent, `data_dir/usage.db`.
+    pub embedded_path: Option<PathBuf>,
+    /// Most events in one insert.
+    #[serde(deserialize_with = "number")]
+    pub batch_max_events: usize,
+    /// Longest an event waits in memory before it is written to the spill log
+    /// and offered to the store; also what SIGKILL can lose.
+    #[serde(deserialize_with = "number")]
+    pub batch_max_ms: u64,
+    /// The append-only log every batch goes through before the store takes it;
+    /// when absent, `data_dir/usage-spill.log`.
+    pub spill_path: Option<PathBuf>,
+    /// Size the spill log may reach while the store is away.
+    #[serde(deserialize_with = "number")]
+    pub spill_max_bytes: u64,
+    /// What the proxy does when the spill log is full.
+    pub spill_full: SpillFullPolicy,
+    /// fsync the spill log after every batch (0), or at most every this many ms.
+    #[serde(deserialize_with = "number")]
+    pub spill_fsync_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageStoreKind {
+    Embedded,
+    Clickhouse,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpillFullPolicy {
+    /// New invokes get 503 until the store takes the backlog: no unmetered traffic.
+    Refuse,
+    /// Invokes are served; their events are dropped and counted.
+    ServeUnmetered,
+}
+
+impl Default for UsageSettings {
+    fn default() -> Self {
+        UsageSettings {
+            store: UsageStoreKind::Embedded,
+            clickhouse_url: None,
+            clickhouse_database: "agora".into(),
+            clickhouse_user: None,
+            clickhouse_password: None,
+            embedded_path: None,
+            batch_max_events: 10_000,
+            batch_max_ms: 50,
+            spill_path: None,
+            spill_max_bytes: 1024 * 1024 * 1024,
+            spill_full: SpillFullPolicy::Refuse,
+            spill_fsync_ms: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
@@ -136,6 +205,7 @@ impl Default for Settings {
             control_plane: ControlPlaneSettings::default(),
             runtime: RuntimeSettings::default(),
             proxy: ProxySettings::default(),
+            usage: UsageSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -421,6 +491,42 @@ impl Settings {
                 ));
             }
         }
+        let us = &self.usage;
+        if us.store == UsageStoreKind::Clickhouse {
+            match &us.clickhouse_url {
+                Some(url) if url.starts_with("http://") || url.starts_with("https://") => {}
+                _ => {
+                    return Err(SettingsError::Invalid(
+                        "usage.clickhouse_url (http:// or https://) is required when usage.store is clickhouse".into(),
+                    ))
+                }
+            }
+            if us.clickhouse_database.is_empty()
+                || !us
+                    .clickhouse_database
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(SettingsError::Invalid(
+                    "usage.clickhouse_database must be letters, digits and _".into(),
+                ));
+            }
+        }
+        if !(1..=1_000_000).contains(&us.batch_max_events) {
+            return Err(SettingsError::Invalid(
+                "usage.batch_max_events must be between 1 and 1000000".into(),
+            ));
+        }
+        if !(1..=60_000).contains(&us.batch_max_ms) {
+            return Err(SettingsError::Invalid(
+                "usage.batch_max_ms must be between 1 and 60000".into(),
+            ));
+        }
+        if us.spill_max_bytes < 1024 * 1024 {
+            return Err(SettingsError::Invalid(
+                "usage.spill_max_bytes must be at least 1048576".into(),
+            ));
+        }
         if self.runtime.timeout_ms == 0 {
             return Err(SettingsError::Invalid(
                 "runtime.timeout_ms must be positive".into(),
@@ -443,6 +549,22 @@ impl Settings {
             .snapshot_path
             .clone()
             .unwrap_or_else(|| self.data_dir.join("proxy-snapshot.json"))
+    }
+
+    /// The embedded usage store's file.
+    pub fn usage_embedded_path(&self) -> PathBuf {
+        self.usage
+            .embedded_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("usage.db"))
+    }
+
+    /// The usage spill log's file.
+    pub fn usage_spill_path(&self) -> PathBuf {
+        self.usage
+            .spill_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("usage-spill.log"))
     }
 
     /// The database URL in force: the configured one, else SQLite under `data_dir`.

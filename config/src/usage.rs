@@ -71,6 +71,34 @@ pub struct UsageEvent {
     pub token_source: TokenSource,
 }
 
+/// Token counts the runtime reported out of band for one request
+/// (`POST /api/agent-gateway/usage/`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenReport {
+    /// The `X-Agora-Request-Id` the proxy sent with the run (the event's `event_id`).
+    pub request_id: Uuid,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// What the proxy hands to the usage pipeline: an event per request, and the
+/// runtime's own token reports. A report never adds a second record: readers take
+/// its counts for the event it names when the event carries no counts from the
+/// runtime's response (runtime > reported > estimated).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UsageRecord {
+    Event(Box<UsageEvent>),
+    Report(TokenReport),
+}
+
+/// Rough token count of `bytes` of text, for requests whose runtime gave none
+/// (about four bytes per token, rounded up). Events carrying it say
+/// [`TokenSource::Estimated`].
+pub fn estimate_tokens(bytes: u64) -> u64 {
+    bytes.div_ceil(4)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
