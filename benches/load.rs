@@ -82,6 +82,9 @@ fn main() {
         tenant_requests_per_second: 100_000_000,
         tenant_burst: 1_000_000,
         usage_queue_capacity: 1 << 20,
+        usage_batch_max_events: 8192,
+        usage_batch_interval: Duration::from_millis(50),
+        usage_flush_timeout: Duration::from_secs(1),
         runtime_api_key: Some("bench-runtime-key".to_owned().into()),
         runtime_secret: None,
         long_poll: Duration::from_secs(25),
@@ -89,7 +92,8 @@ fn main() {
         work_stealing: false,
     };
     let sink = Arc::new(agora_proxy::usage::LogSink::default());
-    let proxy = agora_proxy::start(config, sink.clone()).expect("start the proxy");
+    let proxy = agora_proxy::start(config, agora_proxy::Metering::Sink(sink.clone()))
+        .expect("start the proxy");
 
     let mut nginx = start_nginx(&dir, upstream.port());
     let bare = spawn_bare_pingora(upstream, threads);

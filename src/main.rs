@@ -3,7 +3,6 @@
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use agora_config::settings::{Overrides, Settings};
@@ -168,8 +167,9 @@ async fn main() -> anyhow::Result<()> {
             settings.validate()?;
             init_logging(&settings);
             let config = agora_proxy::ProxyConfig::from_settings(&settings)?;
+            let metering = agora_proxy::open_metering(&settings).await?;
             let running =
-                agora_proxy::start(config, Arc::new(agora_proxy::usage::LogSink::default()))?;
+                tokio::task::spawn_blocking(move || agora_proxy::start(config, metering)).await??;
             println!("proxy listening on http://{}", running.addr);
             println!("metrics on http://{}/metrics", running.admin_addr);
             tokio::task::spawn_blocking(move || running.wait()).await?;
@@ -180,7 +180,13 @@ async fn main() -> anyhow::Result<()> {
             init_logging(&settings);
             let db = agora_control_plane::db::Db::connect(&settings.database_url(), 1).await?;
             db.migrate().await?;
-            println!("migrations applied");
+            // The usage store's tables (ClickHouse's DDL from deploy/clickhouse/, or
+            // the embedded file's).
+            let store = agora_usage::open(&settings).await?;
+            println!(
+                "migrations applied (database and {} usage store)",
+                store.kind()
+            );
             Ok(())
         }
         Command::Users {
@@ -262,13 +268,9 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     if let Some(runtime) = &built_in {
         proxy_config.runtime_api_key = Some(runtime.api_key.clone().into());
     }
-    let proxy = tokio::task::spawn_blocking(move || {
-        agora_proxy::start(
-            proxy_config,
-            Arc::new(agora_proxy::usage::LogSink::default()),
-        )
-    })
-    .await??;
+    let metering = agora_proxy::open_metering(&settings).await?;
+    let proxy =
+        tokio::task::spawn_blocking(move || agora_proxy::start(proxy_config, metering)).await??;
     let proxy_url = format!("http://{}", proxy.addr);
     let demo_proxy = demo::DemoProxy {
         url: proxy_url.clone(),

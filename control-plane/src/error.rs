@@ -51,6 +51,13 @@ impl ApiError {
         ApiError::NotFound { what }
     }
 
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::Unavailable {
+            code,
+            message: message.into(),
+        }
+    }
+
     pub fn forbidden(message: impl Into<String>) -> Self {
         ApiError::Forbidden {
             message: message.into(),

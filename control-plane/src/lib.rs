@@ -1,5 +1,5 @@
-//! Agora's control plane: the marketplace, orders, buyer configurations and API
-//! keys, over Postgres or embedded SQLite, served with axum.
+//! Agora's control plane: the marketplace, orders, buyer configurations, API
+//! keys and usage reads, over Postgres or embedded SQLite, served with axum.
 //!
 //! Routes are organised by feature under [`routes`]; every route is declared once
 //! in [`api!`], which builds both the router and the OpenAPI document.
@@ -63,6 +63,9 @@ pub struct AppState {
     pub feed: sync::Feed,
     /// Bounds concurrent password checks: each costs ~19 MiB and tens of ms.
     pub password_checks: Arc<tokio::sync::Semaphore>,
+    /// The usage store the proxy writes; none when it could not be opened at
+    /// start, and then the usage routes answer 503.
+    pub usage: Option<Arc<dyn agora_usage::UsageStore>>,
 }
 
 impl AppState {
@@ -81,6 +84,16 @@ impl AppState {
         // a new revision makes proxies that saved the last one fetch it again.
         db::bump_revision(&mut *db.pool.acquire().await?).await?;
         tokio::task::spawn_blocking(identity::decoy_hash).await?;
+        let usage = match agora_usage::open(settings).await {
+            Ok(store) => Some(store),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "the usage store could not be opened; usage routes will answer 503"
+                );
+                None
+            }
+        };
         let cp = &settings.control_plane;
         Ok(AppState {
             db: db.clone(),
@@ -102,6 +115,7 @@ impl AppState {
             proxy_secret: cp.proxy_secret.clone(),
             password_checks: Arc::new(tokio::sync::Semaphore::new(PASSWORD_CHECKS)),
             feed: sync::Feed::start(db.clone(), revision_poll(db.dialect)),
+            usage,
         })
     }
 }
@@ -138,7 +152,7 @@ macro_rules! api {
     };
 }
 
-use routes::{agents, auth, configs, documents, keys, marketplace, orgs};
+use routes::{agents, auth, configs, documents, keys, marketplace, orgs, usage};
 
 api! {
     post "/api/auth/token/" => auth::obtain_token, "auth", "Exchange username and password for a user token";
@@ -147,6 +161,7 @@ api! {
     get "/api/organizations/" => orgs::list_orgs, "organizations", "Organizations you belong to";
     post "/api/organizations/" => orgs::create_org, "organizations", "Create an organization you own";
     get "/api/organizations/{uuid}/" => orgs::get_org, "organizations", "One of your organizations";
+    get "/api/organizations/{uuid}/usage/" => usage::organization_usage, "usage", "The organization's metered usage in a billing period (?from=&to=; default this calendar month, UTC)";
     get "/api/organizations/{uuid}/members/" => orgs::list_members, "organizations", "The organization's members and roles";
     post "/api/organizations/{uuid}/members/" => orgs::put_member, "organizations", "Add a member or change a role (admins; ownership by owners)";
     delete "/api/organizations/{uuid}/members/{user}/" => orgs::remove_member, "organizations", "Remove a member (the last owner stays)";
@@ -179,12 +194,14 @@ api! {
     get "/api/provider-agents/{uuid}/plans/" => agents::list_plans, "provider", "The agent's pricing plans";
     post "/api/provider-agents/{uuid}/plans/" => agents::create_plan, "provider", "Add a pricing plan";
     delete "/api/provider-agents/{uuid}/plans/{plan}/" => agents::archive_plan, "provider", "Archive a pricing plan (existing subscriptions keep it)";
+    get "/api/provider-agents/{uuid}/usage/" => usage::agent_usage, "usage", "The agent's usage over all its buyers: totals and an hourly or daily series (?from=&to=&interval=hour|day)";
 
     get "/api/customer-agent-configs/" => configs::list_configs, "buyer", "Your agent configurations";
     get "/api/customer-agent-configs/{uuid}/" => configs::get_config, "buyer", "One configuration";
     patch "/api/customer-agent-configs/{uuid}/" => configs::update_config, "buyer", "Set name, greeting, tone and knowledge documents";
     get "/api/customer-agent-configs/{uuid}/api_keys/" => keys::list_keys, "buyer", "The configuration's API keys (never the secret)";
     post "/api/customer-agent-configs/{uuid}/api_keys/" => keys::issue_key, "buyer", "Issue an API key; the secret is shown once";
+    get "/api/customer-agent-configs/{uuid}/usage/" => usage::config_usage, "usage", "The configuration's usage: totals and an hourly or daily series (?from=&to=&interval=hour|day)";
     post "/api/agent-api-keys/{uuid}/revoke/" => keys::revoke_key, "buyer", "Revoke an API key";
     get "/api/training-documents/" => documents::list_documents, "buyer", "Knowledge documents";
     post "/api/training-documents/" => documents::upload_document, "buyer", "Upload a knowledge document (the body; ?filename=&config=)";

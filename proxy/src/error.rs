@@ -74,6 +74,8 @@ pub enum GatewayError {
     UsageReportsDisabled,
     NotReady,
     ShuttingDown,
+    /// The usage spill log is full and the policy refuses unmetered traffic.
+    MeteringUnavailable,
 }
 
 impl GatewayError {
@@ -88,7 +90,7 @@ impl GatewayError {
             HeadersTooLarge { .. } => 431,
             NotFound | UsageReportsDisabled => 404,
             MethodNotAllowed => 405,
-            AgentUnavailable | NotReady | ShuttingDown => 503,
+            AgentUnavailable | NotReady | ShuttingDown | MeteringUnavailable => 503,
             UpstreamUnreachable | UpstreamStatus(_) => 502,
             UpstreamTimeout => 504,
         }
@@ -117,6 +119,7 @@ impl GatewayError {
             RuntimeSecretRequired => "invalid_runtime_secret",
             NotReady => "not_ready",
             ShuttingDown => "shutting_down",
+            MeteringUnavailable => "usage_unavailable",
         }
     }
 
@@ -150,6 +153,10 @@ impl GatewayError {
             RuntimeSecretRequired => "A valid X-Runtime-Secret is required.".into(),
             NotReady => "The gateway has no configuration yet.".into(),
             ShuttingDown => "The gateway is shutting down.".into(),
+            MeteringUnavailable => {
+                "Usage cannot be recorded right now, so the request was not run; retry later."
+                    .into()
+            }
         }
     }
 
@@ -157,7 +164,7 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             UpstreamUnreachable | UpstreamTimeout | UpstreamStatus(_) => Side::Upstream,
-            NotReady | ShuttingDown | AgentUnavailable => Side::Internal,
+            NotReady | ShuttingDown | AgentUnavailable | MeteringUnavailable => Side::Internal,
             _ => Side::Downstream,
         }
     }
@@ -199,7 +206,7 @@ impl GatewayError {
             GatewayError::QuotaExceeded { retry_after_secs } => {
                 let _ = header.insert_header("retry-after", retry_after_secs.to_string());
             }
-            GatewayError::TooManyInFlight { .. } => {
+            GatewayError::TooManyInFlight { .. } | GatewayError::MeteringUnavailable => {
                 let _ = header.insert_header("retry-after", "1");
             }
             GatewayError::MissingKey | GatewayError::InvalidKey(_) => {

@@ -46,6 +46,7 @@ use crate::ratelimit::Limits;
 use crate::state::PeerTimeouts;
 use crate::sync::{FeedConfig, Shared};
 use crate::usage::UsageSink;
+pub use agora_usage::Pipeline;
 
 /// Everything the proxy needs to run.
 #[derive(Clone)]
@@ -65,6 +66,11 @@ pub struct ProxyConfig {
     pub tenant_requests_per_second: u32,
     pub tenant_burst: u32,
     pub usage_queue_capacity: usize,
+    /// Largest batch the drain hands on, and its interval.
+    pub usage_batch_max_events: usize,
+    pub usage_batch_interval: Duration,
+    /// How long shutdown keeps offering spilled usage to an unreachable store.
+    pub usage_flush_timeout: Duration,
     pub runtime_api_key: Option<SecretString>,
     pub runtime_secret: Option<SecretString>,
     /// How long one long poll of the feed waits.
@@ -95,6 +101,9 @@ impl ProxyConfig {
             tenant_requests_per_second: p.tenant_requests_per_second,
             tenant_burst: p.tenant_burst,
             usage_queue_capacity: p.usage_queue_capacity,
+            usage_batch_max_events: settings.usage.batch_max_events,
+            usage_batch_interval: Duration::from_millis(settings.usage.batch_max_ms),
+            usage_flush_timeout: Duration::from_secs(10),
             runtime_api_key: settings.runtime.api_key.clone(),
             runtime_secret: p.runtime_secret.clone(),
             long_poll: Duration::from_secs(25),
@@ -102,6 +111,35 @@ impl ProxyConfig {
             work_stealing: false,
         })
     }
+}
+
+/// Where the proxy's usage goes.
+#[derive(Clone)]
+pub enum Metering {
+    /// The spill log and a store: what `agora proxy` runs.
+    Pipeline(Arc<Pipeline>),
+    /// Any sink, with no spill log (tests, benchmarks).
+    Sink(Arc<dyn UsageSink>),
+}
+
+/// Opens the usage store and spill log the settings name. A ClickHouse that cannot
+/// be reached (or migrated) now is not an error: usage spills until it returns.
+pub async fn open_metering(settings: &Settings) -> anyhow::Result<Metering> {
+    use agora_config::settings::UsageStoreKind;
+    let store: Arc<dyn agora_usage::UsageStore> = match settings.usage.store {
+        UsageStoreKind::Embedded => Arc::new(
+            agora_usage::embedded::EmbeddedStore::open(&settings.usage_embedded_path()).await?,
+        ),
+        UsageStoreKind::Clickhouse => {
+            let store = agora_usage::clickhouse::ClickHouseStore::from_settings(settings)?;
+            if let Err(e) = store.migrate().await {
+                tracing::warn!(error = %format!("{e:#}"), "ClickHouse is not reachable yet; usage will spill to disk until it is");
+            }
+            Arc::new(store)
+        }
+    };
+    let config = agora_usage::pipeline::PipelineConfig::from_settings(settings);
+    Ok(Metering::Pipeline(Arc::new(Pipeline::open(config, store)?)))
 }
 
 /// A proxy running on its own threads.
@@ -119,6 +157,7 @@ pub struct GatewayHandle {
     pub metrics: Arc<Metrics>,
     pub life: Arc<Lifecycle>,
     pub usage: usage::UsageQueue,
+    pub pipeline: Option<Arc<Pipeline>>,
 }
 
 impl Running {
@@ -148,7 +187,7 @@ impl Drop for Running {
 }
 
 /// Starts the proxy on its own threads and returns once it is listening.
-pub fn start(config: ProxyConfig, sink: Arc<dyn UsageSink>) -> anyhow::Result<Running> {
+pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running> {
     let addr = free_port(config.listen).context("proxy listen address")?;
     let admin_addr = free_port(config.admin_listen).context("proxy admin address")?;
     let timeouts = PeerTimeouts {
@@ -159,7 +198,13 @@ pub fn start(config: ProxyConfig, sink: Arc<dyn UsageSink>) -> anyhow::Result<Ru
     sync::load_saved(&shared, &config.snapshot_path);
     let metrics = Arc::new(Metrics::new());
     let life = Arc::new(Lifecycle::default());
-    let (queue, drain) = usage::queue(config.usage_queue_capacity);
+    let (queue, mut drain) = usage::queue(config.usage_queue_capacity);
+    drain.max_batch = config.usage_batch_max_events;
+    drain.interval = config.usage_batch_interval;
+    let (sink, pipeline): (Arc<dyn UsageSink>, _) = match metering {
+        Metering::Pipeline(p) => (p.clone(), Some(p)),
+        Metering::Sink(s) => (s, None),
+    };
     let limits = Arc::new(Limits::new(
         config.tenant_requests_per_second,
         config.tenant_burst,
@@ -172,6 +217,7 @@ pub fn start(config: ProxyConfig, sink: Arc<dyn UsageSink>) -> anyhow::Result<Ru
         runtime_api_key: config.runtime_api_key.clone(),
         runtime_secret: config.runtime_secret.clone(),
         max_body_bytes: config.max_body_bytes,
+        pipeline: pipeline.clone(),
         life: life.clone(),
         connector: pingora::connectors::http::Connector::new(Some(
             pingora::connectors::ConnectorOptions::new(config.upstream_pool_size),
@@ -182,6 +228,7 @@ pub fn start(config: ProxyConfig, sink: Arc<dyn UsageSink>) -> anyhow::Result<Ru
         metrics: metrics.clone(),
         life: life.clone(),
         usage: queue.clone(),
+        pipeline: pipeline.clone(),
     });
     let trigger = Arc::new(Notify::new());
 
@@ -202,6 +249,11 @@ pub fn start(config: ProxyConfig, sink: Arc<dyn UsageSink>) -> anyhow::Result<Ru
     };
     background.spawn(sync::follow(shared.clone(), feed, stop_rx.clone()));
     let drained = background.spawn(drain.run(sink, stop_rx.clone()));
+    // The shipper stops after the drain has put the last events into the log.
+    let (ship_stop_tx, ship_stop_rx) = tokio::sync::watch::channel(false);
+    let shipped = pipeline
+        .clone()
+        .map(|p| background.spawn(p.run_shipper(ship_stop_rx, config.usage_flush_timeout)));
 
     let mut conf = ServerConf {
         threads: config.threads,
@@ -224,6 +276,7 @@ pub fn start(config: ProxyConfig, sink: Arc<dyn UsageSink>) -> anyhow::Result<Ru
             metrics: metrics.clone(),
             shared: shared.clone(),
             usage: queue.clone(),
+            pipeline: pipeline.clone(),
         }),
     );
     admin.add_tcp(&admin_addr.to_string());
@@ -255,6 +308,10 @@ pub fn start(config: ProxyConfig, sink: Arc<dyn UsageSink>) -> anyhow::Result<Ru
             // Listeners are closed: flush usage, stop the feed.
             let _ = stop_tx.send(true);
             let _ = background.block_on(drained);
+            let _ = ship_stop_tx.send(true);
+            if let Some(shipped) = shipped {
+                let _ = background.block_on(shipped);
+            }
             background.shutdown_timeout(Duration::from_secs(1));
             tracing::info!("proxy stopped");
         })

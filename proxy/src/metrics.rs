@@ -67,6 +67,12 @@ pub struct Metrics {
     usage_dropped: IntGauge,
     usage_written: IntGauge,
     usage_sink_errors: IntGauge,
+    spill_bytes: IntGauge,
+    spill_full: IntGauge,
+    store_failing: IntGauge,
+    usage_shipped: IntGauge,
+    store_errors: IntGauge,
+    spill_dropped: IntGauge,
     pub upstream_errors: IntCounterVec,
 }
 
@@ -142,6 +148,27 @@ impl Metrics {
             ),
             usage_written: gauge("usage_written_total", "Usage records the sink accepted."),
             usage_sink_errors: gauge("usage_sink_errors_total", "Batches the sink refused."),
+            spill_bytes: gauge(
+                "usage_spill_bytes",
+                "Bytes in the usage spill log not yet in the store.",
+            ),
+            spill_full: gauge(
+                "usage_spill_full",
+                "1 while the usage spill log is full (invokes refused under the refuse policy).",
+            ),
+            store_failing: gauge(
+                "usage_store_failing",
+                "1 while the usage store refuses batches.",
+            ),
+            usage_shipped: gauge("usage_shipped_total", "Usage records the store took."),
+            store_errors: gauge(
+                "usage_store_errors_total",
+                "Shipments the usage store refused.",
+            ),
+            spill_dropped: gauge(
+                "usage_spill_dropped_total",
+                "Usage records dropped because the spill log was full (serve_unmetered policy).",
+            ),
             requests,
             auth_failures,
             rate_limited,
@@ -168,6 +195,12 @@ impl Metrics {
             &metrics.usage_dropped,
             &metrics.usage_written,
             &metrics.usage_sink_errors,
+            &metrics.spill_bytes,
+            &metrics.spill_full,
+            &metrics.store_failing,
+            &metrics.usage_shipped,
+            &metrics.store_errors,
+            &metrics.spill_dropped,
         ] {
             r.register(Box::new(g.clone())).expect("register");
         }
@@ -197,7 +230,12 @@ impl Metrics {
     }
 
     /// Reads the state gauges, then encodes everything.
-    pub fn render(&self, shared: &Shared, usage: &UsageQueue) -> Vec<u8> {
+    pub fn render(
+        &self,
+        shared: &Shared,
+        usage: &UsageQueue,
+        pipeline: Option<&agora_usage::Pipeline>,
+    ) -> Vec<u8> {
         let now = crate::sync::now_ms();
         self.snapshot_revision
             .set(i64::try_from(shared.load().revision()).unwrap_or(i64::MAX));
@@ -212,6 +250,18 @@ impl Metrics {
         self.usage_dropped.set(load(&stats.dropped));
         self.usage_written.set(load(&stats.written));
         self.usage_sink_errors.set(load(&stats.sink_errors));
+        if let Some(p) = pipeline {
+            let ps = p.stats();
+            let flag = |b: &std::sync::atomic::AtomicBool| {
+                i64::from(b.load(std::sync::atomic::Ordering::Relaxed))
+            };
+            self.spill_bytes.set(load(&ps.spill_bytes));
+            self.spill_full.set(flag(&ps.spill_full));
+            self.store_failing.set(flag(&ps.store_failing));
+            self.usage_shipped.set(load(&ps.shipped));
+            self.store_errors.set(load(&ps.store_errors));
+            self.spill_dropped.set(load(&ps.dropped));
+        }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
@@ -253,6 +303,7 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub shared: Arc<Shared>,
     pub usage: UsageQueue,
+    pub pipeline: Option<Arc<agora_usage::Pipeline>>,
 }
 
 #[async_trait]
@@ -263,7 +314,8 @@ impl ServeHttp for Admin {
             (
                 200,
                 "text/plain; version=0.0.4",
-                self.metrics.render(&self.shared, &self.usage),
+                self.metrics
+                    .render(&self.shared, &self.usage, self.pipeline.as_deref()),
             )
         } else {
             (

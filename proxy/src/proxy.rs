@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agora_config::keys::Scope;
-use agora_config::usage::{TokenSource, UsageEvent, UsageStatus};
+use agora_config::usage::{estimate_tokens, TokenSource, UsageEvent, UsageStatus};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::Connector;
@@ -52,6 +52,8 @@ pub struct Gateway {
     pub runtime_api_key: Option<SecretString>,
     pub runtime_secret: Option<SecretString>,
     pub max_body_bytes: usize,
+    /// The spill log and store behind the usage queue, when there is one.
+    pub pipeline: Option<Arc<agora_usage::Pipeline>>,
     pub life: Arc<Lifecycle>,
     /// Pooled connections to runtimes.
     pub connector: Connector,
@@ -218,6 +220,23 @@ impl ProxyHttp for Gateway {
             (None, false) if status == 0 || status >= 500 => UsageStatus::UpstreamError,
             (None, false) => UsageStatus::ClientError,
         };
+        // The runtime's counts when it gave them; else, for a run the runtime
+        // answered (or a stream the client cut), an estimate from the bytes that
+        // went each way, marked as such. A later report from the runtime replaces
+        // an estimate when usage is read.
+        let (input_tokens, output_tokens, token_source) = match tokens {
+            Some(t) => (Some(t.input), Some(t.output), TokenSource::Runtime),
+            None if upstream.is_some()
+                && matches!(usage_status, UsageStatus::Ok | UsageStatus::Cancelled) =>
+            {
+                (
+                    Some(estimate_tokens(ctx.bytes_in)),
+                    Some(estimate_tokens(ctx.progress.bytes_out)),
+                    TokenSource::Estimated,
+                )
+            }
+            None => (None, None, TokenSource::None),
+        };
         let entry = ctx.caller.as_ref().map(|c| &c.record.entry);
         let event = UsageEvent {
             event_id: if ctx.event_id.is_nil() {
@@ -243,13 +262,9 @@ impl ProxyHttp for Gateway {
             upstream_latency_us: upstream.map(|u| u.as_micros() as u64),
             bytes_in: ctx.bytes_in,
             bytes_out: ctx.progress.bytes_out,
-            input_tokens: tokens.map(|t| t.input),
-            output_tokens: tokens.map(|t| t.output),
-            token_source: if tokens.is_some() {
-                TokenSource::Runtime
-            } else {
-                TokenSource::None
-            },
+            input_tokens,
+            output_tokens,
+            token_source,
         };
         self.usage.push(UsageRecord::Event(Box::new(event)));
     }
@@ -313,6 +328,9 @@ impl Gateway {
         }
         if self.life.draining.load(Ordering::Relaxed) {
             return Err(GatewayError::ShuttingDown);
+        }
+        if self.pipeline.as_ref().is_some_and(|p| p.refusing()) {
+            return Err(GatewayError::MeteringUnavailable);
         }
         let state = self.shared.load();
         if !self.shared.is_loaded() {
@@ -456,6 +474,19 @@ impl Gateway {
                 "queue_depth": self.usage.depth(),
                 "queue_capacity": self.usage.capacity(),
                 "dropped": stats.dropped.load(Ordering::Relaxed),
+                "store": self.pipeline.as_ref().map(|p| {
+                    let ps = p.stats();
+                    serde_json::json!({
+                        "kind": p.store().kind(),
+                        "status": if ps.store_failing.load(Ordering::Relaxed) { "failing" } else { "ok" },
+                        "spill_bytes": ps.spill_bytes.load(Ordering::Relaxed),
+                        "spill_max_bytes": p.spill_max_bytes(),
+                        "spill_full": ps.spill_full.load(Ordering::Relaxed),
+                        "refusing_invokes": p.refusing(),
+                        "spill_dropped": ps.dropped.load(Ordering::Relaxed),
+                        "spill_damaged_bytes": ps.damaged_bytes.load(Ordering::Relaxed),
+                    })
+                }),
             },
         });
         let code = if loaded && !draining { 200 } else { 503 };

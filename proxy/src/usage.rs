@@ -14,36 +14,11 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agora_config::usage::UsageEvent;
 use async_trait::async_trait;
-use serde::Deserialize;
 use tokio::sync::mpsc;
-use uuid::Uuid;
 
-/// Token counts the runtime reported out of band for one request
-/// (`POST /api/agent-gateway/usage/`).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenReport {
-    /// The `X-Agora-Request-Id` the proxy sent with the run (the event's `event_id`).
-    pub request_id: Uuid,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-}
-
-/// What flows through the queue.
-#[derive(Clone, Debug)]
-pub enum UsageRecord {
-    Event(Box<UsageEvent>),
-    Report(TokenReport),
-}
-
-/// Where usage goes. Implementations must be idempotent per `event_id`: a batch may
-/// be offered again after an error.
-#[async_trait]
-pub trait UsageSink: Send + Sync + 'static {
-    async fn write(&self, batch: &[UsageRecord]) -> anyhow::Result<()>;
-}
+pub use agora_config::usage::{TokenReport, UsageRecord};
+pub use agora_usage::UsageSink;
 
 /// Counts what it receives and logs one line per batch.
 #[derive(Default)]
@@ -110,8 +85,15 @@ pub struct QueueStats {
 pub struct Drain {
     rx: mpsc::Receiver<UsageRecord>,
     stats: Arc<QueueStats>,
+    /// Largest batch handed to the sink at once.
+    pub max_batch: usize,
+    /// How often the drain looks at the queue; it is woken sooner when the queue
+    /// is half full.
+    pub interval: Duration,
 }
 
+/// A queue of `capacity` records, drained every [`FLUSH_INTERVAL`] in batches of at
+/// most [`MAX_BATCH`] unless the [`Drain`]'s fields are changed.
 pub fn queue(capacity: usize) -> (UsageQueue, Drain) {
     let (tx, rx) = mpsc::channel(capacity);
     let stats = Arc::new(QueueStats::default());
@@ -120,7 +102,12 @@ pub fn queue(capacity: usize) -> (UsageQueue, Drain) {
             tx,
             stats: stats.clone(),
         },
-        Drain { rx, stats },
+        Drain {
+            rx,
+            stats,
+            max_batch: MAX_BATCH,
+            interval: FLUSH_INTERVAL,
+        },
     )
 }
 
@@ -170,11 +157,10 @@ impl UsageQueue {
     }
 }
 
-/// Largest batch handed to the sink at once.
+/// Default largest batch handed to the sink at once.
 pub const MAX_BATCH: usize = 8192;
 
-/// How often the drain looks at the queue; it is woken sooner when the queue is
-/// half full.
+/// Default time between two looks of the drain at the queue.
 pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl Drain {
@@ -185,12 +171,12 @@ impl Drain {
         sink: Arc<dyn UsageSink>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        loop {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        while !*stop.borrow_and_update() {
             // Wake on a timer, not per event: a request never pays for waking this
             // task (a cross-thread wake-up is a syscall and a context switch).
             tokio::select! {
-                _ = tokio::time::sleep(FLUSH_INTERVAL) => {}
+                _ = tokio::time::sleep(self.interval) => {}
                 _ = self.stats.pressure.notified() => {}
                 _ = stop.changed() => break,
             }
@@ -204,9 +190,9 @@ impl Drain {
         }
     }
 
-    /// Moves up to [`MAX_BATCH`] waiting records into `batch` without waiting.
+    /// Moves up to `max_batch` waiting records into `batch` without waiting.
     fn take(&mut self, batch: &mut Vec<UsageRecord>) -> usize {
-        while batch.len() < MAX_BATCH {
+        while batch.len() < self.max_batch {
             match self.rx.try_recv() {
                 Ok(record) => batch.push(record),
                 Err(_) => break,
@@ -255,8 +241,9 @@ impl Drain {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agora_config::usage::{TokenSource, UsageStatus};
+    use agora_config::usage::{TokenSource, UsageEvent, UsageStatus};
     use std::sync::Mutex;
+    use uuid::Uuid;
 
     pub fn event(n: u64) -> UsageEvent {
         UsageEvent {

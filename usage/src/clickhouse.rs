@@ -191,12 +191,12 @@ impl ClickHouseStore {
     /// Rows in `usage_events`, copies included: what the server holds, not what
     /// readers count.
     pub async fn raw_event_rows(&self) -> anyhow::Result<u64> {
-        Ok(timed(
+        timed(
             self.db()
                 .query("SELECT count() FROM usage_events")
                 .fetch_one(),
         )
-        .await?)
+        .await
     }
 }
 
@@ -308,7 +308,12 @@ impl UsageStore for ClickHouseStore {
         let column = scope.column();
         let filter = format!("{column} = toUUID(?) AND route = ? AND time_ms >= ? AND time_ms < ?");
         let sql = format!(
-            "SELECT toInt64(intDiv(t, ?) * ?) AS start_ms,
+            "SELECT start_ms, requests, errors, billable_requests, input_tokens, output_tokens,
+                estimated_requests, buyers,
+                if(empty(lat), toUInt64(0), lat[intDiv(length(lat) * 50 + 99, 100)]) AS latency_p50_us,
+                if(empty(lat), toUInt64(0), lat[intDiv(length(lat) * 95 + 99, 100)]) AS latency_p95_us
+             FROM (
+             SELECT toInt64(intDiv(t, ?) * ?) AS start_ms,
                 toUInt64(count()) AS requests,
                 toUInt64(countIf(s IN {ERROR_STATUSES})) AS errors,
                 toUInt64(countIf(s IN {BILLABLE_STATUSES})) AS billable_requests,
@@ -316,9 +321,7 @@ impl UsageStore for ClickHouseStore {
                 toUInt64(sum(if(src = 'runtime' OR has_r = 0, o, ro))) AS output_tokens,
                 toUInt64(countIf(src = 'estimated' AND has_r = 0)) AS estimated_requests,
                 toUInt64(uniqExact(tn)) AS buyers,
-                arraySort(groupArrayIf(l, s = 'ok')) AS lat,
-                if(empty(lat), toUInt64(0), lat[intDiv(length(lat) * 50 + 99, 100)]) AS latency_p50_us,
-                if(empty(lat), toUInt64(0), lat[intDiv(length(lat) * 95 + 99, 100)]) AS latency_p95_us
+                arraySort(groupArrayIf(l, s = 'ok')) AS lat
              FROM (
                 SELECT event_id, any(time_ms) AS t, any(status) AS s, any(latency_us) AS l,
                        any(input_tokens) AS i, any(output_tokens) AS o,
@@ -331,7 +334,8 @@ impl UsageStore for ClickHouseStore {
                 WHERE request_id IN (SELECT event_id FROM usage_events WHERE {filter})
                 GROUP BY request_id
              ) USING event_id
-             GROUP BY start_ms ORDER BY start_ms"
+             GROUP BY start_ms
+             ) ORDER BY start_ms"
         );
         let id = scope.id().to_string();
         let rows: Vec<AggregateRow> = timed(

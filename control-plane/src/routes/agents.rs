@@ -49,7 +49,7 @@ const AGENTS: Owned = Owned {
 };
 
 /// The caller's agent (any role), or 404.
-async fn load_agent(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<AnyRow> {
+pub(crate) async fn load_agent(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<AnyRow> {
     AGENTS.one(db, caller, uuid).await
 }
 

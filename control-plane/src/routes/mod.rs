@@ -9,6 +9,7 @@ pub mod documents;
 pub mod keys;
 pub mod marketplace;
 pub mod orgs;
+pub mod usage;
 
 use serde::Deserialize;
 use sqlx::any::AnyRow;

@@ -8,7 +8,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{Owned, PageQuery, ALL};
-use crate::db::{now_ms, uuid_col};
+use crate::db::{now_ms, uuid_col, Db};
 use crate::domain::{text_field, ts, OrgKind, Page, Paged, Role};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
@@ -30,6 +30,11 @@ const PROJECTS: Owned = Owned {
     org: "org_uuid",
     what: "project",
 };
+
+/// The caller's organisation (any role), or 404.
+pub(crate) async fn load_org(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<AnyRow> {
+    ORGS.one(db, caller, uuid).await
+}
 
 fn org_json(row: &AnyRow, caller: &Caller) -> ApiResult<Value> {
     let uuid = uuid_col(row, "uuid")?;

@@ -60,8 +60,15 @@ impl TestApp {
         runtime: Option<RuntimeClient>,
         adjust: impl FnOnce(&mut Settings),
     ) -> TestApp {
-        let mut settings = Settings::default();
-        let (url, cleanup, tmp) = match backend {
+        // Files the control plane keeps (the SQLite database, the usage store)
+        // live in a directory of this test's own.
+        let dir = std::env::temp_dir().join(format!("agora-test-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut settings = Settings {
+            data_dir: dir.clone(),
+            ..Settings::default()
+        };
+        let (url, cleanup) = match backend {
             Backend::Postgres => {
                 let name = format!("agora_t_{}", Uuid::new_v4().simple());
                 let admin = agora_control_plane::db::Db::connect(&pg_admin_url(), 1)
@@ -77,15 +84,12 @@ impl TestApp {
                     Some(i) if i > "postgres://".len() => format!("{}/{name}", &base[..i]),
                     _ => panic!("TEST_PG_ADMIN_URL must name a database"),
                 };
-                (url, Some(name), None)
+                (url, Some(name))
             }
-            Backend::Sqlite => {
-                let dir =
-                    std::env::temp_dir().join(format!("agora-test-{}", Uuid::new_v4().simple()));
-                std::fs::create_dir_all(&dir).unwrap();
-                let url = format!("sqlite://{}?mode=rwc", dir.join("agora.db").display());
-                (url, None, Some(tempdir::TempDir(dir)))
-            }
+            Backend::Sqlite => (
+                format!("sqlite://{}?mode=rwc", dir.join("agora.db").display()),
+                None,
+            ),
         };
         settings.control_plane.database_url = Some(url);
         settings.control_plane.db_max_connections = 5;
@@ -97,7 +101,7 @@ impl TestApp {
             state,
             http: reqwest::Client::new(),
             cleanup,
-            _tmp: tmp,
+            _tmp: Some(tempdir::TempDir(dir)),
         }
     }
 

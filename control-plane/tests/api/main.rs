@@ -4,6 +4,7 @@
 mod common;
 mod isolation;
 mod runtime_wire;
+mod usage;
 
 use agora_config::keys::{ApiKey, Verifier};
 use agora_control_plane::domain::{OrgKind, Role};

@@ -1,0 +1,479 @@
+//! Usage metering end to end, on a real ClickHouse server (a private one per test,
+//! started from Debian's `clickhouse-server`; the test command installs it): every
+//! request lands exactly once with exact token sums, a ClickHouse outage under load
+//! loses nothing, SIGTERM flushes, SIGKILL loses nothing that reached the spill log.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agora_config::settings::{UsageSettings, UsageStoreKind};
+use agora_usage::clickhouse::ClickHouseStore;
+use agora_usage::local_server::LocalClickHouse;
+use agora_usage::{Aggregate, Scope, TimeRange};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::*;
+use uuid::Uuid;
+
+fn clickhouse(dir: &std::path::Path) -> LocalClickHouse {
+    LocalClickHouse::start(dir).unwrap_or_else(|e| {
+        panic!("the metering tests need a ClickHouse server and could not start one: {e:#}")
+    })
+}
+
+fn usage_settings(server: &LocalClickHouse) -> (UsageSettings, String) {
+    let database = format!("agora_t_{}", Uuid::new_v4().simple());
+    let settings = UsageSettings {
+        store: UsageStoreKind::Clickhouse,
+        clickhouse_url: Some(server.url()),
+        clickhouse_database: database.clone(),
+        ..UsageSettings::default()
+    };
+    (settings, database)
+}
+
+/// The token counts the runtime put in an answer: the last `"usage"` object.
+fn tokens_in(text: &str) -> (u64, u64) {
+    let at = text.rfind("\"usage\":").expect("the runtime reports usage") + "\"usage\":".len();
+    let usage: Value = serde_json::Deserializer::from_str(&text[at..])
+        .into_iter::<Value>()
+        .next()
+        .unwrap()
+        .unwrap();
+    (
+        usage["input_tokens"].as_u64().unwrap(),
+        usage["output_tokens"].as_u64().unwrap(),
+    )
+}
+
+fn all_time() -> TimeRange {
+    TimeRange {
+        from_ms: 0,
+        to_ms: i64::MAX / 2,
+    }
+}
+
+async fn totals(store: &ClickHouseStore, config: Uuid) -> Aggregate {
+    agora_usage::totals(store, Scope::Config(config), all_time())
+        .await
+        .unwrap_or_else(|e| panic!("reading usage from ClickHouse: {e:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_lands_once_with_exact_token_sums() {
+    let ch_dir = tempfile::tempdir().unwrap();
+    let server = clickhouse(ch_dir.path());
+    let (usage, database) = usage_settings(&server);
+    let mut w = World::start_with(Duration::ZERO, Some(usage)).await;
+    let (config, key) = w
+        .subscription(
+            "Document Summarizer",
+            json!({"name": "Metered", "price_cents": 0, "requests_per_minute": 1000000, "burst": 100000}),
+            json!({"name": "metered"}),
+        )
+        .await;
+
+    let (mut input, mut output) = (0u64, 0u64);
+    let mut request_ids = Vec::new();
+    for i in 0..30 {
+        let text = format!("question {i}: {}", "word ".repeat(i % 7));
+        let r = if i % 3 == 0 {
+            w.stream(&key, &text).await
+        } else {
+            w.invoke(&key, json!({"input_value": text})).await
+        };
+        assert_eq!(r.status(), StatusCode::OK);
+        request_ids.push(
+            r.headers()["x-agora-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+        let (i, o) = tokens_in(&r.text().await.unwrap());
+        input += i;
+        output += o;
+    }
+    // Refusals are requests too: bad bodies reach no runtime and carry no tokens.
+    for _ in 0..4 {
+        let r = w.invoke(&key, json!({"input_value": 5})).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    }
+    // A runtime report for a run whose answer already carried usage changes nothing.
+    let r = w
+        .http
+        .post(format!("{}/api/agent-gateway/usage/", w.proxy_url))
+        .header("x-runtime-secret", "runtime-secret-for-tests")
+        .json(&json!({"request_id": request_ids[0], "input_tokens": 999, "output_tokens": 999}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    w.stop_proxy().await;
+
+    let store = ClickHouseStore::new(&server.url(), &database, None, None);
+    let t = totals(&store, config).await;
+    assert_eq!(t.requests, 34);
+    assert_eq!(t.errors, 4);
+    assert_eq!(t.billable_requests, 30);
+    assert_eq!((t.input_tokens, t.output_tokens), (input, output));
+    assert!(input > 30, "the runs reported tokens");
+    assert_eq!(t.estimated_requests, 0);
+    assert_eq!(t.buyers, 1);
+    assert!(t.latency_p50_us > 0 && t.latency_p95_us >= t.latency_p50_us);
+
+    // The buyer reads the same numbers through the control plane.
+    let (s, body) = w
+        .cp(
+            reqwest::Method::GET,
+            &w.info.buyer_token,
+            &format!("/api/customer-agent-configs/{config}/usage/?interval=day"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["totals"]["requests"], 34, "{body}");
+    assert_eq!(body["totals"]["input_tokens"], input, "{body}");
+    assert_eq!(body["totals"]["output_tokens"], output, "{body}");
+    w.finish().await;
+}
+
+/// Invokes as fast as `workers` clients can until `stop`; counts the answers.
+fn load(
+    w: &World,
+    key: &str,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<u64>> {
+    (0..workers)
+        .map(|n| {
+            let (http, url, key, stop) = (
+                w.http.clone(),
+                w.proxy_url.clone(),
+                key.to_owned(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut answered = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let r = http
+                        .post(format!("{url}/api/agent-gateway/invoke/"))
+                        .bearer_auth(&key)
+                        .json(&json!({"input_value": format!("load {n}")}))
+                        .send()
+                        .await
+                        .expect("the proxy answers");
+                    assert_eq!(r.status(), StatusCode::OK);
+                    r.bytes().await.unwrap();
+                    answered += 1;
+                }
+                answered
+            })
+        })
+        .collect()
+}
+
+async fn health(w: &World) -> Value {
+    w.http
+        .get(format!("{}/api/agent-gateway/health/", w.proxy_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clickhouse_outage_under_load_loses_nothing() {
+    let ch_dir = tempfile::tempdir().unwrap();
+    let mut server = clickhouse(ch_dir.path());
+    let (usage, database) = usage_settings(&server);
+    let mut w = World::start_with(Duration::ZERO, Some(usage)).await;
+    let (config, key) = w
+        .subscription(
+            "Document Summarizer",
+            json!({"name": "Load", "price_cents": 0, "requests_per_minute": 1000000, "burst": 100000}),
+            json!({"name": "load"}),
+        )
+        .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = load(&w, &key, 4, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    tokio::task::block_in_place(|| server.stop());
+    // While ClickHouse is away, health and metrics say so and the log grows.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let h = health(&w).await;
+        let store = &h["usage"]["store"];
+        if store["status"] == "failing" && store["spill_bytes"].as_u64().unwrap() > 0 {
+            assert_eq!(store["kind"], "clickhouse");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the outage never showed: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(w
+        .metrics()
+        .await
+        .contains("agora_proxy_usage_store_failing 1"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::task::block_in_place(|| server.resume()).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut answered = 0;
+    for worker in workers {
+        answered += worker.await.unwrap();
+    }
+    w.stop_proxy().await;
+
+    assert!(answered > 50, "the load ran ({answered} answers)");
+    let store = ClickHouseStore::new(&server.url(), &database, None, None);
+    let t = totals(&store, config).await;
+    assert_eq!(
+        t.requests, answered,
+        "every answered request is stored once"
+    );
+    assert_eq!(t.billable_requests, answered);
+    w.finish().await;
+}
+
+/// `agora proxy` as a process against the world's control plane and ClickHouse.
+struct ProxyProcess {
+    child: Child,
+    url: String,
+}
+
+fn spawn_proxy(
+    w: &World,
+    server_url: &str,
+    database: &str,
+    data_dir: &std::path::Path,
+) -> ProxyProcess {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agora"));
+    cmd.args([
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--control-plane-url",
+        &w.cp_url,
+        "--data-dir",
+    ])
+    .arg(data_dir)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    for (name, _) in std::env::vars() {
+        if name.starts_with("AGORA_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env("AGORA_CONTROL_PLANE__PROXY_SECRET", SECRET)
+        .env("AGORA_RUNTIME__API_KEY", &w.runtime_key)
+        .env("AGORA_USAGE__STORE", "clickhouse")
+        .env("AGORA_USAGE__CLICKHOUSE_URL", server_url)
+        .env("AGORA_USAGE__CLICKHOUSE_DATABASE", database)
+        .env("AGORA_PROXY__GRACE_PERIOD_MS", "10000")
+        .env("AGORA_PROXY__TENANT_REQUESTS_PER_SECOND", "1000000")
+        .env("AGORA_PROXY__TENANT_BURST", "1000000");
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let url = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("agora proxy prints its address");
+        if let Some(url) = line.strip_prefix("proxy listening on ") {
+            break url.to_owned();
+        }
+    };
+    ProxyProcess { child, url }
+}
+
+impl ProxyProcess {
+    async fn wait_for_key(&self, http: &reqwest::Client, key: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = http
+                .get(format!("{}/api/agent-gateway/validate/", self.url))
+                .bearer_auth(key)
+                .send()
+                .await;
+            if r.is_ok_and(|r| r.status() == StatusCode::OK) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy process never learned the key"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([name, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the proxy process did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_stores_every_served_request() {
+    let ch_dir = tempfile::tempdir().unwrap();
+    let server = clickhouse(ch_dir.path());
+    let (usage, database) = usage_settings(&server);
+    let w = World::start_with(Duration::ZERO, Some(usage)).await;
+    let (config, key) = w
+        .subscription(
+            "Document Summarizer",
+            json!({"name": "Term", "price_cents": 0, "requests_per_minute": 1000000, "burst": 100000}),
+            json!({"name": "term"}),
+        )
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let mut proxy = spawn_proxy(&w, &server.url(), &database, data.path());
+    proxy.wait_for_key(&w.http, &key).await;
+
+    // Four clients invoke until the proxy turns them away.
+    let served = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|n| {
+            let (http, url, key, served) = (
+                w.http.clone(),
+                proxy.url.clone(),
+                key.clone(),
+                served.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    let sent = http
+                        .post(format!("{url}/api/agent-gateway/invoke/"))
+                        .bearer_auth(&key)
+                        .json(&json!({"input_value": format!("term {n}")}))
+                        .send()
+                        .await;
+                    let Ok(r) = sent else { return };
+                    let status = r.status();
+                    if status != StatusCode::OK {
+                        // Draining: new invokes get 503 (before any key check).
+                        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+                        return;
+                    }
+                    if r.bytes().await.is_err() {
+                        return;
+                    }
+                    served.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    proxy.signal("-TERM");
+    for c in clients {
+        c.await.unwrap();
+    }
+    let status = tokio::task::block_in_place(|| proxy.wait(Duration::from_secs(30)));
+    assert!(status.success(), "{status}");
+
+    let served = served.load(Ordering::SeqCst);
+    assert!(served > 20, "the load ran ({served} served)");
+    let store = ClickHouseStore::new(&server.url(), &database, None, None);
+    let t = totals(&store, config).await;
+    assert_eq!(
+        t.billable_requests, served,
+        "every served request is stored"
+    );
+    assert_eq!(t.requests, served, "{t:?}");
+    w.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_nothing_that_reached_the_spill_log() {
+    let ch_dir = tempfile::tempdir().unwrap();
+    let mut server = clickhouse(ch_dir.path());
+    let (usage, database) = usage_settings(&server);
+    let w = World::start_with(Duration::ZERO, Some(usage)).await;
+    let (config, key) = w
+        .subscription(
+            "Document Summarizer",
+            json!({"name": "Kill", "price_cents": 0, "requests_per_minute": 1000000, "burst": 100000}),
+            json!({"name": "kill"}),
+        )
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let mut proxy = spawn_proxy(&w, &server.url(), &database, data.path());
+    proxy.wait_for_key(&w.http, &key).await;
+
+    // ClickHouse goes away, so the events can only be in the spill log.
+    tokio::task::block_in_place(|| server.stop());
+    let n = 25;
+    for i in 0..n {
+        let r = w
+            .http
+            .post(format!("{}/api/agent-gateway/invoke/", proxy.url))
+            .bearer_auth(&key)
+            .json(&json!({"input_value": format!("kill {i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.bytes().await.unwrap();
+    }
+    // The documented bound: what was answered more than usage.batch_max_ms (50 ms)
+    // before the kill is in the log. Wait well past it, then SIGKILL.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.signal("-KILL");
+    tokio::task::block_in_place(|| proxy.wait(Duration::from_secs(10)));
+    assert!(
+        std::fs::metadata(data.path().join("usage-spill.log"))
+            .unwrap()
+            .len()
+            > 0,
+        "the events are in the spill log"
+    );
+
+    // ClickHouse returns; a new proxy on the same data directory ships the log.
+    tokio::task::block_in_place(|| server.resume()).unwrap();
+    let mut second = spawn_proxy(&w, &server.url(), &database, data.path());
+    let store = ClickHouseStore::new(&server.url(), &database, None, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let t = totals(&store, config).await;
+        if t.requests == n {
+            break;
+        }
+        assert!(t.requests < n, "counted twice: {t:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the spilled events never arrived: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    second.signal("-TERM");
+    tokio::task::block_in_place(|| second.wait(Duration::from_secs(30)));
+    w.finish().await;
+}
