@@ -4,8 +4,10 @@
 #   ./scripts/test.sh            # the whole suite
 #   ./scripts/test.sh -p agora-config   # extra arguments go to `cargo test`
 #
-# Needs: a Rust toolchain, cmake, and either a running Postgres on 127.0.0.1:5432 or
-# root on a Debian-like system (Postgres is then installed and started).
+# Needs: a Rust toolchain, cmake, a ClickHouse server binary, and either a running
+# Postgres on 127.0.0.1:5432 or root on a Debian-like system (Postgres, cmake and
+# Debian's clickhouse-server are then installed as needed; the tests start their own
+# ClickHouse servers, so none has to be running).
 # Override the server with TEST_PG_ADMIN_URL=postgres://user:pass@host:port/postgres.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +32,13 @@ command -v curl >/dev/null || apt_install curl
 # Pingora's dependencies build C code with cmake.
 command -v cmake >/dev/null || apt_install cmake
 command -v psql >/dev/null || apt_install postgresql-client
+
+# The metering tests start private ClickHouse servers from Debian's package.
+if ! command -v clickhouse-server >/dev/null && [ ! -x /usr/sbin/clickhouse-server ] \
+   && [ -z "${AGORA_CLICKHOUSE_SERVER:-}" ]; then
+  apt_install clickhouse-server
+fi
+log "ClickHouse server binary: ${AGORA_CLICKHOUSE_SERVER:-$(command -v clickhouse-server || echo /usr/sbin/clickhouse-server)}"
 
 export TEST_PG_ADMIN_URL="${TEST_PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 

@@ -448,13 +448,19 @@ async fn sigkill_loses_nothing_that_reached_the_spill_log() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.signal("-KILL");
     tokio::task::block_in_place(|| proxy.wait(Duration::from_secs(10)));
+    let spill = data.path().join("usage-spill.log");
     assert!(
-        std::fs::metadata(data.path().join("usage-spill.log"))
-            .unwrap()
-            .len()
-            > 0,
+        std::fs::metadata(&spill).unwrap().len() > 0,
         "the events are in the spill log"
     );
+    // A torn write at the end of the log: recovered up to the damage, reported.
+    let torn = [0x40u8, 0, 0, 0, 1, 2, 3, 4, 5, 6];
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&spill)
+        .unwrap();
+    std::io::Write::write_all(&mut file, &torn).unwrap();
+    drop(file);
 
     // ClickHouse returns; a new proxy on the same data directory ships the log.
     tokio::task::block_in_place(|| server.resume()).unwrap();
@@ -473,6 +479,27 @@ async fn sigkill_loses_nothing_that_reached_the_spill_log() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let h: Value = w
+        .http
+        .get(format!("{}/api/agent-gateway/health/", second.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        h["usage"]["store"]["spill_damaged_bytes"],
+        torn.len(),
+        "{h}"
+    );
+    let moved: Vec<_> = std::fs::read_dir(data.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".damaged-"))
+        .collect();
+    assert_eq!(moved.len(), 1, "the damaged bytes were moved aside");
+    assert_eq!(std::fs::read(moved[0].path()).unwrap(), torn);
     second.signal("-TERM");
     tokio::task::block_in_place(|| second.wait(Duration::from_secs(30)));
     w.finish().await;

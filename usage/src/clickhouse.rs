@@ -154,6 +154,11 @@ impl ClickHouseStore {
         ))
     }
 
+    /// The database the store writes to.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
     fn db(&self) -> Client {
         self.client.clone().with_database(&self.database)
     }
