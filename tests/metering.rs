@@ -301,6 +301,16 @@ fn spawn_proxy(
     ProxyProcess { child, url }
 }
 
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        // A failed test must not leave a proxy behind.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl ProxyProcess {
     async fn wait_for_key(&self, http: &reqwest::Client, key: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);

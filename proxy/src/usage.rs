@@ -144,6 +144,21 @@ impl UsageQueue {
         }
     }
 
+    /// Queues a record if there is room, else hands it back (not counted as a
+    /// drop): for producers that can wait, such as benchmarks and replays.
+    pub fn try_push(&self, record: UsageRecord) -> Result<(), UsageRecord> {
+        match self.tx.try_send(record) {
+            Ok(()) => {
+                self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+                if self.tx.capacity() < self.tx.max_capacity() / 2 {
+                    self.stats.pressure.notify_one();
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into_inner()),
+        }
+    }
+
     pub fn depth(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
     }
