@@ -514,3 +514,77 @@ async fn sigkill_loses_nothing_that_reached_the_spill_log() {
     tokio::task::block_in_place(|| second.wait(Duration::from_secs(30)));
     w.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_client_cuts_is_metered_for_what_was_delivered() {
+    let ch_dir = tempfile::tempdir().unwrap();
+    let server = clickhouse(ch_dir.path());
+    let (usage, database) = usage_settings(&server);
+    let mut w = World::start_with(Duration::from_millis(200), Some(usage)).await;
+    let (config, key) = w
+        .subscription(
+            "Document Summarizer",
+            json!({"name": "Cut", "price_cents": 0, "requests_per_minute": 1000, "burst": 100}),
+            json!({"name": "cut"}),
+        )
+        .await;
+    let r = w.stream(&key, "cut me off after the first words").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut stream = futures_util::StreamExt::boxed(r.bytes_stream());
+    let first = futures_util::StreamExt::next(&mut stream)
+        .await
+        .unwrap()
+        .unwrap();
+    let delivered = first.len() as u64;
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.stats.cancelled() < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the runtime never saw the cancellation"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    w.stop_proxy().await;
+
+    // The one event, as stored: cancelled, tokens estimated from the bytes sent.
+    let rows = reqwest::Client::new()
+        .post(server.url())
+        .query(&[("database", database.as_str())])
+        .body(format!(
+            "SELECT status, token_source, bytes_out, output_tokens FROM usage_events \
+             WHERE config = toUUID('{config}') AND route = '/api/agent-gateway/invoke/' \
+             FORMAT JSONEachRow"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rows: Vec<Value> = rows
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!(row["status"], "cancelled", "{row}");
+    assert_eq!(row["token_source"], "estimated", "{row}");
+    // ClickHouse may write UInt64 as a JSON string.
+    let number = |v: &Value| -> u64 {
+        v.as_u64()
+            .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+            .unwrap()
+    };
+    let (bytes_out, output) = (number(&row["bytes_out"]), number(&row["output_tokens"]));
+    assert!(bytes_out >= delivered, "{bytes_out} < {delivered}");
+    assert_eq!(output, bytes_out.div_ceil(4));
+    let t = totals(
+        &ClickHouseStore::new(&server.url(), &database, None, None),
+        config,
+    )
+    .await;
+    assert_eq!((t.requests, t.billable_requests, t.errors), (1, 1, 0));
+    assert_eq!(t.estimated_requests, 1);
+    w.finish().await;
+}

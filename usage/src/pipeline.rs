@@ -4,7 +4,6 @@
 //! its bound; what happens then is [`SpillFullPolicy`]. On shutdown the shipper gets
 //! a deadline to empty the log; what it cannot ship stays on disk for the next start.
 
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +15,7 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use tokio::sync::{watch, Notify};
 
-use crate::spill::{self, AppendError, SpillLog};
+use crate::spill::{self, AppendError, Pending, SpillLog};
 use crate::{UsageSink, UsageStore};
 
 /// Most bytes of the log read for one shipment.
@@ -198,14 +197,14 @@ impl Pipeline {
     /// Ships everything logged so far.
     pub async fn ship_all(&self) -> anyhow::Result<()> {
         loop {
-            let (reader, offset, len) = {
+            let pending = {
                 let log = self.lock();
                 if log.pending_bytes() == 0 {
                     return Ok(());
                 }
-                (log.reader()?, log.shipped(), log.len())
+                log.pending()?
             };
-            let frames = read(reader, offset, len).await?;
+            let frames = read(pending).await?;
             // One insert per group of frames up to the batch size.
             let mut group: Vec<UsageRecord> = Vec::new();
             let mut frames = frames.into_iter().peekable();
@@ -237,13 +236,11 @@ impl Pipeline {
     }
 }
 
-async fn read(reader: File, offset: u64, len: u64) -> anyhow::Result<Vec<(u64, Vec<UsageRecord>)>> {
-    tokio::task::spawn_blocking(move || {
-        SpillLog::read_frames(&reader, offset, len, SHIP_READ_BYTES)
-    })
-    .await
-    .context("reading the spill log")?
-    .context("reading the spill log")
+async fn read(pending: Pending) -> anyhow::Result<Vec<(u64, Vec<UsageRecord>)>> {
+    tokio::task::spawn_blocking(move || pending.read(SHIP_READ_BYTES))
+        .await
+        .context("reading the spill log")?
+        .context("reading the spill log")
 }
 
 #[async_trait]

@@ -54,6 +54,9 @@ pub struct SpillLog {
     len: u64,
     /// Everything before this offset is in the store.
     shipped: u64,
+    /// The logical offset of the file's first byte: it grows by what truncation
+    /// and compaction remove, so logical offsets handed out earlier stay valid.
+    base: u64,
     max_bytes: u64,
     fsync_every: Option<Duration>,
     last_sync: Instant,
@@ -158,6 +161,7 @@ impl SpillLog {
                 file,
                 len: good as u64,
                 shipped,
+                base: 0,
                 max_bytes,
                 fsync_every,
                 last_sync: Instant::now(),
@@ -227,15 +231,21 @@ impl SpillLog {
         self.shipped
     }
 
-    /// A handle to read frames with, independent of appends.
-    pub fn reader(&self) -> io::Result<File> {
-        self.file.try_clone()
+    /// The frames not yet shipped, to read without holding the log: frames that
+    /// are written never change, and compaction replaces the file rather than
+    /// rewriting it, so the handle keeps seeing them.
+    pub fn pending(&self) -> io::Result<Pending> {
+        Ok(Pending {
+            reader: self.file.try_clone()?,
+            base: self.base,
+            from: self.base + self.shipped,
+            to: self.base + self.len,
+        })
     }
 
-    /// Reads whole frames from `offset`, up to about `max_bytes` (always at least
-    /// one frame if there is one), without the log's lock: frames before `len` never
-    /// change.
-    pub fn read_frames(
+    /// Reads whole frames from physical `offset`, up to about `max_bytes` (always
+    /// at least one frame if there is one).
+    fn read_frames(
         reader: &File,
         offset: u64,
         len: u64,
@@ -269,12 +279,15 @@ impl SpillLog {
         Ok(out)
     }
 
-    /// Records that everything before `offset` is in the store.
-    pub fn mark_shipped(&mut self, offset: u64) -> io::Result<()> {
-        self.shipped = offset.min(self.len);
+    /// Records that everything before the logical offset `end` (from
+    /// [`Pending::read`]) is in the store.
+    pub fn mark_shipped(&mut self, end: u64) -> io::Result<()> {
+        let physical = end.saturating_sub(self.base).min(self.len);
+        self.shipped = self.shipped.max(physical);
         if self.shipped == self.len {
             self.sync()?;
             self.file.set_len(0)?;
+            self.base += self.len;
             self.len = 0;
             self.shipped = 0;
         } else if self.shipped >= COMPACT_AFTER {
@@ -301,7 +314,8 @@ impl SpillLog {
             out.write_all(&tail)?;
             out.sync_all()?;
         }
-        // The offset must never point into the new file at the old position.
+        // The saved offset must never point into the new file at the old position.
+        let removed = self.shipped;
         self.shipped = 0;
         self.save_shipped()?;
         std::fs::rename(&tmp, &self.path)?;
@@ -309,9 +323,40 @@ impl SpillLog {
             .read(true)
             .append(true)
             .open(&self.path)?;
+        self.base += removed;
         self.len = tail_len as u64;
         self.unsynced = false;
         Ok(())
+    }
+}
+
+/// Unshipped frames as of one moment (see [`SpillLog::pending`]).
+pub struct Pending {
+    reader: File,
+    base: u64,
+    /// Logical range of the frames.
+    pub from: u64,
+    pub to: u64,
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.from == self.to
+    }
+
+    /// Whole frames from the start, about `max_bytes` of them (at least one),
+    /// each with the logical offset just past it.
+    pub fn read(&self, max_bytes: usize) -> io::Result<Vec<(u64, Vec<UsageRecord>)>> {
+        let frames = SpillLog::read_frames(
+            &self.reader,
+            self.from - self.base,
+            self.to - self.base,
+            max_bytes,
+        )?;
+        Ok(frames
+            .into_iter()
+            .map(|(end, batch)| (end + self.base, batch))
+            .collect())
     }
 }
 
@@ -336,7 +381,7 @@ mod tests {
         let (a, b) = (batch(3), batch(5));
         log.append(&encode(&a).unwrap()).unwrap();
         log.append(&encode(&b).unwrap()).unwrap();
-        let frames = SpillLog::read_frames(&log.reader().unwrap(), 0, log.len(), 1).unwrap();
+        let frames = log.pending().unwrap().read(1).unwrap();
         assert_eq!(frames.len(), 1, "max_bytes stops after the first frame");
         assert_eq!(frames[0].1, a);
         log.mark_shipped(frames[0].0).unwrap();
@@ -344,9 +389,7 @@ mod tests {
 
         let (log, rec) = SpillLog::open(&path, 1 << 30, None).unwrap();
         assert_eq!(rec.pending_batches, 1, "the shipped offset was kept");
-        let frames =
-            SpillLog::read_frames(&log.reader().unwrap(), log.shipped(), log.len(), 1 << 20)
-                .unwrap();
+        let frames = log.pending().unwrap().read(1 << 20).unwrap();
         assert_eq!(frames.into_iter().map(|f| f.1).collect::<Vec<_>>(), vec![b]);
     }
 
@@ -378,7 +421,7 @@ mod tests {
         log.append(&frame).unwrap();
         assert_eq!(log.len(), frame.len() as u64 * 3);
         assert_eq!(log.shipped(), 0);
-        let frames = SpillLog::read_frames(&log.reader().unwrap(), 0, log.len(), 1 << 30).unwrap();
+        let frames = log.pending().unwrap().read(1 << 30).unwrap();
         assert_eq!(frames.len(), 3);
     }
 
@@ -404,7 +447,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), good as u64);
         // Appending goes on from the last good frame.
         log.append(&encode(&c).unwrap()).unwrap();
-        let frames = SpillLog::read_frames(&log.reader().unwrap(), 0, log.len(), 1 << 30).unwrap();
+        let frames = log.pending().unwrap().read(1 << 30).unwrap();
         assert_eq!(
             frames.into_iter().map(|f| f.1).collect::<Vec<_>>(),
             vec![a, b, c.clone()]
@@ -424,6 +467,36 @@ mod tests {
             assert_eq!(rec.pending_batches, 1);
             assert_eq!(rec.damaged_bytes, tail.len() as u64);
         }
+    }
+
+    #[test]
+    fn offsets_read_before_a_compaction_stay_right_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spill.log");
+        let (a, b, c, d) = (batch(4), batch(5), batch(6), batch(4));
+        let frame_a = encode(&a).unwrap();
+        let (mut log, _) = SpillLog::open(&path, frame_a.len() as u64 * 4, None).unwrap();
+        log.append(&frame_a).unwrap();
+        log.append(&encode(&b).unwrap()).unwrap();
+        log.append(&encode(&c).unwrap()).unwrap();
+        // The shipper ships `a`, then reads `b` and `c`...
+        let first = log.pending().unwrap().read(1).unwrap();
+        log.mark_shipped(first[0].0).unwrap();
+        let rest = log.pending().unwrap().read(1 << 20).unwrap();
+        assert_eq!(
+            rest.iter().map(|f| f.1.clone()).collect::<Vec<_>>(),
+            vec![b, c]
+        );
+        // ...while an append that does not fit compacts the file under it.
+        log.append(&encode(&d).unwrap()).unwrap();
+        assert_eq!(log.shipped(), 0, "compacted");
+        // Its offsets still mean the same frames: only `d` is left.
+        log.mark_shipped(rest.last().unwrap().0).unwrap();
+        let left = log.pending().unwrap().read(1 << 20).unwrap();
+        assert_eq!(left.into_iter().map(|f| f.1).collect::<Vec<_>>(), vec![d]);
+        let end = log.pending().unwrap().to;
+        log.mark_shipped(end).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     }
 
     #[test]
