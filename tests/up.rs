@@ -197,6 +197,27 @@ fn up_seeds_serves_and_restarts() {
     let configs = get(&info, "buyer_token", "/api/customer-agent-configs/");
     assert_eq!(configs["count"], 1, "{configs}");
     assert_eq!(configs["results"][0]["uuid"], info["config_uuid"]);
+    // The call is metered into the embedded usage store, and the buyer reads it.
+    let usage_path = format!(
+        "/api/customer-agent-configs/{}/usage/",
+        info["config_uuid"].as_str().unwrap()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let usage = get(&info, "buyer_token", &usage_path);
+        if usage["totals"]["requests"] == 1 {
+            assert!(
+                usage["totals"]["output_tokens"].as_u64().unwrap() > 0,
+                "{usage}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the call was never metered: {usage}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // The marketplace holds the three sample agents, each with a free and a paid plan.
     let offerings = get(&info, "buyer_token", "/api/marketplace-public-offerings/");
