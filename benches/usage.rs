@@ -57,18 +57,21 @@ fn rss_bytes() -> u64 {
 
 async fn store_insert(name: &str, store: &dyn UsageStore, n: u64) {
     let config = Uuid::now_v7();
-    let started = Instant::now();
+    // Only the inserts are timed; building the events is not.
+    let mut inserting = Duration::ZERO;
     let mut sent = 0;
     while sent < n {
         let batch: Vec<UsageRecord> = (sent..(sent + 10_000).min(n))
             .map(|i| UsageRecord::Event(Box::new(event(config, i))))
             .collect();
         sent += batch.len() as u64;
+        let started = Instant::now();
         store.insert(&batch).await.expect("insert");
+        inserting += started.elapsed();
     }
-    let secs = started.elapsed().as_secs_f64();
+    let secs = inserting.as_secs_f64();
     println!(
-        "{name:<34} {n:>9} events in {secs:>6.2} s = {:>9.0} events/s",
+        "{name:<42} {n:>9} events in {secs:>6.2} s = {:>9.0} events/s",
         n as f64 / secs
     );
 }
@@ -132,7 +135,7 @@ async fn pipeline(name: &str, store: Arc<dyn UsageStore>, dir: &std::path::Path,
     let _ = ship_tx.send(true);
     shipped.await.unwrap();
     println!(
-        "{name:<34} {n:>9} events in {secs:>6.2} s = {:>9.0} events/s (queue full {full} times)",
+        "{name:<42} {n:>9} events in {secs:>6.2} s = {:>9.0} events/s (queue full {full} times)",
         n as f64 / secs
     );
 }
