@@ -522,9 +522,12 @@ impl Settings {
                 "usage.batch_max_ms must be between 1 and 60000".into(),
             ));
         }
-        if us.spill_max_bytes < 1024 * 1024 {
+        // A batch must fit in the log many times over (about 150 bytes an event).
+        if us.spill_max_bytes < 1024 * 1024
+            || us.spill_max_bytes < us.batch_max_events as u64 * 2048
+        {
             return Err(SettingsError::Invalid(
-                "usage.spill_max_bytes must be at least 1048576".into(),
+                "usage.spill_max_bytes must be at least 1048576 and at least 2048 bytes per usage.batch_max_events".into(),
             ));
         }
         if self.runtime.timeout_ms == 0 {

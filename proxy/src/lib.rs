@@ -305,7 +305,11 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
             server.run(RunArgs {
                 shutdown_signal: Box::new(watch),
             });
-            // Listeners are closed: flush usage, stop the feed.
+            // Listeners are closed: flush usage (past the spill log's bound if
+            // need be: these events are not dropped), stop the feed.
+            if let Some(p) = &pipeline {
+                p.allow_overflow();
+            }
             let _ = stop_tx.send(true);
             let _ = background.block_on(drained);
             let _ = ship_stop_tx.send(true);

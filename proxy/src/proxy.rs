@@ -210,7 +210,7 @@ impl ProxyHttp for Gateway {
         let tokens = ctx.progress.tokens;
         if let (Some(t), Some(caller)) = (tokens, &ctx.caller) {
             self.limits
-                .record_tokens(caller.record.entry.config, t.input + t.output);
+                .record_tokens(caller.record.entry.config, t.input.saturating_add(t.output));
         }
         let cancelled = ctx.cancelled || e.is_some_and(|e| e.esource() == &ErrorSource::Downstream);
         let usage_status = match (&ctx.refusal, cancelled) {
@@ -451,6 +451,8 @@ impl Gateway {
         let draining = self.life.draining.load(Ordering::Relaxed);
         let stats = self.usage.stats();
         let sink_failing = stats.sink_failing.load(Ordering::Relaxed);
+        // Not ready while usage cannot be recorded and invokes are refused.
+        let refusing = self.pipeline.as_ref().is_some_and(|p| p.refusing());
         let status = if draining {
             "draining"
         } else if !loaded {
@@ -462,7 +464,7 @@ impl Gateway {
         };
         let body = serde_json::json!({
             "status": status,
-            "ready": loaded && !draining,
+            "ready": loaded && !draining && !refusing,
             "snapshot": {
                 "revision": state.revision(),
                 "age_seconds": self.shared.age_secs(now),
@@ -489,7 +491,11 @@ impl Gateway {
                 }),
             },
         });
-        let code = if loaded && !draining { 200 } else { 503 };
+        let code = if loaded && !draining && !refusing {
+            200
+        } else {
+            503
+        };
         self.json(session, code, &body).await;
         Ok(())
     }

@@ -196,12 +196,12 @@ impl Drain {
                 _ = stop.changed() => break,
             }
             while self.take(&mut batch) > 0 {
-                self.write(&*sink, &mut batch, false).await;
+                self.write(&*sink, &mut batch, Some(&stop)).await;
             }
         }
         self.rx.close();
         while self.take(&mut batch) > 0 {
-            self.write(&*sink, &mut batch, true).await;
+            self.write(&*sink, &mut batch, None).await;
         }
     }
 
@@ -216,10 +216,26 @@ impl Drain {
         batch.len()
     }
 
-    async fn write(&self, sink: &dyn UsageSink, batch: &mut Vec<UsageRecord>, closing: bool) {
+    /// Offers `batch` until the sink takes it. While running (`stop` given) it
+    /// retries for as long as it takes, unless shutdown starts; when closing, it
+    /// gives up after five attempts.
+    async fn write(
+        &self,
+        sink: &dyn UsageSink,
+        batch: &mut Vec<UsageRecord>,
+        stop: Option<&tokio::sync::watch::Receiver<bool>>,
+    ) {
         let mut backoff = Duration::from_millis(50);
         let mut attempts = 0;
+        let mut was_closing = false;
         loop {
+            let closing = stop.is_none_or(|s| *s.borrow());
+            if closing && !was_closing {
+                // Shutdown gets its own five attempts.
+                attempts = 0;
+                backoff = Duration::from_millis(50);
+                was_closing = true;
+            }
             match sink.write(batch).await {
                 Ok(()) => {
                     self.stats

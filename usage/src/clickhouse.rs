@@ -37,6 +37,8 @@ pub struct ClickHouseStore {
     database: String,
     /// Whether the server knows `insert_deduplication_token`.
     dedup_token: OnceCell<bool>,
+    /// Set once the tables are known to exist.
+    migrated: OnceCell<()>,
 }
 
 #[derive(Row, Serialize)]
@@ -137,6 +139,7 @@ impl ClickHouseStore {
             client,
             database: database.to_owned(),
             dedup_token: OnceCell::new(),
+            migrated: OnceCell::new(),
         }
     }
 
@@ -163,8 +166,16 @@ impl ClickHouseStore {
         self.client.clone().with_database(&self.database)
     }
 
-    /// Creates the database and the tables (idempotent).
+    /// Creates the database and the tables (idempotent); inserts do it first when
+    /// it has not succeeded yet (ClickHouse away when the proxy started).
     pub async fn migrate(&self) -> anyhow::Result<()> {
+        self.migrated
+            .get_or_try_init(|| self.apply_schema())
+            .await
+            .map(|_| ())
+    }
+
+    async fn apply_schema(&self) -> anyhow::Result<()> {
         let create = format!("CREATE DATABASE IF NOT EXISTS `{}`", self.database);
         timed(self.client.query(&create).execute())
             .await
@@ -232,6 +243,7 @@ async fn timed<T>(
 #[async_trait]
 impl UsageStore for ClickHouseStore {
     async fn insert(&self, batch: &[UsageRecord]) -> anyhow::Result<()> {
+        self.migrate().await?;
         let dedup = self.supports_dedup_token().await?;
         let events = batch.iter().filter_map(|r| match r {
             UsageRecord::Event(e) => Some(e),
@@ -333,8 +345,8 @@ impl UsageStore for ClickHouseStore {
                        any(token_source) AS src, any(tenant) AS tn
                 FROM usage_events WHERE {filter} GROUP BY event_id
              ) ANY LEFT JOIN (
-                SELECT request_id AS event_id, any(input_tokens) AS ri,
-                       any(output_tokens) AS ro, toUInt8(1) AS has_r
+                SELECT request_id AS event_id, max(input_tokens) AS ri,
+                       max(output_tokens) AS ro, toUInt8(1) AS has_r
                 FROM usage_reports
                 WHERE request_id IN (SELECT event_id FROM usage_events WHERE {filter})
                 GROUP BY request_id

@@ -60,7 +60,7 @@ impl EmbeddedStore {
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -72,6 +72,11 @@ impl EmbeddedStore {
         }
         Ok(EmbeddedStore { pool })
     }
+}
+
+/// SQLite integers are signed: counts past `i64::MAX` are clamped, not wrapped.
+fn sql_int(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn uuid_text(id: Option<uuid::Uuid>) -> Option<String> {
@@ -105,12 +110,12 @@ impl UsageStore for EmbeddedStore {
                     .push_bind(e.route.as_str())
                     .push_bind(status_name(e.status))
                     .push_bind(i64::from(e.http_status))
-                    .push_bind(e.latency_us as i64)
-                    .push_bind(e.upstream_latency_us.map(|v| v as i64))
-                    .push_bind(e.bytes_in as i64)
-                    .push_bind(e.bytes_out as i64)
-                    .push_bind(e.input_tokens.unwrap_or(0) as i64)
-                    .push_bind(e.output_tokens.unwrap_or(0) as i64)
+                    .push_bind(sql_int(e.latency_us))
+                    .push_bind(e.upstream_latency_us.map(sql_int))
+                    .push_bind(sql_int(e.bytes_in))
+                    .push_bind(sql_int(e.bytes_out))
+                    .push_bind(sql_int(e.input_tokens.unwrap_or(0)))
+                    .push_bind(sql_int(e.output_tokens.unwrap_or(0)))
                     .push_bind(source_name(e.token_source));
             });
             q.build().execute(&mut *tx).await?;
@@ -121,12 +126,13 @@ impl UsageStore for EmbeddedStore {
         }) {
             sqlx::query(
                 "INSERT INTO usage_reports (request_id, input_tokens, output_tokens) VALUES (?, ?, ?) \
-                 ON CONFLICT (request_id) DO UPDATE SET input_tokens = excluded.input_tokens, \
-                 output_tokens = excluded.output_tokens",
+                 ON CONFLICT (request_id) DO UPDATE SET \
+                 input_tokens = MAX(input_tokens, excluded.input_tokens), \
+                 output_tokens = MAX(output_tokens, excluded.output_tokens)",
             )
             .bind(r.request_id.to_string())
-            .bind(r.input_tokens as i64)
-            .bind(r.output_tokens as i64)
+            .bind(sql_int(r.input_tokens))
+            .bind(sql_int(r.output_tokens))
             .execute(&mut *tx)
             .await?;
         }

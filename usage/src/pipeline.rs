@@ -60,6 +60,8 @@ pub struct PipelineStats {
     /// Bytes in the log not yet in the store.
     pub spill_bytes: AtomicU64,
     pub spill_full: AtomicBool,
+    /// Set while appends to the log fail (a disk error, a full disk).
+    pub log_failing: AtomicBool,
     /// Records dropped because the log was full (policy `serve_unmetered`).
     pub dropped: AtomicU64,
     /// Bytes found damaged in the log when it was opened.
@@ -130,9 +132,19 @@ impl Pipeline {
 
     /// True while new invokes must be refused: the log is full and the policy
     /// says no unmetered traffic.
+    /// Refusal starts at 90% of the bound, so requests already running and the
+    /// runtime's reports still find room.
     pub fn refusing(&self) -> bool {
         self.config.when_full == SpillFullPolicy::Refuse
-            && self.stats.spill_full.load(Ordering::Relaxed)
+            && (self.stats.spill_full.load(Ordering::Relaxed)
+                || self.stats.log_failing.load(Ordering::Relaxed)
+                || self.stats.spill_bytes.load(Ordering::Relaxed) >= self.spill_max_bytes / 10 * 9)
+    }
+
+    /// From now on the log takes batches past its bound: shutdown's last batches
+    /// are kept rather than lost.
+    pub fn allow_overflow(&self) {
+        self.lock().allow_overflow();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SpillLog> {
@@ -262,6 +274,7 @@ impl UsageSink for Pipeline {
         self.stats.spill_bytes.store(pending, Ordering::Relaxed);
         match result {
             Ok(()) => {
+                self.stats.log_failing.store(false, Ordering::Relaxed);
                 self.stats
                     .logged
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -292,7 +305,12 @@ impl UsageSink for Pipeline {
                     }
                 }
             }
-            Err(AppendError::Io(e)) => Err(e).context("appending to the spill log"),
+            Err(AppendError::Io(e)) => {
+                if !self.stats.log_failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "appending to the usage spill log failed");
+                }
+                Err(e).context("appending to the spill log")
+            }
         }
     }
 }
@@ -441,8 +459,10 @@ mod tests {
             let sub = dir.path().join(format!("{policy:?}"));
             let p = Pipeline::open(config(&sub, frame_len * 2, policy), store.clone()).unwrap();
             p.write(&batch(50)).await.unwrap();
-            p.write(&batch(50)).await.unwrap();
             assert!(!p.refusing());
+            p.write(&batch(50)).await.unwrap();
+            // Past 90% of the bound, the refuse policy turns invokes away already.
+            assert_eq!(p.refusing(), policy == SpillFullPolicy::Refuse);
             let third = p.write(&batch(50)).await;
             assert!(p.stats().spill_full.load(Ordering::Relaxed));
             match policy {

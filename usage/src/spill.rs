@@ -61,6 +61,8 @@ pub struct SpillLog {
     fsync_every: Option<Duration>,
     last_sync: Instant,
     unsynced: bool,
+    /// At shutdown the last batches are taken past the bound rather than lost.
+    overflow: bool,
 }
 
 /// Encodes a batch as one frame.
@@ -100,6 +102,28 @@ fn decode_one(bytes: &[u8], at: usize) -> Option<(Vec<UsageRecord>, usize)> {
     Some((batch, at + HEADER + len))
 }
 
+/// The ends of the frames at the start of `bytes` whose checksums hold, and where
+/// the good part ends (payloads are not decoded).
+fn scan(bytes: &[u8]) -> (Vec<usize>, usize) {
+    let mut ends = Vec::new();
+    let mut at = 0;
+    while let Some(header) = bytes.get(at..at + HEADER) {
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len > MAX_FRAME {
+            break;
+        }
+        match bytes.get(at + HEADER..at + HEADER + len) {
+            Some(payload) if crc32fast::hash(payload) == crc => {
+                at += HEADER + len;
+                ends.push(at);
+            }
+            _ => break,
+        }
+    }
+    (ends, at)
+}
+
 fn shipped_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".shipped");
@@ -123,7 +147,7 @@ impl SpillLog {
             .open(path)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
-        let (frames, good) = decode(&bytes);
+        let (ends, good) = scan(&bytes);
         let mut recovery = Recovery::default();
         if good < bytes.len() {
             let copy = PathBuf::from(format!(
@@ -145,30 +169,28 @@ impl SpillLog {
             .and_then(|s| s.trim().parse::<u64>().ok())
             .unwrap_or(0);
         // Trust the saved offset only if it falls on a frame boundary.
-        let shipped = if frames.iter().any(|(end, _)| *end as u64 == saved) {
+        let shipped = if ends.iter().any(|end| *end as u64 == saved) {
             saved
         } else {
             0
         };
-        recovery.pending_batches = frames
-            .iter()
-            .filter(|(end, _)| *end as u64 > shipped)
-            .count();
+        recovery.pending_batches = ends.iter().filter(|end| **end as u64 > shipped).count();
         recovery.pending_bytes = good as u64 - shipped;
-        Ok((
-            SpillLog {
-                path: path.to_owned(),
-                file,
-                len: good as u64,
-                shipped,
-                base: 0,
-                max_bytes,
-                fsync_every,
-                last_sync: Instant::now(),
-                unsynced: false,
-            },
-            recovery,
-        ))
+        let log = SpillLog {
+            path: path.to_owned(),
+            file,
+            len: good as u64,
+            shipped,
+            base: 0,
+            max_bytes,
+            fsync_every,
+            last_sync: Instant::now(),
+            unsynced: false,
+            overflow: false,
+        };
+        // A stale offset must not survive to match a later frame by chance.
+        log.save_shipped()?;
+        Ok((log, recovery))
     }
 
     /// Appends one encoded frame (see [`encode`]), syncing per the fsync policy.
@@ -177,7 +199,7 @@ impl SpillLog {
             if self.shipped > 0 {
                 self.compact()?;
             }
-            if self.len + frame.len() as u64 > self.max_bytes {
+            if self.len + frame.len() as u64 > self.max_bytes && !self.overflow {
                 return Err(AppendError::Full {
                     len: self.len,
                     max: self.max_bytes,
@@ -197,6 +219,11 @@ impl SpillLog {
             Some(_) => {}
         }
         Ok(())
+    }
+
+    /// Lets appends pass the bound from now on (shutdown's last batches).
+    pub fn allow_overflow(&mut self) {
+        self.overflow = true;
     }
 
     /// Flushes appended frames to the disk.
@@ -286,10 +313,15 @@ impl SpillLog {
         self.shipped = self.shipped.max(physical);
         if self.shipped == self.len {
             self.sync()?;
-            self.file.set_len(0)?;
-            self.base += self.len;
-            self.len = 0;
+            // The side file first: a crash between the two replays (deduplicated)
+            // rather than skips.
+            let all = self.len;
             self.shipped = 0;
+            self.save_shipped()?;
+            self.file.set_len(0)?;
+            self.base += all;
+            self.len = 0;
+            return Ok(());
         } else if self.shipped >= COMPACT_AFTER {
             self.compact()?;
         }
@@ -305,26 +337,44 @@ impl SpillLog {
 
     /// Moves the unshipped tail to a fresh file that replaces the log.
     fn compact(&mut self) -> io::Result<()> {
-        let tail_len = (self.len - self.shipped) as usize;
-        let mut tail = vec![0u8; tail_len];
-        self.file.read_exact_at(&mut tail, self.shipped)?;
+        let tail_len = self.len - self.shipped;
         let tmp = self.path.with_extension("compact.tmp");
-        {
-            let mut out = File::create(&tmp)?;
-            out.write_all(&tail)?;
+        // Copied in pieces, into a file whose handle is opened before the rename,
+        // so the log never points at an unlinked file.
+        let copied = (|| -> io::Result<File> {
+            let mut out = OpenOptions::new()
+                .read(true)
+                .append(true)
+                .create(true)
+                .truncate(false)
+                .open(&tmp)?;
+            out.set_len(0)?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = self.shipped;
+            while at < self.len {
+                let n = ((self.len - at) as usize).min(buf.len());
+                self.file.read_exact_at(&mut buf[..n], at)?;
+                out.write_all(&buf[..n])?;
+                at += n as u64;
+            }
             out.sync_all()?;
-        }
+            Ok(out)
+        })();
+        let out = match copied {
+            Ok(out) => out,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         // The saved offset must never point into the new file at the old position.
         let removed = self.shipped;
         self.shipped = 0;
         self.save_shipped()?;
         std::fs::rename(&tmp, &self.path)?;
-        self.file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .open(&self.path)?;
+        self.file = out;
         self.base += removed;
-        self.len = tail_len as u64;
+        self.len = tail_len;
         self.unsynced = false;
         Ok(())
     }
