@@ -618,15 +618,7 @@ async fn serves_from_disk_while_the_control_plane_is_down_and_catches_up() {
     w.proxy = Some(proxy);
     let r = w.invoke(&key, json!({"input_value": "from disk"})).await;
     assert_eq!(r.status(), StatusCode::OK);
-    let health: Value = w
-        .http
-        .get(format!("{}/api/agent-gateway/health/", w.proxy_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = health_of(&w.http, &w.proxy_url).await;
     assert_eq!(health["status"], "stale", "{health}");
     assert_eq!(health["ready"], true);
     assert!(health["snapshot"]["age_seconds"].as_f64().unwrap() >= 0.0);

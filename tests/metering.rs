@@ -5,8 +5,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -178,14 +177,7 @@ fn load(
 }
 
 async fn health(w: &World) -> Value {
-    w.http
-        .get(format!("{}/api/agent-gateway/health/", w.proxy_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    health_of(&w.http, &w.proxy_url).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,49 +247,20 @@ fn spawn_proxy(
     database: &str,
     data_dir: &std::path::Path,
 ) -> ProxyProcess {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agora"));
-    cmd.args([
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--control-plane-url",
+    let (child, url, _) = spawn_agora_proxy(
         &w.cp_url,
-        "--data-dir",
-    ])
-    .arg(data_dir)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    for (name, _) in std::env::vars() {
-        if name.starts_with("AGORA_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.env("AGORA_CONTROL_PLANE__PROXY_SECRET", SECRET)
-        .env("AGORA_RUNTIME__API_KEY", &w.runtime_key)
-        .env("AGORA_USAGE__STORE", "clickhouse")
-        .env("AGORA_USAGE__CLICKHOUSE_URL", server_url)
-        .env("AGORA_USAGE__CLICKHOUSE_DATABASE", database)
-        .env("AGORA_PROXY__GRACE_PERIOD_MS", "10000")
-        .env("AGORA_PROXY__TENANT_REQUESTS_PER_SECOND", "1000000")
-        .env("AGORA_PROXY__TENANT_BURST", "1000000");
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let url = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("agora proxy prints its address");
-        if let Some(url) = line.strip_prefix("proxy listening on ") {
-            break url.to_owned();
-        }
-    };
+        data_dir,
+        &[
+            ("AGORA_CONTROL_PLANE__PROXY_SECRET", SECRET),
+            ("AGORA_RUNTIME__API_KEY", &w.runtime_key),
+            ("AGORA_USAGE__STORE", "clickhouse"),
+            ("AGORA_USAGE__CLICKHOUSE_URL", server_url),
+            ("AGORA_USAGE__CLICKHOUSE_DATABASE", database),
+            ("AGORA_PROXY__GRACE_PERIOD_MS", "10000"),
+            ("AGORA_PROXY__TENANT_REQUESTS_PER_SECOND", "1000000"),
+            ("AGORA_PROXY__TENANT_BURST", "1000000"),
+        ],
+    );
     ProxyProcess { child, url }
 }
 
@@ -489,15 +452,7 @@ async fn sigkill_loses_nothing_that_reached_the_spill_log() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let h: Value = w
-        .http
-        .get(format!("{}/api/agent-gateway/health/", second.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = health_of(&w.http, &second.url).await;
     assert_eq!(
         h["usage"]["store"]["spill_damaged_bytes"],
         torn.len(),

@@ -29,6 +29,20 @@ pub enum UsageStatus {
     Cancelled,
 }
 
+impl UsageStatus {
+    /// The name stored and shown (the same as its JSON form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageStatus::Ok => "ok",
+            UsageStatus::ClientError => "client_error",
+            UsageStatus::RateLimited => "rate_limited",
+            UsageStatus::Unauthorized => "unauthorized",
+            UsageStatus::UpstreamError => "upstream_error",
+            UsageStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// Where the token counts of an event come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -41,6 +55,18 @@ pub enum TokenSource {
     Estimated,
     /// Not known.
     None,
+}
+
+impl TokenSource {
+    /// The name stored and shown (the same as its JSON form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenSource::Runtime => "runtime",
+            TokenSource::Reported => "reported",
+            TokenSource::Estimated => "estimated",
+            TokenSource::None => "none",
+        }
+    }
 }
 
 /// One proxied request.
@@ -90,6 +116,19 @@ pub struct TokenReport {
 pub enum UsageRecord {
     Event(Box<UsageEvent>),
     Report(TokenReport),
+}
+
+/// A batch's events and reports, apart.
+pub fn split(batch: &[UsageRecord]) -> (Vec<&UsageEvent>, Vec<&TokenReport>) {
+    let mut events = Vec::with_capacity(batch.len());
+    let mut reports = Vec::new();
+    for record in batch {
+        match record {
+            UsageRecord::Event(e) => events.push(&**e),
+            UsageRecord::Report(r) => reports.push(r),
+        }
+    }
+    (events, reports)
 }
 
 /// Rough token count of `bytes` of text, for requests whose runtime gave none

@@ -447,3 +447,69 @@ impl World {
         drop(self.dir);
     }
 }
+
+/// Health of the gateway at `base_url`.
+pub async fn health_of(http: &reqwest::Client, base_url: &str) -> Value {
+    http.get(format!("{base_url}/api/agent-gateway/health/"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// `agora proxy` as a process on free ports, fed by `control_plane_url`, keeping its
+/// state in `data_dir`, with none of the caller's `AGORA_*` variables but `env`.
+/// Returns the child and the gateway's and metrics' URLs, once it prints them.
+pub fn spawn_agora_proxy(
+    control_plane_url: &str,
+    data_dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (std::process::Child, String, String) {
+    use std::io::BufRead as _;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_agora"));
+    cmd.args([
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--control-plane-url",
+        control_plane_url,
+        "--data-dir",
+    ])
+    .arg(data_dir)
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null());
+    for (name, _) in std::env::vars() {
+        if name.starts_with("AGORA_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut proxy, mut metrics) = (None, None);
+    while proxy.is_none() || metrics.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("agora proxy prints its addresses");
+        if let Some(url) = line.strip_prefix("proxy listening on ") {
+            proxy = Some(url.to_owned());
+        }
+        if let Some(url) = line.strip_prefix("metrics on ") {
+            metrics = Some(url.to_owned());
+        }
+    }
+    (child, proxy.unwrap(), metrics.unwrap())
+}

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use agora_config::settings::Settings;
-use agora_config::usage::{TokenSource, UsageRecord, UsageStatus};
+use agora_config::usage::{split, UsageRecord};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use clickhouse::{Client, Row};
@@ -87,26 +87,6 @@ struct AggregateRow {
     buyers: u64,
     latency_p50_us: u64,
     latency_p95_us: u64,
-}
-
-pub(crate) fn status_name(status: UsageStatus) -> &'static str {
-    match status {
-        UsageStatus::Ok => "ok",
-        UsageStatus::ClientError => "client_error",
-        UsageStatus::RateLimited => "rate_limited",
-        UsageStatus::Unauthorized => "unauthorized",
-        UsageStatus::UpstreamError => "upstream_error",
-        UsageStatus::Cancelled => "cancelled",
-    }
-}
-
-pub(crate) fn source_name(source: TokenSource) -> &'static str {
-    match source {
-        TokenSource::Runtime => "runtime",
-        TokenSource::Reported => "reported",
-        TokenSource::Estimated => "estimated",
-        TokenSource::None => "none",
-    }
 }
 
 /// A token naming a batch by its contents, the same on every retry.
@@ -245,11 +225,8 @@ impl UsageStore for ClickHouseStore {
     async fn insert(&self, batch: &[UsageRecord]) -> anyhow::Result<()> {
         self.migrate().await?;
         let dedup = self.supports_dedup_token().await?;
-        let events = batch.iter().filter_map(|r| match r {
-            UsageRecord::Event(e) => Some(e),
-            UsageRecord::Report(_) => None,
-        });
-        if events.clone().next().is_some() {
+        let (events, reports) = split(batch);
+        if !events.is_empty() {
             let mut insert = self
                 .db()
                 .insert::<EventRow>("usage_events")
@@ -258,7 +235,7 @@ impl UsageStore for ClickHouseStore {
             if dedup {
                 insert = insert.with_setting(
                     "insert_deduplication_token",
-                    batch_token(events.clone().map(|e| e.event_id)),
+                    batch_token(events.iter().map(|e| e.event_id)),
                 );
             }
             for e in events {
@@ -271,7 +248,7 @@ impl UsageStore for ClickHouseStore {
                         key_id: e.key_id.unwrap_or_default(),
                         agent: e.agent.unwrap_or_default(),
                         route: e.route.clone(),
-                        status: status_name(e.status),
+                        status: e.status.as_str(),
                         http_status: e.http_status,
                         latency_us: e.latency_us,
                         upstream_latency_us: e.upstream_latency_us.unwrap_or(0),
@@ -280,17 +257,13 @@ impl UsageStore for ClickHouseStore {
                         bytes_out: e.bytes_out,
                         input_tokens: e.input_tokens.unwrap_or(0),
                         output_tokens: e.output_tokens.unwrap_or(0),
-                        token_source: source_name(e.token_source),
+                        token_source: e.token_source.as_str(),
                     })
                     .await?;
             }
             insert.end().await.context("inserting usage events")?;
         }
-        let reports = batch.iter().filter_map(|r| match r {
-            UsageRecord::Report(r) => Some(r),
-            UsageRecord::Event(_) => None,
-        });
-        if reports.clone().next().is_some() {
+        if !reports.is_empty() {
             let mut insert = self
                 .db()
                 .insert::<ReportRow>("usage_reports")
@@ -299,7 +272,7 @@ impl UsageStore for ClickHouseStore {
             if dedup {
                 insert = insert.with_setting(
                     "insert_deduplication_token",
-                    batch_token(reports.clone().map(|r| r.request_id)),
+                    batch_token(reports.iter().map(|r| r.request_id)),
                 );
             }
             for r in reports {

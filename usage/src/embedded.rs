@@ -6,13 +6,12 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use agora_config::usage::UsageRecord;
+use agora_config::usage::{split, UsageRecord};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row as _, Sqlite, SqlitePool};
 
-use crate::clickhouse::{source_name, status_name};
 use crate::{Aggregate, Scope, TimeRange, UsageStore, BILLABLE_STATUSES, ERROR_STATUSES};
 
 const SCHEMA: &[&str] = &[
@@ -87,13 +86,7 @@ fn uuid_text(id: Option<uuid::Uuid>) -> Option<String> {
 impl UsageStore for EmbeddedStore {
     async fn insert(&self, batch: &[UsageRecord]) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
-        let events: Vec<_> = batch
-            .iter()
-            .filter_map(|r| match r {
-                UsageRecord::Event(e) => Some(e),
-                UsageRecord::Report(_) => None,
-            })
-            .collect();
+        let (events, reports) = split(batch);
         for chunk in events.chunks(ROWS_PER_STATEMENT) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT OR IGNORE INTO usage_events (event_id, time_ms, tenant, config, key_id, \
@@ -108,7 +101,7 @@ impl UsageStore for EmbeddedStore {
                     .push_bind(uuid_text(e.key_id))
                     .push_bind(uuid_text(e.agent))
                     .push_bind(e.route.as_str())
-                    .push_bind(status_name(e.status))
+                    .push_bind(e.status.as_str())
                     .push_bind(i64::from(e.http_status))
                     .push_bind(sql_int(e.latency_us))
                     .push_bind(e.upstream_latency_us.map(sql_int))
@@ -116,14 +109,11 @@ impl UsageStore for EmbeddedStore {
                     .push_bind(sql_int(e.bytes_out))
                     .push_bind(sql_int(e.input_tokens.unwrap_or(0)))
                     .push_bind(sql_int(e.output_tokens.unwrap_or(0)))
-                    .push_bind(source_name(e.token_source));
+                    .push_bind(e.token_source.as_str());
             });
             q.build().execute(&mut *tx).await?;
         }
-        for r in batch.iter().filter_map(|r| match r {
-            UsageRecord::Report(r) => Some(r),
-            UsageRecord::Event(_) => None,
-        }) {
+        for r in reports {
             sqlx::query(
                 "INSERT INTO usage_reports (request_id, input_tokens, output_tokens) VALUES (?, ?, ?) \
                  ON CONFLICT (request_id) DO UPDATE SET \
