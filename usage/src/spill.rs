@@ -75,18 +75,6 @@ pub fn encode(batch: &[UsageRecord]) -> postcard::Result<Vec<u8>> {
     Ok(frame)
 }
 
-/// Decodes the frames at the start of `bytes`: the batches with the offset (in
-/// `bytes`) just past each, stopping at the first incomplete or damaged frame.
-pub fn decode(bytes: &[u8]) -> (Vec<(usize, Vec<UsageRecord>)>, usize) {
-    let mut at = 0;
-    let mut out = Vec::new();
-    while let Some((batch, next)) = decode_one(bytes, at) {
-        out.push((next, batch));
-        at = next;
-    }
-    (out, at)
-}
-
 fn decode_one(bytes: &[u8], at: usize) -> Option<(Vec<UsageRecord>, usize)> {
     let header = bytes.get(at..at + HEADER)?;
     let len = u32::from_le_bytes(header[..4].try_into().ok()?) as usize;
