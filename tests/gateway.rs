@@ -257,7 +257,7 @@ async fn key_attacks_are_refused_before_the_runtime() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "missing_api_key");
-    // A 1 MB header is refused without reaching anything.
+    // A 1 MB header is refused with the JSON 431 without reaching anything.
     let huge = format!("Bearer ar_sk_live_{}", "a".repeat(1024 * 1024));
     let r = w
         .invoke_with(
@@ -265,17 +265,13 @@ async fn key_attacks_are_refused_before_the_runtime() {
             &[("authorization", &huge)],
             json!({"input_value": "hi"}),
         )
-        .await;
-    match r {
-        Ok(r) => assert!(
-            r.status().is_client_error(),
-            "a 1 MB header must be refused, got {}",
-            r.status()
-        ),
-        // Refusing to read it at all is a refusal too.
-        Err(e) => assert!(e.is_request() || e.is_connect() || e.is_body(), "{e}"),
-    }
-    // Headers past 32 KiB (and under Pingora's own 1 MiB bound) get a JSON 431.
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(r.headers()["connection"], "close");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "headers_too_large");
+    // So does one just past 32 KiB.
     let large = format!("Bearer ar_sk_live_{}", "a".repeat(40 * 1024));
     let r = w
         .invoke_with(
@@ -854,4 +850,150 @@ async fn runtime_timeouts_errors_and_large_bodies_are_json() {
     tokio::task::spawn_blocking(move || proxy.shutdown())
         .await
         .unwrap();
+}
+
+/// Reads one response from `s` (after what `buf` already holds): its head and its
+/// body, de-chunked. What follows stays in `buf`.
+async fn read_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    async fn more(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        more(s, buf).await;
+    };
+    let head = String::from_utf8(buf[..head_end].to_vec()).unwrap();
+    let lower = head.to_ascii_lowercase();
+    let body_len = if lower.contains("transfer-encoding: chunked") {
+        loop {
+            if buf[head_end..].windows(5).any(|w| w == b"0\r\n\r\n") {
+                let end = buf[head_end..]
+                    .windows(5)
+                    .position(|w| w == b"0\r\n\r\n")
+                    .unwrap();
+                break end + 5;
+            }
+            more(s, buf).await;
+        }
+    } else {
+        lower
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    };
+    while buf.len() < head_end + body_len {
+        more(s, buf).await;
+    }
+    let raw: Vec<u8> = buf.drain(..head_end + body_len).collect();
+    let body = if lower.contains("transfer-encoding: chunked") {
+        dechunk(&raw)
+    } else {
+        raw[head_end..].to_vec()
+    };
+    (head, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_framing_over_raw_sockets() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::start(Duration::from_millis(1)).await;
+    let key = w.info.api_key.clone();
+    let addr = w.proxy().addr;
+    let body = r#"{"input_value":"hi"}"#;
+    let invoke = |extra: &str| {
+        format!("POST /api/agent-gateway/invoke/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n{extra}\r\n")
+    };
+    let runs_before = w.stats.started();
+
+    // Two requests sent at once on one connection (one with a length, one
+    // chunked): two answers, in order, and the connection stays open.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut both = invoke(&format!("Content-Length: {}\r\n", body.len())) + body;
+    both += &invoke("Transfer-Encoding: chunked\r\n");
+    both += &format!(
+        "5\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+        &body[..5],
+        body.len() - 5,
+        &body[5..]
+    );
+    s.write_all(both.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        let (head, answer) = read_response(&mut s, &mut buf).await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert!(head.to_ascii_lowercase().contains("x-agora-request-id: "));
+        let answer: Value = serde_json::from_slice(&answer).unwrap();
+        assert!(answer["outputs"].is_array(), "{answer}");
+    }
+    assert_eq!(w.stats.started(), runs_before + 2);
+
+    // Expect: 100-continue: the interim answer comes before the body is sent.
+    let ask = invoke(&format!(
+        "Content-Length: {}\r\nExpect: 100-continue\r\n",
+        body.len()
+    ));
+    s.write_all(ask.as_bytes()).await.unwrap();
+    let (head, _) = read_response(&mut s, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 100 Continue"), "{head}");
+    s.write_all(body.as_bytes()).await.unwrap();
+    let (head, _) = read_response(&mut s, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert_eq!(w.stats.started(), runs_before + 3);
+
+    // A length and a chunked coding together (a smuggling shape) is refused
+    // and the connection closed; the runtime sees nothing.
+    let smuggle = invoke(&format!(
+        "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+        body.len()
+    )) + body;
+    s.write_all(smuggle.as_bytes()).await.unwrap();
+    let (head, answer) = read_response(&mut s, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+    assert!(head.to_ascii_lowercase().contains("connection: close"));
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["error"]["code"], "malformed_request");
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 0, "nothing after the refusal");
+    assert_eq!(w.stats.started(), runs_before + 3);
+
+    // Not HTTP at all: a JSON 400.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"HELLO THERE\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let (head, answer) = read_response(&mut s, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["error"]["code"], "malformed_request");
+
+    // HTTP/1.0 without keep-alive: one answer, then the connection closes.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let old = format!(
+        "POST /api/agent-gateway/invoke/ HTTP/1.0\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(old.as_bytes()).await.unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"));
+    assert!(text.contains("\"outputs\""), "{text}");
+    assert_eq!(w.stats.started(), runs_before + 4);
+    w.finish().await;
 }

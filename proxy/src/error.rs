@@ -9,7 +9,6 @@ use std::fmt;
 
 use agora_config::usage::UsageStatus;
 use bytes::Bytes;
-use pingora::http::ResponseHeader;
 
 /// Which side of the gateway a failure came from (as pingora-error classifies it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,37 +186,72 @@ impl GatewayError {
         }
     }
 
-    /// The response header and body for this refusal.
-    pub fn response(&self) -> (ResponseHeader, Bytes) {
+    /// The status, header fields (besides the body's length) and body of this
+    /// refusal.
+    pub fn response(&self) -> Reply {
         let body = Bytes::from(error_body(self.code(), &self.message()));
-        let mut header = ResponseHeader::build(self.status(), Some(6)).expect("valid status");
-        let _ = header.insert_header("content-type", "application/json");
-        let _ = header.insert_header("content-length", body.len().to_string());
-        let _ = header.insert_header("cache-control", "no-store");
+        let mut headers = vec![
+            ("content-type", "application/json".to_owned()),
+            ("cache-control", "no-store".to_owned()),
+        ];
         match self {
             GatewayError::RateLimited {
                 retry_after_secs,
-                headers,
+                headers: rate,
                 ..
             } => {
-                let _ = header.insert_header("retry-after", retry_after_secs.to_string());
-                rate_headers(&mut header, headers);
+                headers.push(("retry-after", retry_after_secs.to_string()));
+                headers.extend(rate.fields().map(|(n, v)| (n, v.to_string())));
             }
             GatewayError::QuotaExceeded { retry_after_secs } => {
-                let _ = header.insert_header("retry-after", retry_after_secs.to_string());
+                headers.push(("retry-after", retry_after_secs.to_string()));
             }
             GatewayError::TooManyInFlight { .. } | GatewayError::MeteringUnavailable => {
-                let _ = header.insert_header("retry-after", "1");
+                headers.push(("retry-after", "1".to_owned()));
             }
             GatewayError::MissingKey | GatewayError::InvalidKey(_) => {
-                let _ = header.insert_header("www-authenticate", "Bearer");
-            }
-            GatewayError::ShuttingDown | GatewayError::HeadersTooLarge { .. } => {
-                let _ = header.insert_header("connection", "close");
+                headers.push(("www-authenticate", "Bearer".to_owned()));
             }
             _ => {}
         }
-        (header, body)
+        Reply {
+            status: self.status(),
+            headers,
+            body,
+            close: self.closes(),
+        }
+    }
+
+    /// Whether the connection is closed after this refusal.
+    pub fn closes(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::ShuttingDown
+                | GatewayError::HeadersTooLarge { .. }
+                | GatewayError::BadRequest {
+                    code: "malformed_request" | "body_unreadable",
+                    ..
+                }
+        )
+    }
+}
+
+/// A refusal as HTTP.
+pub struct Reply {
+    pub status: u16,
+    /// Fields besides `content-length` and `connection`.
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Bytes,
+    /// The connection is closed after it.
+    pub close: bool,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -227,16 +261,15 @@ impl fmt::Display for GatewayError {
     }
 }
 
-/// Adds `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
-pub fn rate_headers(header: &mut ResponseHeader, rate: &RateHeaders) {
-    use http::header::HeaderName;
-    use http::HeaderValue;
-    static LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
-    static REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
-    static RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
-    let _ = header.insert_header(LIMIT.clone(), HeaderValue::from(rate.limit));
-    let _ = header.insert_header(REMAINING.clone(), HeaderValue::from(rate.remaining));
-    let _ = header.insert_header(RESET.clone(), HeaderValue::from(rate.reset_secs));
+impl RateHeaders {
+    /// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
+    pub fn fields(&self) -> [(&'static str, u64); 3] {
+        [
+            ("ratelimit-limit", u64::from(self.limit)),
+            ("ratelimit-remaining", u64::from(self.remaining)),
+            ("ratelimit-reset", self.reset_secs),
+        ]
+    }
 }
 
 /// `{"error":{"code":...,"message":...}}`.
@@ -251,18 +284,19 @@ mod tests {
 
     #[test]
     fn key_failures_share_one_body() {
-        let (a, body_a) = GatewayError::InvalidKey("expired").response();
-        let (b, body_b) = GatewayError::InvalidKey("unknown_kid").response();
+        let a = GatewayError::InvalidKey("expired").response();
+        let b = GatewayError::InvalidKey("unknown_kid").response();
         assert_eq!(a.status, 401);
         assert_eq!(b.status, 401);
-        assert_eq!(body_a, body_b);
-        let value: serde_json::Value = serde_json::from_slice(&body_a).unwrap();
+        assert_eq!(a.body, b.body);
+        assert_eq!(a.headers, b.headers);
+        let value: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
         assert_eq!(value["error"]["code"], "invalid_api_key");
     }
 
     #[test]
     fn rate_limited_carries_headers() {
-        let (header, _) = GatewayError::RateLimited {
+        let reply = GatewayError::RateLimited {
             limit: "key",
             retry_after_secs: 3,
             headers: RateHeaders {
@@ -272,11 +306,13 @@ mod tests {
             },
         }
         .response();
-        assert_eq!(header.status, 429);
-        assert_eq!(header.headers["retry-after"], "3");
-        assert_eq!(header.headers["ratelimit-limit"], "10");
-        assert_eq!(header.headers["ratelimit-remaining"], "0");
-        assert_eq!(header.headers["ratelimit-reset"], "30");
+        assert_eq!(reply.status, 429);
+        assert_eq!(reply.header("retry-after"), Some("3"));
+        assert_eq!(reply.header("ratelimit-limit"), Some("10"));
+        assert_eq!(reply.header("ratelimit-remaining"), Some("0"));
+        assert_eq!(reply.header("ratelimit-reset"), Some("30"));
+        assert!(!reply.close);
+        assert!(GatewayError::ShuttingDown.response().close);
     }
 
     #[test]
@@ -288,14 +324,12 @@ mod tests {
             GatewayError::BodyTooLarge { limit: 10 },
             GatewayError::NotReady,
         ] {
-            let (header, body) = e.response();
-            let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let reply = e.response();
+            let value: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
             assert_eq!(value["error"]["code"], e.code());
             assert!(value["error"]["message"].as_str().unwrap().len() > 5);
-            assert_eq!(
-                header.headers["content-length"],
-                body.len().to_string().as_str()
-            );
+            assert_eq!(reply.header("content-type"), Some("application/json"));
+            assert_eq!(reply.status, e.status());
         }
     }
 }

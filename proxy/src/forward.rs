@@ -1,38 +1,44 @@
-//! One invoke, forwarded to the runtime on a pooled connection from Pingora's
-//! connector, in the request's own task.
+//! One invoke, forwarded to the runtime in the request's own task.
 //!
-//! Pingora's stock proxy path runs each request through two tasks joined by
-//! channels; an invoke is one request body and one streamed answer, so it is
-//! forwarded here directly: write the run request, read the runtime's header, then
-//! copy each chunk to the client as it arrives (nothing is buffered, so a stream's
-//! first bytes reach the client when the runtime sends them). The connection goes
-//! back to the pool only after a complete answer; on any failure it is dropped, so
-//! a client that goes away closes the runtime's connection and cancels the run.
+//! The run request is written in one piece; the runtime's head is parsed in place;
+//! then each read from the runtime goes to the client as it arrives (nothing is
+//! buffered, so a stream's first bytes reach the client when the runtime sends
+//! them). A chunked answer is passed on byte for byte, its data read for usage on
+//! the way. New connections come from Pingora's connector (timeouts, TLS); idle
+//! ones wait in a small pool per thread, and a connection goes back there only
+//! after a complete answer. On any failure it is dropped, so a client that goes
+//! away closes the runtime's connection and cancels the run.
 
+use std::cell::RefCell;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::HeaderValue;
-use pingora::connectors::http::Connector;
-use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::protocols::http::client::HttpSession;
-use pingora::proxy::Session;
+use bytes::{Buf, Bytes, BytesMut};
+use pingora::connectors::TransportConnector;
+use pingora::protocols::Stream;
 use pingora::ErrorType;
 use secrecy::{ExposeSecret, SecretString};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::error::{rate_headers, GatewayError, RateHeaders};
+use crate::error::{GatewayError, RateHeaders};
+use crate::h1::{self, Chunked, Framing, ResponseHead};
 use crate::invoke::{Tokens, UsageReader};
+use crate::server::Conn;
 use crate::state::RouteTarget;
 
 /// How long an idle runtime connection stays in the pool.
 const POOL_IDLE: Duration = Duration::from_secs(30);
+/// Largest response head accepted from a runtime.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// What to send.
 pub struct Exchange<'a> {
     pub target: &'a RouteTarget,
     pub body: Bytes,
     pub stream: bool,
-    pub request_id: HeaderValue,
+    pub request_id: &'a [u8],
     pub rate: Option<RateHeaders>,
     pub runtime_key: Option<&'a SecretString>,
 }
@@ -41,6 +47,8 @@ pub struct Exchange<'a> {
 /// meaningful after a failure too).
 #[derive(Default)]
 pub struct Progress {
+    /// The status sent to the client, once its head is on its way.
+    pub status: u16,
     pub upstream_sent: Option<Instant>,
     pub upstream_done: Option<Instant>,
     pub bytes_out: u64,
@@ -56,129 +64,375 @@ pub enum Failure {
     Broken(GatewayError),
 }
 
-pub async fn forward(
-    connector: &Connector,
-    session: &mut Session,
-    x: Exchange<'_>,
-    p: &mut Progress,
-) -> Result<(), Failure> {
-    let peer = x
-        .target
-        .peer
-        .as_ref()
-        .ok_or(Failure::Refused(GatewayError::AgentUnavailable))?;
-    let mut fresh = false;
-    let (mut up, header) = loop {
-        let (mut up, reused) = connector
-            .get_http_session(peer)
-            .await
-            .map_err(|e| Failure::Refused(upstream_error(e.etype())))?;
-        up.set_read_timeout(peer.options.read_timeout);
-        up.set_write_timeout(peer.options.write_timeout);
-        p.upstream_sent = Some(Instant::now());
-        match head(&mut up, &x).await {
-            Ok(header) => break (up, header),
-            // A pooled connection the runtime closed while it sat idle: the run
-            // never started, so it is sent once more on a new connection.
-            Err(e)
-                if reused
-                    && !fresh
-                    && matches!(
-                        e.etype(),
-                        ErrorType::ConnectionClosed | ErrorType::WriteError
-                    ) =>
-            {
-                fresh = true;
-            }
-            Err(e) => return Err(Failure::Refused(upstream_error(e.etype()))),
+/// A connection to a runtime and what has been read from it.
+struct UpConn {
+    io: Stream,
+    buf: BytesMut,
+}
+
+struct Idle {
+    key: u64,
+    conn: UpConn,
+    since: Instant,
+}
+
+thread_local! {
+    /// Idle runtime connections of this thread. Each of Pingora's threads runs its
+    /// own runtime, whose reactor a connection belongs to, so connections stay on
+    /// the thread that opened them.
+    static POOL: RefCell<Vec<Idle>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Connections to runtimes.
+pub struct Upstreams {
+    connector: TransportConnector,
+    /// Idle connections kept per runtime and thread.
+    max_idle: usize,
+}
+
+enum UpError {
+    /// The connection was closed before any byte of an answer.
+    Closed,
+    Timeout,
+    Io,
+    Malformed,
+}
+
+impl UpError {
+    fn gateway(&self) -> GatewayError {
+        match self {
+            UpError::Timeout => GatewayError::UpstreamTimeout,
+            _ => GatewayError::UpstreamUnreachable,
         }
-    };
-    let status = header.status.as_u16();
-    if !(200..300).contains(&status) {
-        tracing::warn!(status, "runtime answered with an error");
-        return Err(Failure::Refused(GatewayError::UpstreamStatus(status)));
     }
-    let mut resp = header;
-    for name in ["server", "set-cookie", "connection", "keep-alive"] {
-        resp.remove_header(name);
+}
+
+impl Upstreams {
+    pub fn new(max_idle: usize) -> Upstreams {
+        Upstreams {
+            connector: TransportConnector::new(None),
+            max_idle,
+        }
     }
-    if let Some(rate) = &x.rate {
-        rate_headers(&mut resp, rate);
-    }
-    let _ = resp.insert_header("x-agora-request-id", x.request_id.clone());
-    session
-        .write_response_header(Box::new(resp), false)
-        .await
-        .map_err(|_| Failure::Cancelled)?;
-    let mut reader = UsageReader::new(x.stream);
-    loop {
-        match up.read_response_body().await {
-            Ok(Some(chunk)) => {
-                reader.feed(&chunk);
-                p.bytes_out += chunk.len() as u64;
-                if session
-                    .write_response_body(Some(chunk), false)
-                    .await
-                    .is_err()
-                {
-                    p.tokens = reader.finish();
-                    return Err(Failure::Cancelled);
+
+    fn take(&self, key: u64) -> Option<UpConn> {
+        POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            while let Some(i) = pool.iter().rposition(|idle| idle.key == key) {
+                let idle = pool.swap_remove(i);
+                if idle.since.elapsed() < POOL_IDLE {
+                    return Some(idle.conn);
                 }
             }
-            Ok(None) => break,
-            Err(e) => {
-                p.tokens = reader.finish();
-                return Err(Failure::Broken(upstream_error(e.etype())));
+            None
+        })
+    }
+
+    fn put(&self, key: u64, conn: UpConn) {
+        POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.iter().filter(|idle| idle.key == key).count() < self.max_idle {
+                pool.push(Idle {
+                    key,
+                    conn,
+                    since: Instant::now(),
+                });
+            }
+        });
+    }
+
+    async fn connect(&self, target: &RouteTarget) -> Result<UpConn, GatewayError> {
+        let peer = target.peer.as_ref().ok_or(GatewayError::AgentUnavailable)?;
+        let io = self
+            .connector
+            .new_stream(peer)
+            .await
+            .map_err(|e| match e.etype() {
+                ErrorType::ConnectTimedout => GatewayError::UpstreamTimeout,
+                _ => GatewayError::UpstreamUnreachable,
+            })?;
+        Ok(UpConn {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+        })
+    }
+
+    /// Sends the run and relays the runtime's answer to `conn`.
+    pub async fn forward(
+        &self,
+        conn: &mut Conn,
+        x: Exchange<'_>,
+        p: &mut Progress,
+    ) -> Result<(), Failure> {
+        let target = x.target;
+        let timeout = target.read_timeout;
+        let request = run_request(&x);
+        let mut retried = false;
+        let (mut up, head) = loop {
+            let (mut up, reused) = match self.take(target.pool_key) {
+                Some(up) => (up, true),
+                None => (self.connect(target).await.map_err(Failure::Refused)?, false),
+            };
+            p.upstream_sent = Some(Instant::now());
+            match exchange(&mut up, &request, timeout).await {
+                Ok(head) => break (up, head),
+                // A pooled connection the runtime closed while it sat idle: the run
+                // never started, so it is sent once more on a new connection.
+                Err(UpError::Closed) if reused && !retried => retried = true,
+                Err(e) => return Err(Failure::Refused(e.gateway())),
+            }
+        };
+        if !(200..300).contains(&head.status) {
+            tracing::warn!(status = head.status, "runtime answered with an error");
+            return Err(Failure::Refused(GatewayError::UpstreamStatus(head.status)));
+        }
+
+        conn.start(head.status);
+        for (name, value) in head.fields(&up.buf) {
+            if !h1::is_hop_by_hop(name)
+                && !name.eq_ignore_ascii_case(b"server")
+                && !name.eq_ignore_ascii_case(b"set-cookie")
+            {
+                conn.header(name, value);
             }
         }
-    }
-    p.upstream_done = Some(Instant::now());
-    p.tokens = reader.finish();
-    session
-        .write_response_body(None, true)
-        .await
-        .map_err(|_| Failure::Cancelled)?;
-    if up.response_done() {
-        connector
-            .release_http_session(up, peer, Some(POOL_IDLE))
-            .await;
-    }
-    Ok(())
-}
-
-/// Sends the run request and reads the runtime's response header.
-async fn head(up: &mut HttpSession, x: &Exchange<'_>) -> pingora::Result<ResponseHeader> {
-    let uri = if x.stream {
-        &x.target.stream_uri
-    } else {
-        &x.target.run_uri
-    };
-    let mut req = RequestHeader::build("POST", uri.path().as_bytes(), Some(8))?;
-    req.set_uri(uri.clone());
-    req.insert_header(http::header::HOST, x.target.authority.as_str())?;
-    if let Some(key) = x.runtime_key {
-        req.insert_header("x-api-key", key.expose_secret())?;
-    }
-    for (name, value) in &x.target.global_vars {
-        req.insert_header(name.clone(), value.clone())?;
-    }
-    req.insert_header("x-agora-request-id", x.request_id.clone())?;
-    req.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-    req.insert_header(http::header::CONTENT_LENGTH, x.body.len())?;
-    up.write_request_header(Box::new(req)).await?;
-    up.write_request_body(x.body.clone(), true).await?;
-    up.finish_request_body().await?;
-    up.read_response_header().await?;
-    up.response_header()
-        .cloned()
-        .ok_or_else(|| pingora::Error::explain(ErrorType::InvalidHTTPHeader, "no response header"))
-}
-
-fn upstream_error(kind: &ErrorType) -> GatewayError {
-    match kind {
-        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-            GatewayError::UpstreamTimeout
+        if let Some(rate) = &x.rate {
+            for (name, value) in rate.fields() {
+                conn.header_u64(name.as_bytes(), value);
+            }
         }
-        _ => GatewayError::UpstreamUnreachable,
+        conn.header(b"x-agora-request-id", x.request_id);
+        // How the body reaches the client: as the runtime framed it, or chunked
+        // for an answer delimited by the runtime closing; an HTTP/1.0 client gets
+        // the data and a close.
+        let relay = match head.framing {
+            Framing::Empty => Relay::Empty,
+            Framing::Length(n) => {
+                conn.header_u64(b"content-length", n);
+                Relay::Length(n)
+            }
+            Framing::Chunked if conn.http11 => {
+                conn.header(b"transfer-encoding", b"chunked");
+                Relay::Chunked { pass: true }
+            }
+            Framing::Chunked => {
+                conn.keep_alive = false;
+                Relay::Chunked { pass: false }
+            }
+            Framing::Close if conn.http11 => {
+                conn.header(b"transfer-encoding", b"chunked");
+                Relay::Close { chunk: true }
+            }
+            Framing::Close => {
+                conn.keep_alive = false;
+                Relay::Close { chunk: false }
+            }
+        };
+        up.buf.advance(head.len);
+        p.status = head.status;
+        conn.send_head().await.map_err(|_| cancelled(conn))?;
+
+        let mut reader = UsageReader::new(x.stream);
+        let result = relay_body(&mut up, conn, relay, timeout, &mut reader, p).await;
+        p.tokens = reader.finish();
+        if let Err(failure) = result {
+            conn.keep_alive = false;
+            return Err(failure);
+        }
+        p.upstream_done = Some(Instant::now());
+        if head.keep_alive && up.buf.is_empty() {
+            self.put(target.pool_key, up);
+        }
+        Ok(())
+    }
+}
+
+fn cancelled(conn: &mut Conn) -> Failure {
+    conn.keep_alive = false;
+    Failure::Cancelled
+}
+
+#[derive(Clone, Copy)]
+enum Relay {
+    Empty,
+    Length(u64),
+    /// `pass`: the chunks go on as they are; else only their data.
+    Chunked {
+        pass: bool,
+    },
+    /// `chunk`: each read goes on as one chunk; else as it is.
+    Close {
+        chunk: bool,
+    },
+}
+
+/// Copies the body from the runtime to the client, read by read.
+async fn relay_body(
+    up: &mut UpConn,
+    conn: &mut Conn,
+    relay: Relay,
+    timeout: Duration,
+    reader: &mut UsageReader,
+    p: &mut Progress,
+) -> Result<(), Failure> {
+    let mut remaining = match relay {
+        Relay::Length(n) => n,
+        _ => 0,
+    };
+    let mut decoder = Chunked::default();
+    let mut ranges: Vec<Range<usize>> = Vec::new();
+    let mut done = matches!(relay, Relay::Empty) || matches!(relay, Relay::Length(0));
+    loop {
+        if !up.buf.is_empty() && !done {
+            match relay {
+                Relay::Empty => {}
+                Relay::Length(_) => {
+                    let take = (up.buf.len() as u64).min(remaining) as usize;
+                    let data = up.buf.split_to(take).freeze();
+                    remaining -= take as u64;
+                    done = remaining == 0;
+                    pass_data(conn, reader, p, &data, false).await?;
+                }
+                Relay::Chunked { pass } => {
+                    ranges.clear();
+                    let consumed = decoder
+                        .decode(&up.buf, |r| ranges.push(r))
+                        .map_err(|_| Failure::Broken(GatewayError::UpstreamUnreachable))?;
+                    let raw = up.buf.split_to(consumed).freeze();
+                    for r in ranges.drain(..) {
+                        let data = raw.slice(r);
+                        p.bytes_out += data.len() as u64;
+                        reader.feed(&data);
+                        if !pass {
+                            conn.write(&data).await.map_err(|_| cancelled(conn))?;
+                        }
+                    }
+                    if pass {
+                        conn.write(&raw).await.map_err(|_| cancelled(conn))?;
+                    }
+                    done = decoder.is_done();
+                }
+                Relay::Close { chunk } => {
+                    let data = up.buf.split().freeze();
+                    pass_data(conn, reader, p, &data, chunk).await?;
+                }
+            }
+        }
+        if done {
+            return conn.flush().await.map_err(|_| cancelled(conn));
+        }
+        conn.flush().await.map_err(|_| cancelled(conn))?;
+        up.buf.reserve(READ_CHUNK);
+        match tokio::time::timeout(timeout, up.io.read_buf(&mut up.buf)).await {
+            Ok(Ok(0)) => {
+                if let Relay::Close { chunk } = relay {
+                    if chunk {
+                        conn.write(b"0\r\n\r\n")
+                            .await
+                            .map_err(|_| cancelled(conn))?;
+                    }
+                    done = true;
+                } else {
+                    return Err(Failure::Broken(GatewayError::UpstreamUnreachable));
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err(Failure::Broken(GatewayError::UpstreamUnreachable)),
+            Err(_) => return Err(Failure::Broken(GatewayError::UpstreamTimeout)),
+        }
+    }
+}
+
+/// Sends one piece of body data (as one chunk when `chunk`), reading it for usage.
+async fn pass_data(
+    conn: &mut Conn,
+    reader: &mut UsageReader,
+    p: &mut Progress,
+    data: &Bytes,
+    chunk: bool,
+) -> Result<(), Failure> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    p.bytes_out += data.len() as u64;
+    reader.feed(data);
+    let sent = async {
+        if chunk {
+            conn.write(format!("{:x}\r\n", data.len()).as_bytes())
+                .await?;
+            conn.write(data).await?;
+            conn.write(b"\r\n").await
+        } else {
+            conn.write(data).await
+        }
+    };
+    sent.await.map_err(|_| cancelled(conn))
+}
+
+/// The run request, head and body in one piece.
+fn run_request(x: &Exchange<'_>) -> Vec<u8> {
+    let t = x.target;
+    let target = if x.stream {
+        t.stream_uri.as_bytes()
+    } else {
+        t.run_uri.as_bytes()
+    };
+    let mut out = Vec::with_capacity(256 + target.len() + x.body.len());
+    out.extend_from_slice(b"POST ");
+    out.extend_from_slice(target);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    h1::field(&mut out, b"host", t.authority.as_bytes());
+    if let Some(key) = x.runtime_key {
+        h1::field(&mut out, b"x-api-key", key.expose_secret().as_bytes());
+    }
+    for (name, value) in &t.global_vars {
+        h1::field(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    h1::field(&mut out, b"x-agora-request-id", x.request_id);
+    h1::field(&mut out, b"content-type", b"application/json");
+    h1::field_u64(&mut out, b"content-length", x.body.len() as u64);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&x.body);
+    out
+}
+
+/// Writes the run request and reads the runtime's response head (skipping any
+/// 1xx); the head's bytes stay at the front of `up.buf`.
+async fn exchange(
+    up: &mut UpConn,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<ResponseHead, UpError> {
+    let written = tokio::time::timeout(timeout, async {
+        up.io.write_all(request).await?;
+        up.io.flush().await
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err(UpError::Closed),
+        Err(_) => return Err(UpError::Timeout),
+    }
+    let mut received = false;
+    loop {
+        if !up.buf.is_empty() {
+            match ResponseHead::parse(&up.buf) {
+                Ok(Some(head)) if (100..200).contains(&head.status) => {
+                    up.buf.advance(head.len);
+                    continue;
+                }
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) if up.buf.len() > MAX_RESPONSE_HEAD => return Err(UpError::Malformed),
+                Ok(None) => {}
+                Err(_) => return Err(UpError::Malformed),
+            }
+        }
+        up.buf.reserve(READ_CHUNK);
+        match tokio::time::timeout(timeout, up.io.read_buf(&mut up.buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) if !received => return Err(UpError::Closed),
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(UpError::Io),
+            Ok(Ok(_)) => received = true,
+            Err(_) => return Err(UpError::Timeout),
+        }
     }
 }

@@ -22,7 +22,6 @@ use std::sync::Arc;
 
 use agora_config::keys::{ApiKey, Claims, KeyHash, KeyKind, Scope, MAX_KEY_LEN};
 use agora_config::snapshot::KeyStatus;
-use pingora::http::RequestHeader;
 
 use crate::error::GatewayError;
 use crate::state::{KeyRecord, State};
@@ -34,17 +33,20 @@ pub struct Caller {
     pub claims: Arc<Claims>,
 }
 
-/// The raw key a request carries, if any.
-pub fn presented(req: &RequestHeader) -> Result<&[u8], GatewayError> {
-    if let Some(value) = req.headers.get(http::header::AUTHORIZATION) {
-        let bytes = value.as_bytes();
+/// The raw key a request carries, if any, from its `Authorization` and
+/// `X-API-Key` values.
+pub fn presented<'a>(
+    authorization: Option<&'a [u8]>,
+    x_api_key: Option<&'a [u8]>,
+) -> Result<&'a [u8], GatewayError> {
+    if let Some(bytes) = authorization {
         if bytes.len() > 7 && bytes[..7].eq_ignore_ascii_case(b"bearer ") {
             return Ok(trim(&bytes[7..]));
         }
         return Err(GatewayError::InvalidKey("authorization_scheme"));
     }
-    match req.headers.get("x-api-key") {
-        Some(value) => Ok(trim(value.as_bytes())),
+    match x_api_key {
+        Some(value) => Ok(trim(value)),
         None => Err(GatewayError::MissingKey),
     }
 }
@@ -132,15 +134,13 @@ pub fn authenticate(
 pub fn check_origin(
     state: &State,
     caller: &Caller,
-    req: &RequestHeader,
+    origin: Option<&[u8]>,
 ) -> Result<(), GatewayError> {
     if !caller.record.entry.kind.is_publishable() {
         return Ok(());
     }
-    let origin = req
-        .headers
-        .get(http::header::ORIGIN)
-        .and_then(|v| v.to_str().ok())
+    let origin = origin
+        .and_then(|v| std::str::from_utf8(v).ok())
         .ok_or(GatewayError::OriginNotAllowed)?;
     let allowed = state
         .widget(&caller.record.entry.config)

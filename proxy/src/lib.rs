@@ -15,11 +15,13 @@
 
 pub mod error;
 pub mod forward;
+pub mod h1;
 pub mod invoke;
 pub mod keys;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod server;
 pub mod state;
 pub mod sync;
 pub mod usage;
@@ -219,9 +221,7 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
         max_body_bytes: config.max_body_bytes,
         pipeline: pipeline.clone(),
         life: life.clone(),
-        connector: pingora::connectors::http::Connector::new(Some(
-            pingora::connectors::ConnectorOptions::new(config.upstream_pool_size),
-        )),
+        upstreams: forward::Upstreams::new(config.upstream_pool_size),
     };
     let handle = Arc::new(GatewayHandle {
         shared: shared.clone(),
@@ -255,21 +255,21 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
         .clone()
         .map(|p| background.spawn(p.run_shipper(ship_stop_rx, config.usage_flush_timeout)));
 
-    let mut conf = ServerConf {
+    let conf = ServerConf {
         threads: config.threads,
         work_stealing: config.work_stealing,
-        upstream_keepalive_pool_size: config.upstream_pool_size,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
-    // One attempt: a run is not idempotent.
-    conf.max_retries = 1;
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
+    // Pingora listens, accepts and shuts down; each connection is served by the
+    // gateway's own HTTP/1.x handling (`server`).
     let mut proxy_service =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "agora-proxy");
+        pingora::services::listening::Service::new("agora-proxy".into(), gateway);
     proxy_service.add_tcp(&addr.to_string());
+    proxy_service.threads = Some(config.threads);
     let mut admin = pingora::services::listening::Service::new(
         "agora-admin".into(),
         HttpServer::new_app(Admin {

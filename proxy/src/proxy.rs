@@ -1,39 +1,30 @@
-//! The gateway's request phases. Each phase is short and calls into `keys`,
-//! `ratelimit`, `invoke`, `forward` and `usage`:
+//! The gateway's request handling, one request at a time on a client connection
+//! (see `server`):
 //!
-//! - `request_filter`: route, key check, limits, body validation, then the invoke
-//!   itself (`forward`, on a pooled runtime connection in this task); health,
-//!   validate, usage reports and every refusal are answered here too;
-//! - `logging`: one usage event and the metrics, for every request.
-//!
-//! Pingora's own proxy phases (`upstream_peer` onwards) are not used: an invoke is
-//! one body and one streamed answer, and forwarding it in the request's task
-//! avoids the stock path's per-request channels and task join.
+//! - `serve`: route, key check, limits, body validation, then the invoke itself
+//!   (`forward`, on a pooled runtime connection in this task); health, validate,
+//!   usage reports and every refusal are answered here too;
+//! - `finish`: one usage event and the metrics, for every request.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use agora_config::keys::Scope;
 use agora_config::usage::{estimate_tokens, TokenSource, UsageEvent, UsageStatus};
-use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
-use pingora::connectors::http::Connector;
-use pingora::http::ResponseHeader;
-use pingora::prelude::*;
-use pingora::proxy::{ProxyHttp, Session};
-use pingora::upstreams::peer::HttpPeer;
-use pingora::{ErrorSource, ErrorType};
+use bytes::Bytes;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-use crate::error::{rate_headers, GatewayError, RateHeaders};
-use crate::forward::{self, Exchange, Failure, Progress};
+use crate::error::{GatewayError, RateHeaders};
+use crate::forward::{Exchange, Failure, Progress, Upstreams};
+use crate::h1::RequestHead;
 use crate::invoke;
 use crate::keys::{self, Caller};
 use crate::metrics::{Metrics, RouteLabel};
 use crate::ratelimit::{InFlight, Limits};
+use crate::server::Conn;
 use crate::state::RouteTarget;
 use crate::sync::{now_ms, Shared};
 use crate::usage::{TokenReport, UsageQueue, UsageRecord};
@@ -55,8 +46,8 @@ pub struct Gateway {
     /// The spill log and store behind the usage queue, when there is one.
     pub pipeline: Option<Arc<agora_usage::Pipeline>>,
     pub life: Arc<Lifecycle>,
-    /// Pooled connections to runtimes.
-    pub connector: Connector,
+    /// Connections to runtimes.
+    pub upstreams: Upstreams,
 }
 
 /// What shutdown needs to see of the gateway.
@@ -77,9 +68,11 @@ pub struct Ctx {
     started: Instant,
     /// Wall-clock time of the request, read once: limits, key expiry, the event.
     started_ms: i64,
-    counted: bool,
+    /// The status sent, 0 if none was.
+    status: u16,
     event_id: Uuid,
-    request_id: Option<http::HeaderValue>,
+    /// `event_id`, hyphenated, once an invoke has one.
+    request_id: Option<[u8; 36]>,
     caller: Option<Caller>,
     target: Option<Arc<RouteTarget>>,
     stream: bool,
@@ -92,16 +85,16 @@ pub struct Ctx {
     cancelled: bool,
 }
 
-#[async_trait]
-impl ProxyHttp for Gateway {
-    type CTX = Ctx;
-
-    fn new_ctx(&self) -> Ctx {
+impl Ctx {
+    /// A request has arrived.
+    pub fn begin(gateway: &Gateway) -> Ctx {
+        gateway.life.in_flight.fetch_add(1, Ordering::Relaxed);
+        gateway.metrics.in_flight.inc();
         Ctx {
             route: RouteLabel::Other,
             started: Instant::now(),
-            started_ms: 0,
-            counted: false,
+            started_ms: now_ms(),
+            status: 0,
             event_id: Uuid::nil(),
             request_id: None,
             caller: None,
@@ -117,70 +110,44 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        ctx.started = Instant::now();
-        ctx.started_ms = now_ms();
-        ctx.counted = true;
-        self.life.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.metrics.in_flight.inc();
-        let header_bytes: usize = session
-            .req_header()
-            .headers
-            .iter()
-            .map(|(name, value)| name.as_str().len() + value.len() + 4)
-            .sum();
-        if header_bytes > MAX_HEADER_BYTES {
-            self.metrics.auth_failure("headers_too_large");
-            self.refuse(
-                session,
-                ctx,
-                GatewayError::HeadersTooLarge {
-                    limit: MAX_HEADER_BYTES,
-                },
-            )
-            .await;
-            return Ok(true);
-        }
-        let path = session.req_header().uri.path();
-        ctx.route = match path {
-            INVOKE => RouteLabel::Invoke,
-            VALIDATE => RouteLabel::Validate,
-            USAGE => RouteLabel::Usage,
-            HEALTH => RouteLabel::Health,
+    fn set_event_id(&mut self, id: Uuid) {
+        self.event_id = id;
+        let mut buf = [0u8; 36];
+        id.hyphenated().encode_lower(&mut buf);
+        self.request_id = Some(buf);
+    }
+}
+
+impl Gateway {
+    /// Serves one request whose head has been read.
+    pub async fn serve(&self, conn: &mut Conn, head: &RequestHead, ctx: &mut Ctx) {
+        ctx.route = match head.path() {
+            p if p == INVOKE.as_bytes() => RouteLabel::Invoke,
+            p if p == VALIDATE.as_bytes() => RouteLabel::Validate,
+            p if p == USAGE.as_bytes() => RouteLabel::Usage,
+            p if p == HEALTH.as_bytes() => RouteLabel::Health,
             _ => RouteLabel::Other,
         };
+        if self.life.draining.load(Ordering::Relaxed) {
+            conn.keep_alive = false;
+        }
         let outcome = match ctx.route {
-            RouteLabel::Invoke => match self.invoke(session, ctx).await {
-                Ok(()) => self.forward(session, ctx).await,
+            RouteLabel::Invoke => match self.invoke(conn, head, ctx).await {
+                Ok(()) => self.forward(conn, ctx).await,
                 Err(refusal) => Err(refusal),
             },
-            RouteLabel::Validate => self.validate(session, ctx).await,
-            RouteLabel::Usage => self.report_usage(session, ctx).await,
-            RouteLabel::Health => self.health(session).await,
+            RouteLabel::Validate => self.validate(conn, head, ctx).await,
+            RouteLabel::Usage => self.report_usage(conn, head, ctx).await,
+            RouteLabel::Health => self.health(conn, head, ctx).await,
             RouteLabel::Other => Err(GatewayError::NotFound),
         };
         if let Err(refusal) = outcome {
-            self.refuse(session, ctx, refusal).await;
+            self.refuse(conn, ctx, refusal).await;
         }
-        Ok(true)
     }
 
-    /// Invokes are forwarded in `request_filter` (see `forward`); nothing reaches
-    /// Pingora's own proxy phases.
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        Err(Error::explain(
-            ErrorType::InternalError,
-            "every request is answered in request_filter",
-        ))
-    }
-
-    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        if !ctx.counted {
-            return;
-        }
-        if let Some(e) = e {
-            tracing::debug!(error = %e, route = ctx.route.as_str(), "request ended with an error");
-        }
+    /// After a request: its metrics and its usage event.
+    pub fn finish(&self, ctx: &mut Ctx) {
         self.life.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.metrics.in_flight.dec();
         let total = ctx.started.elapsed();
@@ -189,7 +156,7 @@ impl ProxyHttp for Gateway {
             (Some(sent), None) => Some(sent.elapsed()),
             _ => None,
         };
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let status = ctx.status;
         let overhead = total.saturating_sub(upstream.unwrap_or_default());
         tracing::trace!(
             route = ctx.route.as_str(),
@@ -212,8 +179,7 @@ impl ProxyHttp for Gateway {
             self.limits
                 .record_tokens(caller.record.entry.config, t.input.saturating_add(t.output));
         }
-        let cancelled = ctx.cancelled || e.is_some_and(|e| e.esource() == &ErrorSource::Downstream);
-        let usage_status = match (&ctx.refusal, cancelled) {
+        let usage_status = match (&ctx.refusal, ctx.cancelled) {
             (_, true) => UsageStatus::Cancelled,
             (Some(refusal), false) => refusal.usage_status(),
             (None, false) if (200..300).contains(&status) => UsageStatus::Ok,
@@ -268,35 +234,27 @@ impl ProxyHttp for Gateway {
         };
         self.usage.push(UsageRecord::Event(Box::new(event)));
     }
-}
 
-/// The request id header value, formatted once per request.
-fn request_id(ctx: &mut Ctx) -> http::HeaderValue {
-    if let Some(v) = &ctx.request_id {
-        return v.clone();
-    }
-    let mut buf = Uuid::encode_buffer();
-    let v = http::HeaderValue::from_str(ctx.event_id.hyphenated().encode_lower(&mut buf))
-        .unwrap_or_else(|_| http::HeaderValue::from_static(""));
-    ctx.request_id = Some(v.clone());
-    v
-}
-
-impl Gateway {
     /// Sends the validated invoke to the runtime and streams its answer back.
-    async fn forward(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
-        let (Some(target), Some(body)) = (ctx.target.clone(), ctx.body.take()) else {
+    async fn forward(&self, conn: &mut Conn, ctx: &mut Ctx) -> Result<(), GatewayError> {
+        let (Some(target), Some(body), Some(request_id)) =
+            (ctx.target.clone(), ctx.body.take(), ctx.request_id)
+        else {
             return Err(GatewayError::AgentUnavailable);
         };
         let exchange = Exchange {
             target: &target,
             body,
             stream: ctx.stream,
-            request_id: request_id(ctx),
+            request_id: &request_id,
             rate: ctx.rate,
             runtime_key: self.runtime_api_key.as_ref(),
         };
-        let result = forward::forward(&self.connector, session, exchange, &mut ctx.progress).await;
+        let result = self
+            .upstreams
+            .forward(conn, exchange, &mut ctx.progress)
+            .await;
+        ctx.status = ctx.progress.status;
         match result {
             Ok(()) => Ok(()),
             Err(Failure::Refused(e)) => {
@@ -321,9 +279,14 @@ impl Gateway {
         }
     }
 
-    async fn invoke(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
-        ctx.event_id = Uuid::now_v7();
-        if session.req_header().method != http::Method::POST {
+    async fn invoke(
+        &self,
+        conn: &mut Conn,
+        head: &RequestHead,
+        ctx: &mut Ctx,
+    ) -> Result<(), GatewayError> {
+        ctx.set_event_id(Uuid::now_v7());
+        if head.method() != b"POST" {
             return Err(GatewayError::MethodNotAllowed);
         }
         if self.life.draining.load(Ordering::Relaxed) {
@@ -336,15 +299,15 @@ impl Gateway {
         if !self.shared.is_loaded() {
             return Err(GatewayError::NotReady);
         }
-        let caller = self.authenticate(session, &state, Some(Scope::Invoke), ctx.started_ms)?;
-        keys::check_origin(&state, &caller, session.req_header())?;
+        let caller = self.authenticate(head, &state, Some(Scope::Invoke), ctx.started_ms)?;
+        keys::check_origin(&state, &caller, head.header("origin"))?;
         let entry = &caller.record.entry;
         let target = state
             .route(&entry.config)
             .filter(|t| t.peer.is_some())
             .ok_or(GatewayError::AgentUnavailable)?
             .clone();
-        ctx.stream = invoke::wants_stream(session.req_header().uri.query())?;
+        ctx.stream = invoke::wants_stream(head.query())?;
         let plan = entry.plan.and_then(|p| state.plan(&p));
         let admission = self
             .limits
@@ -359,27 +322,32 @@ impl Gateway {
         ctx.rate = admission.headers;
         ctx._in_flight = Some(admission.in_flight);
         ctx.caller = Some(caller);
-        let body = self.read_body(session).await?;
+        let body = conn.read_body(self.max_body_bytes).await?;
         ctx.bytes_in = body.len() as u64;
         ctx.body = Some(invoke::runtime_body(&body, &target)?);
         ctx.target = Some(target);
         Ok(())
     }
 
-    async fn validate(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
-        let method = &session.req_header().method;
-        if method != http::Method::GET && method != http::Method::POST {
+    async fn validate(
+        &self,
+        conn: &mut Conn,
+        head: &RequestHead,
+        ctx: &mut Ctx,
+    ) -> Result<(), GatewayError> {
+        let post = head.method() == b"POST";
+        if head.method() != b"GET" && !post {
             return Err(GatewayError::MethodNotAllowed);
         }
         let state = self.shared.load();
         if !self.shared.is_loaded() {
             return Err(GatewayError::NotReady);
         }
-        let caller = self.authenticate(session, &state, None, ctx.started_ms)?;
-        keys::check_origin(&state, &caller, session.req_header())?;
-        if session.req_header().method == http::Method::POST {
+        let caller = self.authenticate(head, &state, None, ctx.started_ms)?;
+        keys::check_origin(&state, &caller, head.header("origin"))?;
+        if post {
             // The body carries nothing; read it so the connection can be reused.
-            let _ = self.read_body(session).await?;
+            let _ = conn.read_body(self.max_body_bytes).await?;
         }
         let entry = &caller.record.entry;
         let plan = entry.plan.and_then(|p| state.plan(&p));
@@ -407,28 +375,28 @@ impl Gateway {
             "revision": state.revision(),
         });
         ctx.caller = Some(caller);
-        self.json(session, 200, &body).await;
+        self.json(conn, ctx, 200, &body).await;
         Ok(())
     }
 
-    async fn report_usage(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), GatewayError> {
+    async fn report_usage(
+        &self,
+        conn: &mut Conn,
+        head: &RequestHead,
+        ctx: &mut Ctx,
+    ) -> Result<(), GatewayError> {
         let Some(secret) = &self.runtime_secret else {
             return Err(GatewayError::UsageReportsDisabled);
         };
-        if session.req_header().method != http::Method::POST {
+        if head.method() != b"POST" {
             return Err(GatewayError::MethodNotAllowed);
         }
-        let presented = session
-            .req_header()
-            .headers
-            .get("x-runtime-secret")
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
+        let presented = head.header("x-runtime-secret").unwrap_or_default();
         if !bool::from(presented.ct_eq(secret.expose_secret().as_bytes())) {
             self.metrics.auth_failure("runtime_secret");
             return Err(GatewayError::RuntimeSecretRequired);
         }
-        let body = self.read_body(session).await?;
+        let body = conn.read_body(self.max_body_bytes).await?;
         ctx.bytes_in = body.len() as u64;
         let report: TokenReport =
             serde_json::from_slice(&body).map_err(|e| GatewayError::BadRequest {
@@ -439,12 +407,20 @@ impl Gateway {
                 ),
             })?;
         self.usage.push(UsageRecord::Report(report));
-        self.json(session, 202, &serde_json::json!({"accepted": true}))
+        self.json(conn, ctx, 202, &serde_json::json!({"accepted": true}))
             .await;
         Ok(())
     }
 
-    async fn health(&self, session: &mut Session) -> Result<(), GatewayError> {
+    async fn health(
+        &self,
+        conn: &mut Conn,
+        head: &RequestHead,
+        ctx: &mut Ctx,
+    ) -> Result<(), GatewayError> {
+        if head.method() != b"GET" && head.method() != b"HEAD" {
+            return Err(GatewayError::MethodNotAllowed);
+        }
         let now = now_ms();
         let state = self.shared.load();
         let loaded = self.shared.is_loaded();
@@ -496,19 +472,19 @@ impl Gateway {
         } else {
             503
         };
-        self.json(session, code, &body).await;
+        self.json(conn, ctx, code, &body).await;
         Ok(())
     }
 
     fn authenticate(
         &self,
-        session: &Session,
+        head: &RequestHead,
         state: &crate::state::State,
         scope: Option<Scope>,
         now_ms: i64,
     ) -> Result<Caller, GatewayError> {
         let now = now_ms / 1000;
-        keys::presented(session.req_header())
+        keys::presented(head.header("authorization"), head.header("x-api-key"))
             .and_then(|raw| keys::authenticate(state, raw, scope, now))
             .inspect_err(|e| match e {
                 GatewayError::InvalidKey(reason) => self.metrics.auth_failure(reason),
@@ -516,90 +492,33 @@ impl Gateway {
             })
     }
 
-    /// Reads the whole request body, refusing more than `max_body_bytes`.
-    async fn read_body(&self, session: &mut Session) -> Result<Bytes, GatewayError> {
-        let limit = self.max_body_bytes;
-        let declared = session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(GatewayError::BodyTooLarge { limit });
-        }
-        let mut body = BytesMut::new();
-        loop {
-            match session.read_request_body().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > limit {
-                        return Err(GatewayError::BodyTooLarge { limit });
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    return Err(GatewayError::BadRequest {
-                        code: "body_unreadable",
-                        message: "The request body could not be read.".into(),
-                    })
-                }
-            }
-        }
-        Ok(body.freeze())
-    }
-
-    async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, refusal: GatewayError) {
-        let (mut header, body) = refusal.response();
+    /// Answers with `refusal`'s error body.
+    pub async fn refuse(&self, conn: &mut Conn, ctx: &mut Ctx, refusal: GatewayError) {
+        let reply = refusal.response();
+        let mut extra: Vec<(&[u8], Vec<u8>)> = Vec::new();
         if let (Some(rate), false) = (
             &ctx.rate,
             matches!(refusal, GatewayError::RateLimited { .. }),
         ) {
-            rate_headers(&mut header, rate);
-        }
-        // A body left unread would be taken for the next request on this
-        // connection: read a small one, close the connection for the rest.
-        if !session.as_mut().is_body_done() {
-            let small = session
-                .req_header()
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<usize>().ok())
-                .is_some_and(|n| n <= self.max_body_bytes);
-            let drained = small
-                && tokio::time::timeout(Duration::from_secs(1), session.drain_request_body())
-                    .await
-                    .is_ok_and(|r| r.is_ok());
-            if !drained {
-                let _ = header.insert_header("connection", "close");
-                session.set_keepalive(None);
+            for (name, value) in rate.fields() {
+                extra.push((name.as_bytes(), value.to_string().into_bytes()));
             }
         }
-        if header
-            .headers
-            .get("connection")
-            .is_some_and(|v| v == "close")
-        {
-            session.set_keepalive(None);
+        if let Some(id) = &ctx.request_id {
+            extra.push((b"x-agora-request-id", id.to_vec()));
         }
-        if !ctx.event_id.is_nil() {
-            let _ = header.insert_header("x-agora-request-id", request_id(ctx));
-        }
-        let _ = session.write_response_header(Box::new(header), false).await;
-        let _ = session.write_response_body(Some(body), true).await;
+        let extra: Vec<(&[u8], &[u8])> = extra.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+        let _ = conn.reply(&reply, &extra).await;
+        ctx.status = reply.status;
         ctx.refusal = Some(refusal);
     }
 
-    async fn json(&self, session: &mut Session, status: u16, value: &serde_json::Value) {
-        let body = Bytes::from(serde_json::to_vec(value).unwrap_or_default());
-        let Ok(mut header) = ResponseHeader::build(status, Some(4)) else {
-            return;
-        };
-        let _ = header.insert_header("content-type", "application/json");
-        let _ = header.insert_header("content-length", body.len().to_string());
-        let _ = header.insert_header("cache-control", "no-store");
-        let _ = session.write_response_header(Box::new(header), false).await;
-        let _ = session.write_response_body(Some(body), true).await;
+    async fn json(&self, conn: &mut Conn, ctx: &mut Ctx, status: u16, value: &serde_json::Value) {
+        let body = serde_json::to_vec(value).unwrap_or_default();
+        conn.start(status);
+        conn.header(b"content-type", b"application/json");
+        conn.header(b"cache-control", b"no-store");
+        let _ = conn.send(&body).await;
+        ctx.status = status;
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use agora_config::keys::{Claims, KeyHash, Verifier};
 use agora_config::snapshot::{AgentRoute, KeyEntry, PlanLimits, Snapshot, WidgetSettings};
 use http::{HeaderName, HeaderValue};
-use pingora::upstreams::peer::HttpPeer;
+use pingora::upstreams::peer::{HttpPeer, Peer};
 use uuid::Uuid;
 
 /// Timeouts given to every upstream peer.
@@ -42,8 +42,13 @@ pub struct RouteTarget {
     pub authority: String,
     /// `/api/v1/run/{flow_id}` (after the runtime URL's base path), and the same
     /// with `?stream=true`: the upstream request targets.
-    pub run_uri: http::Uri,
-    pub stream_uri: http::Uri,
+    pub run_uri: String,
+    pub stream_uri: String,
+    /// Which idle runtime connections this route may reuse (same address, TLS and
+    /// server name).
+    pub pool_key: u64,
+    /// Longest wait for each read from the runtime.
+    pub read_timeout: Duration,
     /// `X-LANGFLOW-GLOBAL-VAR-*` headers carrying the buyer's settings.
     pub global_vars: Vec<(HeaderName, HeaderValue)>,
 }
@@ -179,16 +184,16 @@ impl RouteTarget {
         let run_path = format!("{base}/api/v1/run/{}", route.flow_id);
         let uris = run_path
             .parse::<http::Uri>()
-            .and_then(|run| Ok((run, format!("{run_path}?stream=true").parse()?)));
+            .and_then(|run| Ok((run, format!("{run_path}?stream=true").parse::<http::Uri>()?)));
         let (peer, run_uri, stream_uri) = match uris {
-            Ok((run, stream)) => (peer, run, stream),
+            Ok((run, stream)) => (peer, run.to_string(), stream.to_string()),
             Err(_) => {
                 // Never run some other target: the route is unusable (503).
                 tracing::error!(config = %route.config, "flow id of route is not a valid path");
-                let root = http::Uri::from_static("/");
-                (None, root.clone(), root)
+                (None, "/".to_owned(), "/".to_owned())
             }
         };
+        let pool_key = peer.as_ref().map_or(0, |p| p.reuse_hash());
         let global_vars = route
             .global_vars
             .iter()
@@ -211,6 +216,8 @@ impl RouteTarget {
             authority,
             run_uri,
             stream_uri,
+            pool_key,
+            read_timeout: timeouts.read,
             global_vars,
         }
     }

@@ -1,0 +1,376 @@
+//! The gateway's side of a client connection: HTTP/1.x over the streams Pingora's
+//! listeners accept (so Pingora still owns listening, TLS, graceful restart and
+//! shutdown), with one read buffer and one write buffer per connection.
+//!
+//! Requests on a connection are served one after another in the connection's
+//! task; bytes read past a request (pipelining) stay in the buffer for the next.
+//! A head is parsed in place and never copied; a body is split off the buffer.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Buf, Bytes, BytesMut};
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::error::{GatewayError, Reply};
+use crate::h1::{self, Chunked, Framing, HeadError, RequestHead};
+use crate::proxy::{Ctx, Gateway, MAX_HEADER_BYTES};
+
+/// How long an idle connection waits for its next request.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// How long the rest of a started head, or each part of a body, may take.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most bytes read and thrown away to keep a connection after a refusal.
+const DISCARD_LIMIT: u64 = 64 * 1024;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// One client connection.
+pub struct Conn {
+    io: Stream,
+    buf: BytesMut,
+    out: Vec<u8>,
+    /// Whether the connection may serve another request after this one.
+    pub keep_alive: bool,
+    /// The client reads chunked bodies (HTTP/1.1).
+    pub http11: bool,
+    /// How the current request's body is framed, until it has been read.
+    body_pending: Option<Framing>,
+    expect_continue: bool,
+    /// A HEAD request: the answer has no body.
+    head_only: bool,
+    /// Unread bytes may follow (a refused head): close gently.
+    linger: bool,
+}
+
+/// What waiting for the next request gave.
+// A head holds its field offsets inline; it is moved once per request, where a
+// box would be an allocation per request.
+#[allow(clippy::large_enum_variant)]
+pub enum Next {
+    Request(RequestHead),
+    /// A head that cannot be served; answered, then the connection is closed.
+    Refused(GatewayError),
+    /// The client closed, went idle too long, or the server is stopping.
+    Closed,
+}
+
+enum ReadError {
+    Eof,
+    Io,
+    Timeout,
+}
+
+impl Conn {
+    pub fn new(io: Stream) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            out: Vec::with_capacity(1024),
+            keep_alive: true,
+            http11: true,
+            body_pending: None,
+            expect_continue: false,
+            head_only: false,
+            linger: false,
+        }
+    }
+
+    async fn fill(&mut self, limit: Duration) -> Result<(), ReadError> {
+        self.buf.reserve(READ_CHUNK);
+        match tokio::time::timeout(limit, self.io.read_buf(&mut self.buf)).await {
+            Ok(Ok(0)) => Err(ReadError::Eof),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(ReadError::Io),
+            Err(_) => Err(ReadError::Timeout),
+        }
+    }
+
+    /// Waits for the next request head.
+    pub async fn next(&mut self, shutdown: &mut ShutdownWatch) -> Next {
+        loop {
+            if !self.buf.is_empty() {
+                match RequestHead::parse(&self.buf) {
+                    Ok(Some((len, parsed))) => {
+                        if len > MAX_HEADER_BYTES {
+                            return self.refuse_head(HeadError::TooManyHeaders);
+                        }
+                        let head = parsed.take(self.buf.split_to(len).freeze());
+                        self.keep_alive = head.keep_alive;
+                        self.http11 = head.http11;
+                        self.body_pending =
+                            (head.framing != Framing::Empty).then_some(head.framing);
+                        self.expect_continue = head.expect_continue;
+                        self.head_only = head.method() == b"HEAD";
+                        return Next::Request(head);
+                    }
+                    Ok(None) if self.buf.len() > MAX_HEADER_BYTES => {
+                        return self.refuse_head(HeadError::TooManyHeaders);
+                    }
+                    Ok(None) => {}
+                    Err(e) => return self.refuse_head(e),
+                }
+                if self.fill(READ_TIMEOUT).await.is_err() {
+                    return Next::Closed;
+                }
+            } else {
+                if *shutdown.borrow() {
+                    return Next::Closed;
+                }
+                tokio::select! {
+                    read = self.fill(KEEPALIVE_IDLE) => if read.is_err() {
+                        return Next::Closed;
+                    },
+                    _ = shutdown.changed() => return Next::Closed,
+                }
+            }
+        }
+    }
+
+    fn refuse_head(&mut self, e: HeadError) -> Next {
+        self.keep_alive = false;
+        self.linger = true;
+        self.http11 = true;
+        self.head_only = false;
+        // What follows cannot be told apart from the head: nothing more is read.
+        self.body_pending = None;
+        self.buf.clear();
+        Next::Refused(match e {
+            HeadError::TooManyHeaders => GatewayError::HeadersTooLarge {
+                limit: MAX_HEADER_BYTES,
+            },
+            HeadError::Malformed => GatewayError::BadRequest {
+                code: "malformed_request",
+                message: "The request is not valid HTTP/1.1.".into(),
+            },
+            HeadError::BadFraming => GatewayError::BadRequest {
+                code: "malformed_request",
+                message: "The body's length is ambiguous: use one Content-Length or Transfer-Encoding: chunked.".into(),
+            },
+        })
+    }
+
+    /// Whether the request's body is still unread.
+    pub fn body_pending(&self) -> bool {
+        self.body_pending.is_some()
+    }
+
+    async fn continue_if_expected(&mut self) -> Result<(), GatewayError> {
+        if std::mem::take(&mut self.expect_continue) {
+            self.io
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .map_err(|_| unreadable())?;
+            self.io.flush().await.map_err(|_| unreadable())?;
+        }
+        Ok(())
+    }
+
+    /// Reads the whole request body, refusing more than `limit` bytes.
+    pub async fn read_body(&mut self, limit: usize) -> Result<Bytes, GatewayError> {
+        let Some(framing) = self.body_pending else {
+            return Ok(Bytes::new());
+        };
+        match framing {
+            Framing::Length(n) => {
+                if n > limit as u64 {
+                    return Err(GatewayError::BodyTooLarge { limit });
+                }
+                self.continue_if_expected().await?;
+                let n = n as usize;
+                while self.buf.len() < n {
+                    self.fill(READ_TIMEOUT).await.map_err(|_| unreadable())?;
+                }
+                self.body_pending = None;
+                Ok(self.buf.split_to(n).freeze())
+            }
+            Framing::Chunked => {
+                self.continue_if_expected().await?;
+                let mut decoder = Chunked::default();
+                let mut body = BytesMut::new();
+                loop {
+                    let buf = &self.buf;
+                    let consumed = decoder
+                        .decode(buf, |r| body.extend_from_slice(&buf[r]))
+                        .map_err(|_| GatewayError::BadRequest {
+                            code: "malformed_request",
+                            message: "The chunked body is malformed.".into(),
+                        })?;
+                    self.buf.advance(consumed);
+                    if body.len() > limit {
+                        return Err(GatewayError::BodyTooLarge { limit });
+                    }
+                    if decoder.is_done() {
+                        self.body_pending = None;
+                        return Ok(body.freeze());
+                    }
+                    self.fill(READ_TIMEOUT).await.map_err(|_| unreadable())?;
+                }
+            }
+            Framing::Empty | Framing::Close => {
+                self.body_pending = None;
+                Ok(Bytes::new())
+            }
+        }
+    }
+
+    /// Before a refusal: reads a small unread body so the connection can serve the
+    /// next request, or marks the connection to close.
+    async fn discard_body(&mut self) {
+        let Some(framing) = self.body_pending else {
+            return;
+        };
+        // A client waiting for 100-continue has sent nothing: close instead.
+        let small = match framing {
+            Framing::Length(n) => n <= DISCARD_LIMIT && !self.expect_continue,
+            _ => false,
+        };
+        if small {
+            if let Framing::Length(n) = framing {
+                let n = n as usize;
+                let read = tokio::time::timeout(Duration::from_secs(1), async {
+                    while self.buf.len() < n {
+                        self.fill(READ_TIMEOUT).await?;
+                    }
+                    Ok::<_, ReadError>(())
+                })
+                .await;
+                if matches!(read, Ok(Ok(()))) {
+                    self.buf.advance(n);
+                    self.body_pending = None;
+                    return;
+                }
+            }
+        }
+        self.keep_alive = false;
+    }
+
+    /// Starts a response head.
+    pub fn start(&mut self, status: u16) {
+        self.out.clear();
+        h1::status_line(&mut self.out, status);
+    }
+
+    pub fn header(&mut self, name: &[u8], value: &[u8]) {
+        h1::field(&mut self.out, name, value);
+    }
+
+    pub fn header_u64(&mut self, name: &[u8], value: u64) {
+        h1::field_u64(&mut self.out, name, value);
+    }
+
+    fn end_head(&mut self) {
+        if !self.keep_alive {
+            self.out.extend_from_slice(b"connection: close\r\n");
+        } else if !self.http11 {
+            self.out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// Sends the head started with [`Conn::start`] and `body`, with its length.
+    pub async fn send(&mut self, body: &[u8]) -> io::Result<()> {
+        h1::field_u64(&mut self.out, b"content-length", body.len() as u64);
+        self.end_head();
+        self.io.write_all(&self.out).await?;
+        if !self.head_only {
+            self.io.write_all(body).await?;
+        }
+        self.io.flush().await
+    }
+
+    /// Queues the head started with [`Conn::start`], whose framing fields the
+    /// caller has added; the body follows with [`Conn::write`].
+    pub async fn send_head(&mut self) -> io::Result<()> {
+        self.end_head();
+        self.io.write_all(&self.out).await
+    }
+
+    /// Queues body bytes (sent by [`Conn::flush`]).
+    pub async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.head_only {
+            return Ok(());
+        }
+        self.io.write_all(bytes).await
+    }
+
+    pub async fn flush(&mut self) -> io::Result<()> {
+        self.io.flush().await
+    }
+
+    /// Sends a refusal (reading or giving up a body left unread first).
+    pub async fn reply(&mut self, reply: &Reply, extra: &[(&[u8], &[u8])]) -> io::Result<()> {
+        self.discard_body().await;
+        if reply.close {
+            self.keep_alive = false;
+        }
+        self.start(reply.status);
+        for (name, value) in &reply.headers {
+            h1::field(&mut self.out, name.as_bytes(), value.as_bytes());
+        }
+        for (name, value) in extra {
+            h1::field(&mut self.out, name, value);
+        }
+        self.send(&reply.body).await
+    }
+
+    /// Closes the connection. When a request's body was left unread, the write
+    /// side is shut first and the rest read and dropped for a moment, so the
+    /// client reads the answer instead of a reset.
+    async fn close(mut self) {
+        if self.body_pending.is_none() && !self.linger {
+            return;
+        }
+        let _ = self.io.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut sink = [0u8; 8192];
+            let mut left = 2 * 1024 * 1024;
+            while left > 0 {
+                match self.io.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left -= n.min(left),
+                }
+            }
+        })
+        .await;
+    }
+}
+
+fn unreadable() -> GatewayError {
+    GatewayError::BadRequest {
+        code: "body_unreadable",
+        message: "The request body could not be read.".into(),
+    }
+}
+
+#[async_trait]
+impl ServerApp for Gateway {
+    async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let mut conn = Conn::new(io);
+        let mut shutdown = shutdown.clone();
+        loop {
+            match conn.next(&mut shutdown).await {
+                Next::Request(head) => {
+                    let mut ctx = Ctx::begin(self);
+                    self.serve(&mut conn, &head, &mut ctx).await;
+                    self.finish(&mut ctx);
+                }
+                Next::Refused(refusal) => {
+                    let mut ctx = Ctx::begin(self);
+                    self.refuse(&mut conn, &mut ctx, refusal).await;
+                    self.finish(&mut ctx);
+                }
+                Next::Closed => return None,
+            }
+            if !conn.keep_alive || conn.body_pending() {
+                conn.close().await;
+                return None;
+            }
+        }
+    }
+}
