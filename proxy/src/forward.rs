@@ -4,13 +4,16 @@
 //! then each read from the runtime goes to the client as it arrives (nothing is
 //! buffered, so a stream's first bytes reach the client when the runtime sends
 //! them). A chunked answer is passed on byte for byte, its data read for usage on
-//! the way. New connections come from Pingora's connector (timeouts, TLS); idle
-//! ones wait in a small pool per thread, and a connection goes back there only
-//! after a complete answer. On any failure it is dropped, so a client that goes
+//! the way. Plain TCP connections are opened and read directly; TLS ones come
+//! from Pingora's connector. Idle ones wait in a small pool per thread, and a
+//! connection goes back there only after a complete answer. On any failure it is dropped, so a client that goes
 //! away closes the runtime's connection and cancels the run.
 
 use std::cell::RefCell;
+use std::io;
 use std::ops::Range;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -18,7 +21,8 @@ use pingora::connectors::TransportConnector;
 use pingora::protocols::Stream;
 use pingora::ErrorType;
 use secrecy::{ExposeSecret, SecretString};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::error::{GatewayError, RateHeaders};
 use crate::h1::{self, Chunked, Framing, ResponseHead};
@@ -30,8 +34,10 @@ use crate::state::RouteTarget;
 const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Largest response head accepted from a runtime.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// Read buffer growth step.
+/// Read buffer growth step; for TLS at least the read buffer of Pingora's
+/// stream, so that its reads land in ours directly.
 const READ_CHUNK: usize = 16 * 1024;
+const TLS_READ_CHUNK: usize = 64 * 1024;
 
 /// What to send.
 pub struct Exchange<'a> {
@@ -66,8 +72,64 @@ pub enum Failure {
 
 /// A connection to a runtime and what has been read from it.
 struct UpConn {
-    io: Stream,
+    io: UpIo,
     buf: BytesMut,
+}
+
+/// Plain TCP is spoken to directly (one buffer, ours); TLS goes through the
+/// stream Pingora's connector set up.
+enum UpIo {
+    Tcp(TcpStream),
+    Tls(Stream),
+}
+
+impl UpConn {
+    fn reserve(&mut self) {
+        self.buf.reserve(match self.io {
+            UpIo::Tcp(_) => READ_CHUNK,
+            UpIo::Tls(_) => TLS_READ_CHUNK,
+        });
+    }
+}
+
+impl AsyncRead for UpIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpIo::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 struct Idle {
@@ -142,15 +204,27 @@ impl Upstreams {
     }
 
     async fn connect(&self, target: &RouteTarget) -> Result<UpConn, GatewayError> {
-        let peer = target.peer.as_ref().ok_or(GatewayError::AgentUnavailable)?;
-        let io = self
-            .connector
-            .new_stream(peer)
-            .await
-            .map_err(|e| match e.etype() {
-                ErrorType::ConnectTimedout => GatewayError::UpstreamTimeout,
-                _ => GatewayError::UpstreamUnreachable,
-            })?;
+        let (Some(peer), Some(addr)) = (target.peer.as_ref(), target.addr) else {
+            return Err(GatewayError::AgentUnavailable);
+        };
+        let io = if target.tls {
+            let stream = self
+                .connector
+                .new_stream(peer)
+                .await
+                .map_err(|e| match e.etype() {
+                    ErrorType::ConnectTimedout => GatewayError::UpstreamTimeout,
+                    _ => GatewayError::UpstreamUnreachable,
+                })?;
+            UpIo::Tls(stream)
+        } else {
+            let stream = tokio::time::timeout(target.connect_timeout, TcpStream::connect(addr))
+                .await
+                .map_err(|_| GatewayError::UpstreamTimeout)?
+                .map_err(|_| GatewayError::UpstreamUnreachable)?;
+            let _ = stream.set_nodelay(true);
+            UpIo::Tcp(stream)
+        };
         Ok(UpConn {
             io,
             buf: BytesMut::with_capacity(READ_CHUNK),
@@ -230,7 +304,7 @@ impl Upstreams {
         };
         up.buf.advance(head.len);
         p.status = head.status;
-        conn.send_head().await.map_err(|_| cancelled(conn))?;
+        conn.send_head();
 
         let mut reader = UsageReader::new(x.stream);
         let result = relay_body(&mut up, conn, relay, timeout, &mut reader, p).await;
@@ -322,7 +396,7 @@ async fn relay_body(
             return conn.flush().await.map_err(|_| cancelled(conn));
         }
         conn.flush().await.map_err(|_| cancelled(conn))?;
-        up.buf.reserve(READ_CHUNK);
+        up.reserve();
         match tokio::time::timeout(timeout, up.io.read_buf(&mut up.buf)).await {
             Ok(Ok(0)) => {
                 if let Relay::Close { chunk } = relay {
@@ -427,7 +501,7 @@ async fn exchange(
                 Err(_) => return Err(UpError::Malformed),
             }
         }
-        up.buf.reserve(READ_CHUNK);
+        up.reserve();
         match tokio::time::timeout(timeout, up.io.read_buf(&mut up.buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) if !received => return Err(UpError::Closed),
             Ok(Ok(0)) | Ok(Err(_)) => return Err(UpError::Io),

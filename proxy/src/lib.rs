@@ -268,7 +268,10 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
     // gateway's own HTTP/1.x handling (`server`).
     let mut proxy_service =
         pingora::services::listening::Service::new("agora-proxy".into(), gateway);
-    proxy_service.add_tcp(&addr.to_string());
+    proxy_service.add_listener(
+        pingora::listeners::ListenerConfig::tcp(addr.to_string())
+            .l4_buffer(pingora::listeners::L4BufferSettings::unbuffered()),
+    );
     proxy_service.threads = Some(config.threads);
     let mut admin = pingora::services::listening::Service::new(
         "agora-admin".into(),

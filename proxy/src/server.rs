@@ -5,6 +5,8 @@
 //! Requests on a connection are served one after another in the connection's
 //! task; bytes read past a request (pipelining) stay in the buffer for the next.
 //! A head is parsed in place and never copied; a body is split off the buffer.
+//! Pingora's own stream buffers are off for these connections (see `start`): a
+//! response is collected here and written once per flush.
 
 use std::io;
 use std::sync::Arc;
@@ -29,6 +31,8 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 const DISCARD_LIMIT: u64 = 64 * 1024;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
+/// Most bytes of a response collected before they are written.
+const WRITE_QUEUE: usize = 64 * 1024;
 
 /// One client connection.
 pub struct Conn {
@@ -273,33 +277,44 @@ impl Conn {
         self.out.extend_from_slice(b"\r\n");
     }
 
-    /// Sends the head started with [`Conn::start`] and `body`, with its length.
+    /// Sends the head started with [`Conn::start`] and `body`, with its length,
+    /// in one write when the body is small.
     pub async fn send(&mut self, body: &[u8]) -> io::Result<()> {
         h1::field_u64(&mut self.out, b"content-length", body.len() as u64);
         self.end_head();
-        self.io.write_all(&self.out).await?;
         if !self.head_only {
-            self.io.write_all(body).await?;
+            self.write(body).await?;
         }
-        self.io.flush().await
+        self.flush().await
     }
 
-    /// Queues the head started with [`Conn::start`], whose framing fields the
-    /// caller has added; the body follows with [`Conn::write`].
-    pub async fn send_head(&mut self) -> io::Result<()> {
+    /// Ends the head started with [`Conn::start`], whose framing fields the caller
+    /// has added; it leaves with the first body bytes, at [`Conn::flush`].
+    pub fn send_head(&mut self) {
         self.end_head();
-        self.io.write_all(&self.out).await
     }
 
-    /// Queues body bytes (sent by [`Conn::flush`]).
+    /// Queues body bytes (sent by [`Conn::flush`], or now when the queue is
+    /// large).
     pub async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         if self.head_only {
             return Ok(());
         }
+        if self.out.len() + bytes.len() <= WRITE_QUEUE {
+            self.out.extend_from_slice(bytes);
+            return Ok(());
+        }
+        self.flush().await?;
         self.io.write_all(bytes).await
     }
 
+    /// Sends what is queued.
     pub async fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            let sent = self.io.write_all(&self.out).await;
+            self.out.clear();
+            sent?;
+        }
         self.io.flush().await
     }
 

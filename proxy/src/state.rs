@@ -47,8 +47,12 @@ pub struct RouteTarget {
     /// Which idle runtime connections this route may reuse (same address, TLS and
     /// server name).
     pub pool_key: u64,
-    /// Longest wait for each read from the runtime.
+    /// Longest wait for each read from the runtime, and for a new connection.
     pub read_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// The runtime's address, and whether it is spoken to over TLS.
+    pub addr: Option<SocketAddr>,
+    pub tls: bool,
     /// `X-LANGFLOW-GLOBAL-VAR-*` headers carrying the buyer's settings.
     pub global_vars: Vec<(HeaderName, HeaderValue)>,
 }
@@ -166,8 +170,11 @@ impl State {
 
 impl RouteTarget {
     pub fn new(route: AgentRoute, timeouts: PeerTimeouts) -> RouteTarget {
+        let (mut addr, mut tls) = (None, false);
         let (peer, authority, base) = match resolve(&route.runtime_url) {
-            Ok((addr, tls, host, authority, base)) => {
+            Ok((resolved, secure, host, authority, base)) => {
+                (addr, tls) = (Some(resolved), secure);
+                let (addr, tls) = (resolved, secure);
                 let mut peer = HttpPeer::new(addr, tls, host);
                 peer.options.connection_timeout = Some(timeouts.connect);
                 peer.options.total_connection_timeout = Some(timeouts.connect);
@@ -218,6 +225,9 @@ impl RouteTarget {
             stream_uri,
             pool_key,
             read_timeout: timeouts.read,
+            connect_timeout: timeouts.connect,
+            addr,
+            tls,
             global_vars,
         }
     }
