@@ -997,3 +997,80 @@ async fn http1_framing_over_raw_sockets() {
     assert_eq!(w.stats.started(), runs_before + 4);
     w.finish().await;
 }
+
+/// Keeps every usage event it is given.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<agora_config::usage::UsageEvent>>);
+
+#[agora_proxy::async_trait]
+impl agora_proxy::usage::UsageSink for Recorder {
+    async fn write(&self, batch: &[agora_proxy::usage::UsageRecord]) -> anyhow::Result<()> {
+        let mut events = self.0.lock().unwrap();
+        for record in batch {
+            if let agora_proxy::usage::UsageRecord::Event(e) = record {
+                events.push((**e).clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_still_running_when_the_grace_period_ends_is_metered_as_cancelled() {
+    let mut w = World::start(Duration::from_millis(300)).await;
+    let (_, key) = w
+        .subscription(
+            "Document Summarizer",
+            json!({"name": "Stream", "price_cents": 0}),
+            json!({"name": "stream"}),
+        )
+        .await;
+    w.stop_proxy().await;
+    let mut config = proxy_config(
+        w.dir.path(),
+        &w.cp_url,
+        &w.info.runtime_api_key.clone().unwrap(),
+    );
+    config.grace_period = Duration::from_millis(100);
+    let recorder = Arc::new(Recorder::default());
+    let sink = recorder.clone();
+    let proxy = tokio::task::spawn_blocking(move || {
+        agora_proxy::start(config, Metering::Sink(sink)).unwrap()
+    })
+    .await
+    .unwrap();
+    w.proxy_url = format!("http://{}", proxy.addr);
+    w.proxy = Some(proxy);
+    w.wait_for_key(&key).await;
+
+    let r = w.stream(&key, "a long one").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut stream = r.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    let proxy = w.proxy.take().unwrap();
+    tokio::task::spawn_blocking(move || proxy.shutdown())
+        .await
+        .unwrap();
+    // The client's stream was cut, not finished.
+    let mut ended = false;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(bytes) => ended |= String::from_utf8_lossy(&bytes).contains("\"event\": \"end\""),
+            Err(_) => break,
+        }
+    }
+    assert!(!ended, "the run outlived the grace period");
+    let events = recorder.0.lock().unwrap().clone();
+    let invokes: Vec<_> = events
+        .iter()
+        .filter(|e| e.route == "/api/agent-gateway/invoke/")
+        .collect();
+    assert_eq!(invokes.len(), 1, "{events:?}");
+    assert_eq!(
+        invokes[0].status,
+        agora_config::usage::UsageStatus::Cancelled
+    );
+    assert_eq!(invokes[0].http_status, 200);
+    assert!(invokes[0].bytes_out > 0);
+    w.finish().await;
+}

@@ -110,6 +110,14 @@ impl Ctx {
         }
     }
 
+    /// The request was dropped before it ended.
+    pub fn cut(&mut self) {
+        self.cancelled = true;
+        if self.status == 0 {
+            self.status = self.progress.status;
+        }
+    }
+
     fn set_event_id(&mut self, id: Uuid) {
         self.event_id = id;
         let mut buf = [0u8; 36];

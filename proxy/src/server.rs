@@ -371,14 +371,14 @@ impl ServerApp for Gateway {
         loop {
             match conn.next(&mut shutdown).await {
                 Next::Request(head) => {
-                    let mut ctx = Ctx::begin(self);
-                    self.serve(&mut conn, &head, &mut ctx).await;
-                    self.finish(&mut ctx);
+                    let mut request = Served::begin(self);
+                    self.serve(&mut conn, &head, &mut request.ctx).await;
+                    request.complete = true;
                 }
                 Next::Refused(refusal) => {
-                    let mut ctx = Ctx::begin(self);
-                    self.refuse(&mut conn, &mut ctx, refusal).await;
-                    self.finish(&mut ctx);
+                    let mut request = Served::begin(self);
+                    self.refuse(&mut conn, &mut request.ctx, refusal).await;
+                    request.complete = true;
                 }
                 Next::Closed => return None,
             }
@@ -387,5 +387,33 @@ impl ServerApp for Gateway {
                 return None;
             }
         }
+    }
+}
+
+/// A request being served. Its metrics and usage event are recorded when it
+/// ends, and also when its task is dropped before that (requests still running
+/// when shutdown's grace period ends), as cancelled.
+struct Served<'a> {
+    gateway: &'a Gateway,
+    ctx: Ctx,
+    complete: bool,
+}
+
+impl<'a> Served<'a> {
+    fn begin(gateway: &'a Gateway) -> Served<'a> {
+        Served {
+            gateway,
+            ctx: Ctx::begin(gateway),
+            complete: false,
+        }
+    }
+}
+
+impl Drop for Served<'_> {
+    fn drop(&mut self) {
+        if !self.complete {
+            self.ctx.cut();
+        }
+        self.gateway.finish(&mut self.ctx);
     }
 }
