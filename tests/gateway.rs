@@ -737,6 +737,12 @@ async fn runtime_timeouts_errors_and_large_bodies_are_json() {
         Duration::ZERO,
     )
     .await;
+    // Answers one run per connection, then closes it without saying so.
+    let one_shot = canned_runtime(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+        Duration::ZERO,
+    )
+    .await;
 
     // A snapshot on disk and no control plane: the proxy serves from the file.
     let signer = SigningKey::generate("k1");
@@ -744,7 +750,7 @@ async fn runtime_timeouts_errors_and_large_bodies_are_json() {
     snapshot.revision = 1;
     snapshot.verification_keys = vec![signer.verification_key()];
     let mut keys = Vec::new();
-    for (n, runtime) in [(1u128, silent), (2, failing)] {
+    for (n, runtime) in [(1u128, silent), (2, failing), (3, one_shot)] {
         let (key_id, config, tenant) = (
             Uuid::from_u128(n),
             Uuid::from_u128(100 + n),
@@ -847,6 +853,21 @@ async fn runtime_timeouts_errors_and_large_bodies_are_json() {
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "body_too_large");
+
+    // A pooled connection the runtime has closed is not used for the next run.
+    for text in ["first", "second", "third"] {
+        let r = http
+            .post(&url)
+            .bearer_auth(&keys[2])
+            .json(&json!({ "input_value": text }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{text}");
+        assert_eq!(r.text().await.unwrap(), "{}");
+        // The runtime's close reaches the proxy while the connection is idle.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::task::spawn_blocking(move || proxy.shutdown())
         .await
         .unwrap();

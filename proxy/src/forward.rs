@@ -30,8 +30,10 @@ use crate::invoke::{Tokens, UsageReader};
 use crate::server::Conn;
 use crate::state::RouteTarget;
 
-/// How long an idle runtime connection stays in the pool.
-const POOL_IDLE: Duration = Duration::from_secs(30);
+/// How long an idle runtime connection stays in the pool: under the 5 s after
+/// which uvicorn (Langflow's server) closes an idle connection, so a pooled
+/// connection is not closed by the runtime just as a run is sent on it.
+const POOL_IDLE: Duration = Duration::from_secs(4);
 /// Largest response head accepted from a runtime.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Read buffer growth step; for TLS at least the read buffer of Pingora's
@@ -84,6 +86,19 @@ enum UpIo {
 }
 
 impl UpConn {
+    /// Whether an idle connection has nothing to read: not closed by the runtime,
+    /// and no stray bytes that would be taken for the next answer. (A TLS stream
+    /// cannot be asked without a read; it relies on the idle limit.)
+    fn is_quiet(&self) -> bool {
+        match &self.io {
+            UpIo::Tcp(s) => {
+                let mut probe = [0u8; 1];
+                matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            UpIo::Tls(_) => true,
+        }
+    }
+
     fn reserve(&mut self) {
         self.buf.reserve(match self.io {
             UpIo::Tcp(_) => READ_CHUNK,
@@ -153,6 +168,8 @@ pub struct Upstreams {
 }
 
 enum UpError {
+    /// The run could not be written: the runtime never had it.
+    Unsent,
     /// The connection was closed before any byte of an answer.
     Closed,
     Timeout,
@@ -182,7 +199,7 @@ impl Upstreams {
             let mut pool = pool.borrow_mut();
             while let Some(i) = pool.iter().rposition(|idle| idle.key == key) {
                 let idle = pool.swap_remove(i);
-                if idle.since.elapsed() < POOL_IDLE {
+                if idle.since.elapsed() < POOL_IDLE && idle.conn.is_quiet() {
                     return Some(idle.conn);
                 }
             }
@@ -241,18 +258,20 @@ impl Upstreams {
         let target = x.target;
         let timeout = target.read_timeout;
         let request = run_request(&x);
-        let mut retried = false;
+        let mut pooled = self.take(target.pool_key);
         let (mut up, head) = loop {
-            let (mut up, reused) = match self.take(target.pool_key) {
+            let (mut up, reused) = match pooled.take() {
                 Some(up) => (up, true),
                 None => (self.connect(target).await.map_err(Failure::Refused)?, false),
             };
             p.upstream_sent = Some(Instant::now());
             match exchange(&mut up, &request, timeout).await {
                 Ok(head) => break (up, head),
-                // A pooled connection the runtime closed while it sat idle: the run
-                // never started, so it is sent once more on a new connection.
-                Err(UpError::Closed) if reused && !retried => retried = true,
+                // A pooled connection that could not take the run (the runtime
+                // closed it): the run never reached the runtime, so it is sent
+                // once more, on a new connection. Once written, a run is never
+                // sent twice.
+                Err(UpError::Unsent) if reused => {}
                 Err(e) => return Err(Failure::Refused(e.gateway())),
             }
         };
@@ -484,7 +503,7 @@ async fn exchange(
     .await;
     match written {
         Ok(Ok(())) => {}
-        Ok(Err(_)) => return Err(UpError::Closed),
+        Ok(Err(_)) => return Err(UpError::Unsent),
         Err(_) => return Err(UpError::Timeout),
     }
     let mut received = false;

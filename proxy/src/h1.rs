@@ -117,6 +117,8 @@ impl Fields {
         match (length, chunked) {
             (Some(_), Some(_)) => Err(HeadError::BadFraming),
             (Some(n), None) => Ok((Some(Framing::Length(n)), keep_alive)),
+            // HTTP/1.0 has no transfer codings (RFC 9112 §6.1).
+            (None, Some(_)) if !http11 => Err(HeadError::BadFraming),
             (None, Some(_)) => Ok((Some(Framing::Chunked), keep_alive)),
             (None, None) => Ok((None, keep_alive)),
         }
@@ -320,6 +322,7 @@ enum ChunkState {
     DataLf,
     TrailerStart,
     TrailerLine,
+    TrailerLf,
     EndLf,
     Done,
 }
@@ -386,12 +389,19 @@ impl Chunked {
                     i += 1;
                 }
                 ChunkState::Extension => {
-                    let scanned = match input[i..].iter().position(|c| *c == b'\r') {
-                        Some(at) => {
+                    // Up to the CR of the size line; a bare LF or another control
+                    // byte in an extension is refused.
+                    let rest = &input[i..];
+                    let scanned = match rest
+                        .iter()
+                        .position(|c| c.is_ascii_control() && *c != b'\t')
+                    {
+                        Some(at) if rest[at] == b'\r' => {
                             self.state = ChunkState::SizeLf;
                             at + 1
                         }
-                        None => input.len() - i,
+                        Some(_) => return Err(ChunkError),
+                        None => rest.len(),
                     };
                     i += scanned;
                     self.extension += scanned;
@@ -433,25 +443,36 @@ impl Chunked {
                     i += 1;
                 }
                 ChunkState::TrailerStart => {
-                    self.state = if b == b'\r' {
-                        ChunkState::EndLf
-                    } else {
-                        ChunkState::TrailerLine
+                    self.state = match b {
+                        b'\r' => ChunkState::EndLf,
+                        b'\n' => return Err(ChunkError),
+                        _ => ChunkState::TrailerLine,
                     };
                     i += 1;
                     self.trailer += 1;
                 }
-                ChunkState::TrailerLine => match input[i..].iter().position(|c| *c == b'\n') {
-                    Some(at) => {
-                        i += at + 1;
-                        self.trailer += at + 1;
-                        self.state = ChunkState::TrailerStart;
+                ChunkState::TrailerLine => {
+                    // Only CRLF ends a line; a bare LF is refused.
+                    match input[i..].iter().position(|c| *c == b'\r' || *c == b'\n') {
+                        Some(at) if input[i + at] == b'\r' => {
+                            i += at + 1;
+                            self.trailer += at + 1;
+                            self.state = ChunkState::TrailerLf;
+                        }
+                        Some(_) => return Err(ChunkError),
+                        None => {
+                            self.trailer += input.len() - i;
+                            i = input.len();
+                        }
                     }
-                    None => {
-                        self.trailer += input.len() - i;
-                        i = input.len();
+                }
+                ChunkState::TrailerLf => {
+                    if b != b'\n' {
+                        return Err(ChunkError);
                     }
-                },
+                    i += 1;
+                    self.state = ChunkState::TrailerStart;
+                }
                 ChunkState::EndLf => {
                     if b != b'\n' {
                         return Err(ChunkError);
@@ -561,6 +582,7 @@ mod tests {
             b"POST / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             assert_eq!(
                 request(raw).err(),
@@ -642,6 +664,11 @@ mod tests {
             b"5\r\nhelloXX",
             b"5\nhello",
             b"ffffffffffffffffff\r\n",
+            // A bare LF where CRLF must be: the end of the body, a trailer, an
+            // extension.
+            b"5\r\nhello\r\n0\r\n\nGET / HTTP/1.1\r\n\r\n",
+            b"0\r\nx-trailer: 1\n\r\n",
+            b"5;ext\nhello\r\n",
         ] {
             assert!(dechunk(bad, 1).is_err(), "{}", String::from_utf8_lossy(bad));
         }

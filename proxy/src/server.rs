@@ -27,6 +27,8 @@ use crate::proxy::{Ctx, Gateway, MAX_HEADER_BYTES};
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// How long the rest of a started head, or each part of a body, may take.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one write to the client may wait for it to read.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most bytes read and thrown away to keep a connection after a refusal.
 const DISCARD_LIMIT: u64 = 64 * 1024;
 /// Read buffer growth step.
@@ -97,6 +99,8 @@ impl Conn {
 
     /// Waits for the next request head.
     pub async fn next(&mut self, shutdown: &mut ShutdownWatch) -> Next {
+        // A started head has READ_TIMEOUT in all to arrive.
+        let mut deadline = None;
         loop {
             if !self.buf.is_empty() {
                 match RequestHead::parse(&self.buf) {
@@ -107,8 +111,10 @@ impl Conn {
                         let head = parsed.take(self.buf.split_to(len).freeze());
                         self.keep_alive = head.keep_alive;
                         self.http11 = head.http11;
-                        self.body_pending =
-                            (head.framing != Framing::Empty).then_some(head.framing);
+                        self.body_pending = match head.framing {
+                            Framing::Empty | Framing::Length(0) => None,
+                            framing => Some(framing),
+                        };
                         self.expect_continue = head.expect_continue;
                         self.head_only = head.method() == b"HEAD";
                         return Next::Request(head);
@@ -119,7 +125,10 @@ impl Conn {
                     Ok(None) => {}
                     Err(e) => return self.refuse_head(e),
                 }
-                if self.fill(READ_TIMEOUT).await.is_err() {
+                let left = deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + READ_TIMEOUT)
+                    .saturating_duration_since(tokio::time::Instant::now());
+                if self.fill(left).await.is_err() {
                     return Next::Closed;
                 }
             } else {
@@ -166,11 +175,10 @@ impl Conn {
 
     async fn continue_if_expected(&mut self) -> Result<(), GatewayError> {
         if std::mem::take(&mut self.expect_continue) {
-            self.io
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            timed(self.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n"))
                 .await
                 .map_err(|_| unreadable())?;
-            self.io.flush().await.map_err(|_| unreadable())?;
+            timed(self.io.flush()).await.map_err(|_| unreadable())?;
         }
         Ok(())
     }
@@ -269,6 +277,10 @@ impl Conn {
     }
 
     fn end_head(&mut self) {
+        // An answer given without reading the request's body ends the connection.
+        if self.body_pending.is_some() {
+            self.keep_alive = false;
+        }
         if !self.keep_alive {
             self.out.extend_from_slice(b"connection: close\r\n");
         } else if !self.http11 {
@@ -305,17 +317,17 @@ impl Conn {
             return Ok(());
         }
         self.flush().await?;
-        self.io.write_all(bytes).await
+        timed(self.io.write_all(bytes)).await
     }
 
     /// Sends what is queued.
     pub async fn flush(&mut self) -> io::Result<()> {
         if !self.out.is_empty() {
-            let sent = self.io.write_all(&self.out).await;
+            let sent = timed(self.io.write_all(&self.out)).await;
             self.out.clear();
             sent?;
         }
-        self.io.flush().await
+        timed(self.io.flush()).await
     }
 
     /// Sends a refusal (reading or giving up a body left unread first).
@@ -338,7 +350,7 @@ impl Conn {
     /// side is shut first and the rest read and dropped for a moment, so the
     /// client reads the answer instead of a reset.
     async fn close(mut self) {
-        if self.body_pending.is_none() && !self.linger {
+        if self.body_pending.is_none() && !self.linger && self.buf.is_empty() {
             return;
         }
         let _ = self.io.shutdown().await;
@@ -354,6 +366,14 @@ impl Conn {
         })
         .await;
     }
+}
+
+/// A write to the client, given up after [`WRITE_TIMEOUT`] (a client that stops
+/// reading must not hold its run, its runtime connection and its in-flight slot).
+async fn timed(write: impl std::future::Future<Output = io::Result<()>>) -> io::Result<()> {
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
 fn unreadable() -> GatewayError {
