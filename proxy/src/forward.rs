@@ -34,6 +34,10 @@ use crate::state::RouteTarget;
 /// which uvicorn (Langflow's server) closes an idle connection, so a pooled
 /// connection is not closed by the runtime just as a run is sent on it.
 const POOL_IDLE: Duration = Duration::from_secs(4);
+/// A connection idle for longer than this is checked before it is used (one
+/// `recv` that should find nothing). Under load connections come back within a
+/// millisecond or two, and a runtime closes only connections idle for seconds.
+const PROBE_AFTER: Duration = Duration::from_millis(10);
 /// Largest response head accepted from a runtime.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Read buffer growth step; for TLS at least the read buffer of Pingora's
@@ -199,7 +203,8 @@ impl Upstreams {
             let mut pool = pool.borrow_mut();
             while let Some(i) = pool.iter().rposition(|idle| idle.key == key) {
                 let idle = pool.swap_remove(i);
-                if idle.since.elapsed() < POOL_IDLE && idle.conn.is_quiet() {
+                let idle_for = idle.since.elapsed();
+                if idle_for < POOL_IDLE && (idle_for < PROBE_AFTER || idle.conn.is_quiet()) {
                     return Some(idle.conn);
                 }
             }
