@@ -1,7 +1,8 @@
 //! Usage metering end to end, on a real ClickHouse server (a private one per test,
 //! started from Debian's `clickhouse-server`; the test command installs it): every
 //! request lands exactly once with exact token sums, a ClickHouse outage under load
-//! loses nothing, SIGTERM flushes, SIGKILL loses nothing that reached the spill log.
+//! loses nothing, SIGTERM flushes, SIGKILL loses nothing that reached the spill log,
+//! and a plan quota spent through one proxy holds on another.
 
 mod support;
 
@@ -541,5 +542,128 @@ async fn a_stream_the_client_cuts_is_metered_for_what_was_delivered() {
     .await;
     assert_eq!((t.requests, t.billable_requests, t.errors), (1, 1, 0));
     assert_eq!(t.estimated_requests, 1);
+    w.finish().await;
+}
+
+/// The quota count the control plane's snapshot carries for `config`, and the revision.
+async fn snapshot_quota(w: &World, config: Uuid) -> (Value, u64) {
+    let snapshot: Value = w
+        .http
+        .get(format!("{}/internal/v1/snapshot", w.cp_url))
+        .bearer_auth(SECRET)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        snapshot["routes"][config.to_string()]["quota"].clone(),
+        snapshot["revision"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_spent_through_one_proxy_holds_on_another() {
+    let ch_dir = tempfile::tempdir().unwrap();
+    let server = clickhouse(ch_dir.path());
+    let (usage, database) = usage_settings(&server);
+    let w = World::start_with(Duration::ZERO, Some(usage)).await;
+    let (config, key) = w
+        .subscription(
+            "Document Summarizer",
+            json!({"name": "Five a month", "price_cents": 0, "request_quota": 5,
+                   "requests_per_minute": 1000000, "burst": 100000}),
+            json!({"name": "quota"}),
+        )
+        .await;
+
+    // Three runs through the first proxy; a refused body is not billable.
+    let mut tokens = 0;
+    for i in 0..3 {
+        let r = w
+            .invoke(&key, json!({"input_value": format!("run {i}")}))
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let (input, output) = tokens_in(&r.text().await.unwrap());
+        tokens += input + output;
+    }
+    let r = w.invoke(&key, json!({"input_value": 5})).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    // The control plane counts them from the store into the snapshot.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let quota = loop {
+        let (quota, _) = snapshot_quota(&w, config).await;
+        if quota["requests"] == 3 && quota["tokens"] == tokens {
+            break quota;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the count never reached the snapshot: {quota}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let (start, end) = (
+        quota["period_start_ms"].as_i64().unwrap(),
+        quota["period_end_ms"].as_i64().unwrap(),
+    );
+    assert!(start <= now_ms && now_ms < end, "{quota}");
+    assert!(
+        (28..=31).contains(&((end - start) / 86_400_000)),
+        "a calendar month: {quota}"
+    );
+
+    // A second proxy, which served none of them, allows only what is left.
+    let data = tempfile::tempdir().unwrap();
+    let other = spawn_proxy(&w, &server.url(), &database, data.path());
+    other.wait_for_key(&w.http, &key).await;
+    let invoke_other = || {
+        w.http
+            .post(format!("{}/api/agent-gateway/invoke/", other.url))
+            .bearer_auth(&key)
+            .json(&json!({"input_value": "through the other proxy"}))
+            .send()
+    };
+    for _ in 0..2 {
+        assert_eq!(invoke_other().await.unwrap().status(), StatusCode::OK);
+    }
+    let refused = invoke_other().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: i64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        retry_after > 0 && retry_after <= (end - now_ms) / 1000 + 1,
+        "Retry-After points at the period's end: {retry_after}"
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "quota_exceeded", "{body}");
+
+    // The first proxy, once the new count arrives, refuses too: 5 of 5 are used.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (quota, revision) = snapshot_quota(&w, config).await;
+        let served = health(&w).await["snapshot"]["revision"]
+            .as_u64()
+            .unwrap_or(0);
+        if quota["requests"] == 5 && served >= revision {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first proxy never received the count of 5: {quota}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = w.invoke(&key, json!({"input_value": "one more"})).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    drop(other);
     w.finish().await;
 }

@@ -59,6 +59,10 @@ pub struct ControlPlaneSettings {
     pub max_document_bytes: usize,
     #[serde(deserialize_with = "number")]
     pub db_max_connections: u32,
+    /// How often plan quota usage is counted from the usage store into the
+    /// snapshot, in milliseconds.
+    #[serde(deserialize_with = "number")]
+    pub quota_count_ms: u64,
     /// The secret proxies present (`Authorization: Bearer`) to read the
     /// data-plane snapshot feed; unset turns the feed off.
     pub proxy_secret: Option<SecretString>,
@@ -221,6 +225,7 @@ impl Default for ControlPlaneSettings {
             max_page_size: 100,
             max_document_bytes: 5 * 1024 * 1024,
             db_max_connections: 10,
+            quota_count_ms: 15_000,
             proxy_secret: None,
             key_encryption_key: None,
         }
@@ -248,6 +253,7 @@ impl std::fmt::Debug for ControlPlaneSettings {
             .field("max_page_size", &self.max_page_size)
             .field("max_document_bytes", &self.max_document_bytes)
             .field("db_max_connections", &self.db_max_connections)
+            .field("quota_count_ms", &self.quota_count_ms)
             .field("proxy_secret", &self.proxy_secret)
             .field("key_encryption_key", &self.key_encryption_key)
             .finish()
@@ -413,6 +419,11 @@ impl Settings {
         if cp.db_max_connections == 0 {
             return Err(SettingsError::Invalid(
                 "control_plane.db_max_connections must be at least 1".into(),
+            ));
+        }
+        if !(100..=3_600_000).contains(&cp.quota_count_ms) {
+            return Err(SettingsError::Invalid(
+                "control_plane.quota_count_ms must be between 100 and 3600000".into(),
             ));
         }
         if let Some(secret) = &cp.proxy_secret {

@@ -24,11 +24,18 @@ pub struct Db {
 }
 
 /// Migrations in order; each runs once, in a transaction.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "foundation",
-    include_str!("../migrations/0001_foundation.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "foundation",
+        include_str!("../migrations/0001_foundation.sql"),
+    ),
+    (
+        2,
+        "quota_usage",
+        include_str!("../migrations/0002_quota_usage.sql"),
+    ),
+];
 
 impl Db {
     /// Connects to `url` (`postgres://…` or `sqlite://…`). Fails loudly when the

@@ -20,6 +20,7 @@ pub mod error;
 pub mod extract;
 pub mod identity;
 pub mod openapi;
+pub mod quota;
 pub mod routes;
 pub mod runtime;
 pub mod signing;
@@ -95,6 +96,13 @@ impl AppState {
             }
         };
         let cp = &settings.control_plane;
+        if let Some(store) = &usage {
+            quota::start(
+                db.clone(),
+                store.clone(),
+                std::time::Duration::from_millis(cp.quota_count_ms),
+            );
+        }
         Ok(AppState {
             db: db.clone(),
             limits: Arc::new(Limits {

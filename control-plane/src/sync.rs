@@ -127,8 +127,10 @@ pub async fn compile(db: &Db, runtime_url: Option<&str>) -> anyhow::Result<Snaps
     }
 
     let configs = sqlx::query(
-        "SELECT c.uuid, c.agent_uuid, c.org_uuid, c.name, c.greeting, c.tone, a.runtime_flow_id \
-         FROM agent_configs c JOIN provider_agents a ON a.uuid = c.agent_uuid",
+        "SELECT c.uuid, c.agent_uuid, c.org_uuid, c.name, c.greeting, c.tone, a.runtime_flow_id, \
+                q.period_start, q.period_end, q.counted_at, q.requests, q.tokens \
+         FROM agent_configs c JOIN provider_agents a ON a.uuid = c.agent_uuid \
+         LEFT JOIN quota_usage q ON q.config_uuid = c.uuid",
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -155,7 +157,7 @@ pub async fn compile(db: &Db, runtime_url: Option<&str>) -> anyhow::Result<Snaps
                     flow_id,
                     tweaks: serde_json::Map::new(),
                     global_vars,
-                    quota: QuotaUsage::default(),
+                    quota: quota_usage(row)?,
                 },
             );
         }
@@ -216,6 +218,25 @@ pub async fn compile(db: &Db, runtime_url: Option<&str>) -> anyhow::Result<Snaps
 }
 
 /// Checks `Authorization: Bearer <proxy secret>` in constant time.
+/// The route's last quota count (`quota_usage`, joined); zeros when none was taken.
+fn quota_usage(row: &sqlx::any::AnyRow) -> anyhow::Result<QuotaUsage> {
+    let Some(counted_at_ms) = row.try_get::<Option<i64>, _>("counted_at")? else {
+        return Ok(QuotaUsage::default());
+    };
+    let count = |col: &str| -> anyhow::Result<u64> {
+        Ok(u64::try_from(
+            row.try_get::<Option<i64>, _>(col)?.unwrap_or(0),
+        )?)
+    };
+    Ok(QuotaUsage {
+        period_start_ms: row.try_get::<Option<i64>, _>("period_start")?.unwrap_or(0),
+        period_end_ms: row.try_get::<Option<i64>, _>("period_end")?.unwrap_or(0),
+        counted_at_ms,
+        requests: count("requests")?,
+        tokens: count("tokens")?,
+    })
+}
+
 fn authorize(app: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     let Some(secret) = &app.proxy_secret else {
         return Err(ApiError::not_found("route"));

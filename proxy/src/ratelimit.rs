@@ -164,6 +164,11 @@ impl<C: Clock + Clone> Limits<C> {
         if plan.request_quota.is_none() && plan.token_quota.is_none() {
             return Ok(None);
         }
+        // The count is of a period that has ended: a new period starts with its
+        // quota whole, and the control plane's next count brings its numbers.
+        if quota.period_end_ms > 0 && now_ms >= quota.period_end_ms {
+            return Ok(None);
+        }
         let current = self
             .quotas
             .get(&config)
@@ -409,6 +414,8 @@ mod tests {
             limits.admit(&k, Some(&p), &newer, 0),
             Err(GatewayError::QuotaExceeded { .. })
         ));
+        // Once the counted period has ended, its count no longer refuses.
+        assert!(limits.admit(&k, Some(&p), &newer, 10_000).is_ok());
     }
 
     #[test]

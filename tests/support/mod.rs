@@ -168,6 +168,8 @@ impl World {
         let metered = usage.is_some();
         if let Some(usage) = usage {
             settings.usage = usage;
+            // Quota counts reach the proxies within a test's patience.
+            settings.control_plane.quota_count_ms = 200;
         }
         let mut state = AppState::from_settings(&settings).await.unwrap();
 

@@ -631,7 +631,118 @@ async fn usage_unavailable_without_store(backend: Backend) {
     app.finish().await;
 }
 
+/// The period's billable requests and tokens of each subscription with a quota
+/// reach the snapshot with a new revision; counting again without new usage
+/// writes nothing.
+async fn quota_counts_reach_the_snapshot(backend: Backend) {
+    use agora_config::snapshot::{BillingInterval, QuotaUsage};
+    use agora_control_plane::{quota, sync};
+    // Rounds are driven by hand here.
+    let app = TestApp::spawn_with(backend, None, |s| {
+        s.control_plane.quota_count_ms = 3_600_000;
+    })
+    .await;
+    let provider = app.tenant("Acme", OrgKind::Provider).await;
+    let buyer = app.tenant("Globex", OrgKind::Customer).await;
+    let other = app.tenant("Initech", OrgKind::Customer).await;
+    let (agent, free, _) = app.published_agent(&provider).await;
+    let (s, metered) = app
+        .post(
+            &provider.token,
+            &format!("/api/provider-agents/{agent}/plans/"),
+            json!({"name": "Metered", "price_cents": 0, "request_quota": 100, "token_quota": 10000}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{metered}");
+    let (_, config) = app.subscribed(&buyer, agent, id(&metered)).await;
+    let (_, unlimited) = app.subscribed(&other, agent, free).await;
+    let mine = Subscription {
+        tenant: buyer.org,
+        config,
+        agent,
+    };
+    let theirs = Subscription {
+        tenant: other.org,
+        config: unlimited,
+        agent,
+    };
+
+    let month = quota::period(BillingInterval::Month, agora_control_plane::db::now_ms()).unwrap();
+    let start = month.from_ms;
+    use UsageStatus::*;
+    let batch = [
+        with_tokens(event(mine, start, Ok, 1_000), TokenSource::Runtime, 10, 20),
+        event(mine, start + 1, Cancelled, 1_000),
+        event(mine, start + 2, UpstreamError, 1_000),
+        event(mine, start + 3, RateLimited, 1_000),
+        // Last month's use does not count against this month's quota.
+        with_tokens(
+            event(mine, start - 1, Ok, 1_000),
+            TokenSource::Runtime,
+            500,
+            500,
+        ),
+        with_tokens(event(theirs, start, Ok, 1_000), TokenSource::Runtime, 7, 7),
+    ];
+    let records: Vec<UsageRecord> = batch.iter().map(record).collect();
+    let writer = proxy_store(&app).await;
+    writer.insert(&records).await.unwrap();
+
+    let store = app.state.usage.clone().expect("the embedded store opened");
+    let compile = || sync::compile(&app.state.db, Some("http://runtime.test"));
+    let before = compile().await.unwrap().revision;
+    assert_eq!(
+        quota::count_once(&app.state.db, store.as_ref())
+            .await
+            .unwrap(),
+        1
+    );
+    let snapshot = compile().await.unwrap();
+    assert!(
+        snapshot.revision > before,
+        "a changed count is a new revision"
+    );
+    let counted = snapshot.routes[&config].quota;
+    assert_eq!((counted.requests, counted.tokens), (2, 30), "{counted:?}");
+    assert_eq!(
+        (counted.period_start_ms, counted.period_end_ms),
+        (month.from_ms, month.to_ms)
+    );
+    assert!(counted.counted_at_ms >= start);
+    assert_eq!(
+        snapshot.routes[&unlimited].quota,
+        QuotaUsage::default(),
+        "a plan without quotas is not counted"
+    );
+
+    assert_eq!(
+        quota::count_once(&app.state.db, store.as_ref())
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(compile().await.unwrap().revision, snapshot.revision);
+
+    let more = with_tokens(
+        event(mine, start + 4, Ok, 1_000),
+        TokenSource::Runtime,
+        1,
+        1,
+    );
+    writer.insert(&[record(&more)]).await.unwrap();
+    assert_eq!(
+        quota::count_once(&app.state.db, store.as_ref())
+            .await
+            .unwrap(),
+        1
+    );
+    let counted = compile().await.unwrap().routes[&config].quota;
+    assert_eq!((counted.requests, counted.tokens), (3, 32));
+    app.finish().await;
+}
+
 crate::both!(
+    quota_counts_reach_the_snapshot,
     usage_totals_and_series,
     usage_defaults_to_recent,
     usage_queries_are_checked,
