@@ -737,9 +737,10 @@ async fn runtime_timeouts_errors_and_large_bodies_are_json() {
         Duration::ZERO,
     )
     .await;
-    // Answers one run per connection, then closes it without saying so.
+    // Answers one run per connection, then closes it without saying so. The
+    // field its `Connection` names is for the proxy's hop only.
     let one_shot = canned_runtime(
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: keep-alive, X-Hop-Secret\r\nx-hop-secret: s3cret\r\nx-flow-run: 7\r\ncontent-length: 2\r\n\r\n{}",
         Duration::ZERO,
     )
     .await;
@@ -864,6 +865,12 @@ async fn runtime_timeouts_errors_and_large_bodies_are_json() {
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{text}");
+        assert!(
+            r.headers().get("x-hop-secret").is_none(),
+            "{:?}",
+            r.headers()
+        );
+        assert_eq!(r.headers()["x-flow-run"], "7");
         assert_eq!(r.text().await.unwrap(), "{}");
         // The runtime's close reaches the proxy while the connection is idle.
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -286,10 +286,22 @@ impl Upstreams {
         }
 
         conn.start(head.status);
+        // Fields the runtime's `Connection` names are for this hop only.
+        let mut nominated: Vec<&[u8]> = Vec::new();
+        for (name, value) in head.fields(&up.buf) {
+            if name.eq_ignore_ascii_case(b"connection") {
+                // `close` and `keep-alive` name no other field: no allocation.
+                nominated.extend(
+                    h1::tokens(value)
+                        .filter(|t| !h1::is_hop_by_hop(t) && !t.eq_ignore_ascii_case(b"close")),
+                );
+            }
+        }
         for (name, value) in head.fields(&up.buf) {
             if !h1::is_hop_by_hop(name)
                 && !name.eq_ignore_ascii_case(b"server")
                 && !name.eq_ignore_ascii_case(b"set-cookie")
+                && !nominated.iter().any(|n| n.eq_ignore_ascii_case(name))
             {
                 conn.header(name, value);
             }

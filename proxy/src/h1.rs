@@ -308,6 +308,15 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
     HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
+/// The tokens of a comma-separated field value (`Connection: keep-alive, x-hop`),
+/// trimmed, empty ones left out.
+pub fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
 /// Why a chunked body could not be read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkError;
@@ -541,6 +550,13 @@ mod tests {
 
     fn request(raw: &[u8]) -> Result<Option<RequestHead>, HeadError> {
         Ok(RequestHead::parse(raw)?.map(|(len, p)| p.take(Bytes::copy_from_slice(&raw[..len]))))
+    }
+
+    #[test]
+    fn field_value_tokens() {
+        let listed: Vec<&[u8]> = tokens(b" keep-alive ,X-Hop,, \tupgrade").collect();
+        assert_eq!(listed, [&b"keep-alive"[..], b"X-Hop", b"upgrade"]);
+        assert_eq!(tokens(b" , ").count(), 0);
     }
 
     #[test]
