@@ -24,6 +24,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::deadline::within;
 use crate::error::{GatewayError, RateHeaders};
 use crate::h1::{self, Chunked, Framing, ResponseHead};
 use crate::invoke::{Tokens, UsageReader};
@@ -433,8 +434,8 @@ async fn relay_body(
         }
         conn.flush().await.map_err(|_| cancelled(conn))?;
         up.reserve();
-        match tokio::time::timeout(timeout, up.io.read_buf(&mut up.buf)).await {
-            Ok(Ok(0)) => {
+        match within(timeout, up.io.read_buf(&mut up.buf)).await {
+            Some(Ok(0)) => {
                 if let Relay::Close { chunk } = relay {
                     if chunk {
                         conn.write(b"0\r\n\r\n")
@@ -446,9 +447,9 @@ async fn relay_body(
                     return Err(Failure::Broken(GatewayError::UpstreamUnreachable));
                 }
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return Err(Failure::Broken(GatewayError::UpstreamUnreachable)),
-            Err(_) => return Err(Failure::Broken(GatewayError::UpstreamTimeout)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) => return Err(Failure::Broken(GatewayError::UpstreamUnreachable)),
+            None => return Err(Failure::Broken(GatewayError::UpstreamTimeout)),
         }
     }
 }
@@ -513,15 +514,15 @@ async fn exchange(
     request: &[u8],
     timeout: Duration,
 ) -> Result<ResponseHead, UpError> {
-    let written = tokio::time::timeout(timeout, async {
+    let written = within(timeout, async {
         up.io.write_all(request).await?;
         up.io.flush().await
     })
     .await;
     match written {
-        Ok(Ok(())) => {}
-        Ok(Err(_)) => return Err(UpError::Unsent),
-        Err(_) => return Err(UpError::Timeout),
+        Some(Ok(())) => {}
+        Some(Err(_)) => return Err(UpError::Unsent),
+        None => return Err(UpError::Timeout),
     }
     let mut received = false;
     loop {
@@ -538,11 +539,11 @@ async fn exchange(
             }
         }
         up.reserve();
-        match tokio::time::timeout(timeout, up.io.read_buf(&mut up.buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) if !received => return Err(UpError::Closed),
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(UpError::Io),
-            Ok(Ok(_)) => received = true,
-            Err(_) => return Err(UpError::Timeout),
+        match within(timeout, up.io.read_buf(&mut up.buf)).await {
+            Some(Ok(0)) | Some(Err(_)) if !received => return Err(UpError::Closed),
+            Some(Ok(0)) | Some(Err(_)) => return Err(UpError::Io),
+            Some(Ok(_)) => received = true,
+            None => return Err(UpError::Timeout),
         }
     }
 }

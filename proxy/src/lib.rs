@@ -13,6 +13,7 @@
 //! grace period to finish; then the listeners close and every queued usage record is
 //! handed to the sink before the process returns.
 
+pub mod deadline;
 pub mod error;
 pub mod forward;
 pub mod h1;

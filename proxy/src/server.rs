@@ -19,6 +19,7 @@ use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::deadline::within;
 use crate::error::{GatewayError, Reply};
 use crate::h1::{self, Chunked, Framing, HeadError, RequestHead};
 use crate::proxy::{Ctx, Gateway, MAX_HEADER_BYTES};
@@ -89,11 +90,11 @@ impl Conn {
 
     async fn fill(&mut self, limit: Duration) -> Result<(), ReadError> {
         self.buf.reserve(READ_CHUNK);
-        match tokio::time::timeout(limit, self.io.read_buf(&mut self.buf)).await {
-            Ok(Ok(0)) => Err(ReadError::Eof),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(ReadError::Io),
-            Err(_) => Err(ReadError::Timeout),
+        match within(limit, self.io.read_buf(&mut self.buf)).await {
+            Some(Ok(0)) => Err(ReadError::Eof),
+            Some(Ok(_)) => Ok(()),
+            Some(Err(_)) => Err(ReadError::Io),
+            None => Err(ReadError::Timeout),
         }
     }
 
@@ -371,9 +372,9 @@ impl Conn {
 /// A write to the client, given up after [`WRITE_TIMEOUT`] (a client that stops
 /// reading must not hold its run, its runtime connection and its in-flight slot).
 async fn timed(write: impl std::future::Future<Output = io::Result<()>>) -> io::Result<()> {
-    tokio::time::timeout(WRITE_TIMEOUT, write)
+    within(WRITE_TIMEOUT, write)
         .await
-        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+        .unwrap_or_else(|| Err(io::ErrorKind::TimedOut.into()))
 }
 
 fn unreadable() -> GatewayError {
