@@ -473,9 +473,8 @@ fn dechunk(raw: &[u8]) -> Vec<u8> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_pass_through_unbuffered_and_byte_identical() {
-    let w = World::start(Duration::from_millis(150)).await;
+/// A key on a new free plan of the sample agent that streams.
+async fn stream_key(w: &World) -> String {
     let (_, key) = w
         .subscription(
             "Document Summarizer",
@@ -483,6 +482,13 @@ async fn streams_pass_through_unbuffered_and_byte_identical() {
             json!({"name": "stream"}),
         )
         .await;
+    key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_pass_through_unbuffered_and_byte_identical() {
+    let w = World::start(Duration::from_millis(150)).await;
+    let key = stream_key(&w).await;
     let connections_before = w.recorded.lock().unwrap().len();
     let started = Instant::now();
     let r = w.stream(&key, "A long document to summarise.").await;
@@ -539,13 +545,7 @@ async fn streams_pass_through_unbuffered_and_byte_identical() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_cancels_the_run_and_sigterm_drains_streams() {
     let mut w = World::start(Duration::from_millis(200)).await;
-    let (_, key) = w
-        .subscription(
-            "Document Summarizer",
-            json!({"name": "Stream", "price_cents": 0}),
-            json!({"name": "stream"}),
-        )
-        .await;
+    let key = stream_key(&w).await;
     let r = w.stream(&key, "cut me off").await;
     let mut stream = r.bytes_stream();
     stream.next().await.unwrap().unwrap();
@@ -1046,13 +1046,7 @@ impl agora_proxy::usage::UsageSink for Recorder {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_still_running_when_the_grace_period_ends_is_metered_as_cancelled() {
     let mut w = World::start(Duration::from_millis(300)).await;
-    let (_, key) = w
-        .subscription(
-            "Document Summarizer",
-            json!({"name": "Stream", "price_cents": 0}),
-            json!({"name": "stream"}),
-        )
-        .await;
+    let key = stream_key(&w).await;
     w.stop_proxy().await;
     let mut config = proxy_config(
         w.dir.path(),

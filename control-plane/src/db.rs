@@ -220,7 +220,13 @@ pub fn redact_url(url: &str) -> String {
 }
 
 pub fn now_ms() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
+    unix_ms(time::OffsetDateTime::now_utc())
+}
+
+/// `t` in unix milliseconds.
+pub fn unix_ms(t: time::OffsetDateTime) -> i64 {
+    // Years 0000–9999 (all RFC 3339 can say) fit easily.
+    t.unix_timestamp_nanos().div_euclid(1_000_000) as i64
 }
 
 /// Reads a uuid stored as TEXT.

@@ -21,31 +21,29 @@ use std::time::Duration;
 use agora_config::snapshot::{BillingInterval, QuotaUsage};
 use agora_usage::{Scope, TimeRange, UsageStore};
 use sqlx::Row;
-use time::{Date, Month, OffsetDateTime};
+use time::{Date, Month, OffsetDateTime, UtcOffset};
 use uuid::Uuid;
 
-use crate::db::{bump_revision, lock_for_write, now_ms, uuid_col, Db};
+use crate::db::{bump_revision, lock_for_write, now_ms, unix_ms, uuid_col, Db};
 
-/// The quota period containing `now_ms`: `[start, end)` in unix milliseconds.
-pub fn period(interval: BillingInterval, now_ms: i64) -> anyhow::Result<TimeRange> {
-    let now = OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)?;
+/// The calendar month (or year) in UTC containing `now`: `[start, end)` in unix
+/// milliseconds.
+pub fn period(interval: BillingInterval, now: OffsetDateTime) -> anyhow::Result<TimeRange> {
+    let now = now.to_offset(UtcOffset::UTC);
     let (year, month) = (now.year(), now.month());
     let (from, to) = match interval {
-        BillingInterval::Month => {
-            let next = if month == Month::December {
-                (year + 1, Month::January)
-            } else {
-                (year, month.next())
-            };
-            ((year, month), next)
+        BillingInterval::Month if month == Month::December => {
+            ((year, month), (year + 1, Month::January))
         }
+        BillingInterval::Month => ((year, month), (year, month.next())),
         BillingInterval::Year => ((year, Month::January), (year + 1, Month::January)),
     };
     let first = |(year, month): (i32, Month)| -> anyhow::Result<i64> {
-        let midnight = Date::from_calendar_date(year, month, 1)?
-            .midnight()
-            .assume_utc();
-        Ok((midnight.unix_timestamp_nanos() / 1_000_000) as i64)
+        Ok(unix_ms(
+            Date::from_calendar_date(year, month, 1)?
+                .midnight()
+                .assume_utc(),
+        ))
     };
     Ok(TimeRange {
         from_ms: first(from)?,
@@ -66,6 +64,7 @@ pub async fn count_once(db: &Db, store: &dyn UsageStore) -> anyhow::Result<usize
     )
     .fetch_all(&db.pool)
     .await?;
+    let now = OffsetDateTime::now_utc();
     let mut changed: Vec<(Uuid, QuotaUsage)> = Vec::new();
     for row in &rows {
         let config = uuid_col(row, "uuid")?;
@@ -73,13 +72,12 @@ pub async fn count_once(db: &Db, store: &dyn UsageStore) -> anyhow::Result<usize
             "year" => BillingInterval::Year,
             _ => BillingInterval::Month,
         };
-        let counted_at_ms = now_ms();
-        let range = period(interval, counted_at_ms)?;
+        let range = period(interval, now)?;
         let used = agora_usage::totals(store, Scope::Config(config), range).await?;
         let count = QuotaUsage {
             period_start_ms: range.from_ms,
             period_end_ms: range.to_ms,
-            counted_at_ms,
+            counted_at_ms: now_ms(),
             requests: used.billable_requests,
             tokens: used.input_tokens.saturating_add(used.output_tokens),
         };
@@ -167,30 +165,27 @@ mod tests {
     use super::*;
     use time::macros::datetime;
 
-    fn ms(t: OffsetDateTime) -> i64 {
-        (t.unix_timestamp_nanos() / 1_000_000) as i64
-    }
-
     #[test]
     fn periods_are_utc_calendar_months_and_years() {
-        let now = ms(datetime!(2026-02-28 23:59:59.999 UTC));
+        let now = datetime!(2026-02-28 23:59:59.999 UTC);
         let month = period(BillingInterval::Month, now).unwrap();
-        assert_eq!(month.from_ms, ms(datetime!(2026-02-01 00:00 UTC)));
-        assert_eq!(month.to_ms, ms(datetime!(2026-03-01 00:00 UTC)));
+        assert_eq!(month.from_ms, unix_ms(datetime!(2026-02-01 00:00 UTC)));
+        assert_eq!(month.to_ms, unix_ms(datetime!(2026-03-01 00:00 UTC)));
 
-        let december = period(BillingInterval::Month, ms(datetime!(2026-12-31 12:00 UTC))).unwrap();
-        assert_eq!(december.from_ms, ms(datetime!(2026-12-01 00:00 UTC)));
-        assert_eq!(december.to_ms, ms(datetime!(2027-01-01 00:00 UTC)));
+        let december = period(BillingInterval::Month, datetime!(2026-12-31 12:00 UTC)).unwrap();
+        assert_eq!(december.from_ms, unix_ms(datetime!(2026-12-01 00:00 UTC)));
+        assert_eq!(december.to_ms, unix_ms(datetime!(2027-01-01 00:00 UTC)));
 
-        // The first millisecond of a month belongs to it, not to the one before.
-        let start = ms(datetime!(2026-03-01 00:00 UTC));
+        // The first millisecond of a month belongs to it, not to the one before,
+        // whatever the offset it is given in.
+        let start = datetime!(2026-03-01 01:00 +01:00);
         assert_eq!(
             period(BillingInterval::Month, start).unwrap().from_ms,
-            start
+            unix_ms(start)
         );
 
         let year = period(BillingInterval::Year, now).unwrap();
-        assert_eq!(year.from_ms, ms(datetime!(2026-01-01 00:00 UTC)));
-        assert_eq!(year.to_ms, ms(datetime!(2027-01-01 00:00 UTC)));
+        assert_eq!(year.from_ms, unix_ms(datetime!(2026-01-01 00:00 UTC)));
+        assert_eq!(year.to_ms, unix_ms(datetime!(2027-01-01 00:00 UTC)));
     }
 }

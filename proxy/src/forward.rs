@@ -6,8 +6,9 @@
 //! them). A chunked answer is passed on byte for byte, its data read for usage on
 //! the way. Plain TCP connections are opened and read directly; TLS ones come
 //! from Pingora's connector. Idle ones wait in a small pool per thread, and a
-//! connection goes back there only after a complete answer. On any failure it is dropped, so a client that goes
-//! away closes the runtime's connection and cancels the run.
+//! connection goes back there only after a complete answer. On any failure it is
+//! dropped, so a client that goes away closes the runtime's connection and cancels
+//! the run.
 
 use std::cell::RefCell;
 use std::io;
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use pingora::connectors::TransportConnector;
 use pingora::protocols::Stream;
+use pingora::upstreams::peer::Peer;
 use pingora::ErrorType;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -227,10 +229,10 @@ impl Upstreams {
     }
 
     async fn connect(&self, target: &RouteTarget) -> Result<UpConn, GatewayError> {
-        let (Some(peer), Some(addr)) = (target.peer.as_ref(), target.addr) else {
+        let Some(peer) = target.peer.as_ref() else {
             return Err(GatewayError::AgentUnavailable);
         };
-        let io = if target.tls {
+        let io = if peer.tls() {
             let stream = self
                 .connector
                 .new_stream(peer)
@@ -241,7 +243,11 @@ impl Upstreams {
                 })?;
             UpIo::Tls(stream)
         } else {
-            let stream = tokio::time::timeout(target.connect_timeout, TcpStream::connect(addr))
+            let addr = peer
+                .address()
+                .as_inet()
+                .ok_or(GatewayError::AgentUnavailable)?;
+            let stream = tokio::time::timeout(target.timeouts.connect, TcpStream::connect(addr))
                 .await
                 .map_err(|_| GatewayError::UpstreamTimeout)?
                 .map_err(|_| GatewayError::UpstreamUnreachable)?;
@@ -262,7 +268,7 @@ impl Upstreams {
         p: &mut Progress,
     ) -> Result<(), Failure> {
         let target = x.target;
-        let timeout = target.read_timeout;
+        let timeout = target.timeouts.read;
         let request = run_request(&x);
         let mut pooled = self.take(target.pool_key);
         let (mut up, head) = loop {
@@ -341,7 +347,7 @@ impl Upstreams {
         };
         up.buf.advance(head.len);
         p.status = head.status;
-        conn.send_head();
+        conn.end_head();
 
         let mut reader = UsageReader::new(x.stream);
         let result = relay_body(&mut up, conn, relay, timeout, &mut reader, p).await;
@@ -392,7 +398,7 @@ async fn relay_body(
     };
     let mut decoder = Chunked::default();
     let mut ranges: Vec<Range<usize>> = Vec::new();
-    let mut done = matches!(relay, Relay::Empty) || matches!(relay, Relay::Length(0));
+    let mut done = matches!(relay, Relay::Empty | Relay::Length(0));
     loop {
         if !up.buf.is_empty() && !done {
             match relay {
@@ -412,10 +418,10 @@ async fn relay_body(
                     let raw = up.buf.split_to(consumed).freeze();
                     for r in ranges.drain(..) {
                         let data = raw.slice(r);
-                        p.bytes_out += data.len() as u64;
-                        reader.feed(&data);
-                        if !pass {
-                            conn.write(&data).await.map_err(|_| cancelled(conn))?;
+                        if pass {
+                            account(reader, p, &data);
+                        } else {
+                            pass_data(conn, reader, p, &data, false).await?;
                         }
                     }
                     if pass {
@@ -454,6 +460,12 @@ async fn relay_body(
     }
 }
 
+/// Counts body data going to the client and reads it for usage.
+fn account(reader: &mut UsageReader, p: &mut Progress, data: &Bytes) {
+    p.bytes_out += data.len() as u64;
+    reader.feed(data);
+}
+
 /// Sends one piece of body data (as one chunk when `chunk`), reading it for usage.
 async fn pass_data(
     conn: &mut Conn,
@@ -465,8 +477,7 @@ async fn pass_data(
     if data.is_empty() {
         return Ok(());
     }
-    p.bytes_out += data.len() as u64;
-    reader.feed(data);
+    account(reader, p, data);
     let sent = async {
         if chunk {
             conn.write(format!("{:x}\r\n", data.len()).as_bytes())

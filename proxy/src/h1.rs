@@ -99,13 +99,13 @@ impl Fields {
                 length = Some(n);
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 // Only `chunked`, as the last (here: only) coding.
-                let last = value.rsplit(|b| *b == b',').next().map(trim);
+                let last = value.rsplit(|b| *b == b',').next().map(<[u8]>::trim_ascii);
                 if chunked.is_some() || last.is_none_or(|c| !c.eq_ignore_ascii_case(b"chunked")) {
                     return Err(HeadError::BadFraming);
                 }
                 chunked = Some(true);
             } else if name.eq_ignore_ascii_case(b"connection") {
-                for token in value.split(|b| *b == b',').map(trim) {
+                for token in tokens(value) {
                     if token.eq_ignore_ascii_case(b"close") {
                         keep_alive = false;
                     } else if token.eq_ignore_ascii_case(b"keep-alive") && !http11 {
@@ -125,21 +125,19 @@ impl Fields {
     }
 }
 
-fn trim(bytes: &[u8]) -> &[u8] {
-    let start = bytes
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(bytes.len());
-    let end = bytes
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |i| i + 1);
-    &bytes[start..end]
+/// A head's length once httparse has all of it; `None` while it is incomplete.
+fn head_len(parsed: httparse::Result<usize>) -> Result<Option<usize>, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders),
+        Err(_) => Err(HeadError::Malformed),
+    }
 }
 
 /// A `Content-Length` value: digits only, no sign, no overflow.
 fn parse_length(value: &[u8]) -> Option<u64> {
-    let value = trim(value);
+    let value = value.trim_ascii();
     if value.is_empty() || value.len() > 19 {
         return None;
     }
@@ -168,11 +166,8 @@ impl RequestHead {
     pub fn parse(buf: &[u8]) -> Result<Option<(usize, Parsed)>, HeadError> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
-        let len = match req.parse(buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
-            Err(_) => return Err(HeadError::Malformed),
+        let Some(len) = head_len(req.parse(buf))? else {
+            return Ok(None);
         };
         let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version)
         else {
@@ -188,7 +183,7 @@ impl RequestHead {
         let expect_continue = http11
             && fields
                 .get(buf, "expect")
-                .is_some_and(|v| trim(v).eq_ignore_ascii_case(b"100-continue"));
+                .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
         Ok(Some((
             len,
             Parsed(RequestHead {
@@ -259,11 +254,8 @@ impl ResponseHead {
     pub fn parse(buf: &[u8]) -> Result<Option<ResponseHead>, HeadError> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut headers);
-        let len = match resp.parse(buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
-            Err(_) => return Err(HeadError::Malformed),
+        let Some(len) = head_len(resp.parse(buf))? else {
+            return Ok(None);
         };
         let (Some(status), Some(version)) = (resp.code, resp.version) else {
             return Err(HeadError::Malformed);

@@ -503,20 +503,19 @@ impl Gateway {
     /// Answers with `refusal`'s error body.
     pub async fn refuse(&self, conn: &mut Conn, ctx: &mut Ctx, refusal: GatewayError) {
         let reply = refusal.response();
-        let mut extra: Vec<(&[u8], Vec<u8>)> = Vec::new();
+        conn.start_reply(&reply).await;
         if let (Some(rate), false) = (
             &ctx.rate,
             matches!(refusal, GatewayError::RateLimited { .. }),
         ) {
             for (name, value) in rate.fields() {
-                extra.push((name.as_bytes(), value.to_string().into_bytes()));
+                conn.header_u64(name.as_bytes(), value);
             }
         }
         if let Some(id) = &ctx.request_id {
-            extra.push((b"x-agora-request-id", id.to_vec()));
+            conn.header(b"x-agora-request-id", id);
         }
-        let extra: Vec<(&[u8], &[u8])> = extra.iter().map(|(n, v)| (*n, v.as_slice())).collect();
-        let _ = conn.reply(&reply, &extra).await;
+        let _ = conn.send(&reply.body).await;
         ctx.status = reply.status;
         ctx.refusal = Some(refusal);
     }

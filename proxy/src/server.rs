@@ -239,12 +239,8 @@ impl Conn {
             return;
         };
         // A client waiting for 100-continue has sent nothing: close instead.
-        let small = match framing {
-            Framing::Length(n) => n <= DISCARD_LIMIT && !self.expect_continue,
-            _ => false,
-        };
-        if small {
-            if let Framing::Length(n) = framing {
+        if let Framing::Length(n) = framing {
+            if n <= DISCARD_LIMIT && !self.expect_continue {
                 let n = n as usize;
                 let read = tokio::time::timeout(Duration::from_secs(1), async {
                     while self.buf.len() < n {
@@ -277,7 +273,9 @@ impl Conn {
         h1::field_u64(&mut self.out, name, value);
     }
 
-    fn end_head(&mut self) {
+    /// Ends the head started with [`Conn::start`], whose framing fields the
+    /// caller has added; it leaves with the first body bytes, at [`Conn::flush`].
+    pub fn end_head(&mut self) {
         // An answer given without reading the request's body ends the connection.
         if self.body_pending.is_some() {
             self.keep_alive = false;
@@ -299,12 +297,6 @@ impl Conn {
             self.write(body).await?;
         }
         self.flush().await
-    }
-
-    /// Ends the head started with [`Conn::start`], whose framing fields the caller
-    /// has added; it leaves with the first body bytes, at [`Conn::flush`].
-    pub fn send_head(&mut self) {
-        self.end_head();
     }
 
     /// Queues body bytes (sent by [`Conn::flush`], or now when the queue is
@@ -331,20 +323,17 @@ impl Conn {
         timed(self.io.flush()).await
     }
 
-    /// Sends a refusal (reading or giving up a body left unread first).
-    pub async fn reply(&mut self, reply: &Reply, extra: &[(&[u8], &[u8])]) -> io::Result<()> {
+    /// Starts a refusal's answer, reading or giving up a body left unread first;
+    /// the caller may add fields, then [`Conn::send`]s `reply.body`.
+    pub async fn start_reply(&mut self, reply: &Reply) {
         self.discard_body().await;
         if reply.close {
             self.keep_alive = false;
         }
         self.start(reply.status);
         for (name, value) in &reply.headers {
-            h1::field(&mut self.out, name.as_bytes(), value.as_bytes());
+            self.header(name.as_bytes(), value.as_bytes());
         }
-        for (name, value) in extra {
-            h1::field(&mut self.out, name, value);
-        }
-        self.send(&reply.body).await
     }
 
     /// Closes the connection. When a request's body was left unread, the write

@@ -48,11 +48,7 @@ pub struct RouteTarget {
     /// server name).
     pub pool_key: u64,
     /// Longest wait for each read from the runtime, and for a new connection.
-    pub read_timeout: Duration,
-    pub connect_timeout: Duration,
-    /// The runtime's address, and whether it is spoken to over TLS.
-    pub addr: Option<SocketAddr>,
-    pub tls: bool,
+    pub timeouts: PeerTimeouts,
     /// `X-LANGFLOW-GLOBAL-VAR-*` headers carrying the buyer's settings.
     pub global_vars: Vec<(HeaderName, HeaderValue)>,
 }
@@ -170,11 +166,8 @@ impl State {
 
 impl RouteTarget {
     pub fn new(route: AgentRoute, timeouts: PeerTimeouts) -> RouteTarget {
-        let (mut addr, mut tls) = (None, false);
         let (peer, authority, base) = match resolve(&route.runtime_url) {
-            Ok((resolved, secure, host, authority, base)) => {
-                (addr, tls) = (Some(resolved), secure);
-                let (addr, tls) = (resolved, secure);
+            Ok((addr, tls, host, authority, base)) => {
                 let mut peer = HttpPeer::new(addr, tls, host);
                 peer.options.connection_timeout = Some(timeouts.connect);
                 peer.options.total_connection_timeout = Some(timeouts.connect);
@@ -224,10 +217,7 @@ impl RouteTarget {
             run_uri,
             stream_uri,
             pool_key,
-            read_timeout: timeouts.read,
-            connect_timeout: timeouts.connect,
-            addr,
-            tls,
+            timeouts,
             global_vars,
         }
     }

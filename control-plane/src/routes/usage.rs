@@ -7,6 +7,7 @@
 //! Every event is counted once however often it was delivered, and token counts
 //! follow the store's rule (runtime > reported > estimated).
 
+use agora_config::snapshot::BillingInterval;
 use agora_usage::{Aggregate, Scope, TimeRange, UsageStore};
 use axum::extract::State;
 use axum::Json;
@@ -17,6 +18,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{agents, configs, orgs};
+use crate::db::unix_ms;
 use crate::domain::ts;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery, Caller};
@@ -144,31 +146,14 @@ impl Window {
 pub fn period(q: &PeriodQuery, now: OffsetDateTime) -> ApiResult<TimeRange> {
     match (&q.from, &q.to) {
         (Some(from), Some(to)) => checked_range(timestamp("from", from)?, timestamp("to", to)?),
-        (None, None) => calendar_month(now),
+        (None, None) => {
+            crate::quota::period(BillingInterval::Month, now).map_err(ApiError::Unexpected)
+        }
         _ => Err(ApiError::bad_request(
             "invalid_range",
             "give both from and to, or neither for the current calendar month",
         )),
     }
-}
-
-fn calendar_month(now: OffsetDateTime) -> ApiResult<TimeRange> {
-    let first = |year: i32, month: time::Month| {
-        time::Date::from_calendar_date(year, month, 1)
-            .map(|d| unix_ms(d.midnight().assume_utc()))
-            .map_err(|e| ApiError::Unexpected(anyhow::anyhow!("calendar month: {e}")))
-    };
-    let now = now.to_offset(time::UtcOffset::UTC);
-    let (year, month) = (now.year(), now.month());
-    let next_year = if month == time::Month::December {
-        year + 1
-    } else {
-        year
-    };
-    Ok(TimeRange {
-        from_ms: first(year, month)?,
-        to_ms: first(next_year, month.next())?,
-    })
 }
 
 fn checked_range(from_ms: i64, to_ms: i64) -> ApiResult<TimeRange> {
@@ -200,11 +185,6 @@ fn timestamp(name: &str, text: &str) -> ApiResult<i64> {
                 ),
             )
         })
-}
-
-fn unix_ms(t: OffsetDateTime) -> i64 {
-    // Years 0000–9999 (all RFC 3339 can say) fit easily.
-    t.unix_timestamp_nanos().div_euclid(1_000_000) as i64
 }
 
 fn floor_to(ms: i64, width: i64) -> i64 {

@@ -667,7 +667,7 @@ async fn quota_counts_reach_the_snapshot(backend: Backend) {
         agent,
     };
 
-    let month = quota::period(BillingInterval::Month, agora_control_plane::db::now_ms()).unwrap();
+    let month = quota::period(BillingInterval::Month, time::OffsetDateTime::now_utc()).unwrap();
     let start = month.from_ms;
     use UsageStatus::*;
     let batch = [
