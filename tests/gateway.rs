@@ -473,22 +473,24 @@ fn dechunk(raw: &[u8]) -> Vec<u8> {
     }
 }
 
-/// A key on a new free plan of the sample agent that streams.
+/// A config and key on a new free plan of the sample agent that streams.
+async fn stream_subscription(w: &World) -> (Uuid, String) {
+    w.subscription(
+        "Document Summarizer",
+        json!({"name": "Stream", "price_cents": 0}),
+        json!({"name": "stream"}),
+    )
+    .await
+}
+
 async fn stream_key(w: &World) -> String {
-    let (_, key) = w
-        .subscription(
-            "Document Summarizer",
-            json!({"name": "Stream", "price_cents": 0}),
-            json!({"name": "stream"}),
-        )
-        .await;
-    key
+    stream_subscription(w).await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_pass_through_unbuffered_and_byte_identical() {
     let w = World::start(Duration::from_millis(150)).await;
-    let key = stream_key(&w).await;
+    let (config, key) = stream_subscription(&w).await;
     let connections_before = w.recorded.lock().unwrap().len();
     let started = Instant::now();
     let r = w.stream(&key, "A long document to summarise.").await;
@@ -526,7 +528,22 @@ async fn streams_pass_through_unbuffered_and_byte_identical() {
         .cloned()
         .collect();
     assert_eq!(runs.len(), 1);
-    assert_eq!(dechunk(&runs[0]), received, "frames are byte-identical");
+    // The runtime saw the session under the config's namespace; the client gets
+    // every frame as sent but for that namespace.
+    let sent = String::from_utf8(dechunk(&runs[0])).unwrap();
+    let namespace = format!("\"{config}:");
+    assert!(
+        sent.contains(&format!("{namespace}key-")),
+        "the runtime saw a namespaced session"
+    );
+    assert!(
+        !text.contains(&namespace),
+        "the client never sees the namespace"
+    );
+    assert!(
+        sent.replace(&namespace, "\"") == text,
+        "frames are byte-identical but for the session namespace"
+    );
     // Usage from the stream's end event reached the sink.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -219,9 +219,9 @@ fn up_seeds_serves_and_restarts() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    // The marketplace holds the three sample agents, each with a free and a paid plan.
+    // The marketplace holds the four sample agents, each with a free and a paid plan.
     let offerings = get(&info, "buyer_token", "/api/marketplace-public-offerings/");
-    assert_eq!(offerings["count"], 3, "{offerings}");
+    assert_eq!(offerings["count"], 4, "{offerings}");
     for o in offerings["results"].as_array().unwrap() {
         let prices: Vec<i64> = o["plans"]
             .as_array()
@@ -244,7 +244,7 @@ fn up_seeds_serves_and_restarts() {
                 .to_owned()
         })
         .collect();
-    assert_eq!(flow_ids.len(), 3);
+    assert_eq!(flow_ids.len(), 4);
     let echo = listed["results"]
         .as_array()
         .unwrap()
@@ -264,7 +264,7 @@ fn up_seeds_serves_and_restarts() {
     assert_eq!(again["api_key"], info["api_key"]);
     assert_eq!(again["buyer_token"], info["buyer_token"]);
     let agents = get(&again, "provider_token", "/api/provider-agents/");
-    assert_eq!(agents["count"], 3, "{agents}");
+    assert_eq!(agents["count"], 4, "{agents}");
     // The restarted demo runtime (a new process) still knows the flows
     // published before.
     assert!(run_flow(&again, &echo, "still there?").contains("still there?"));

@@ -51,7 +51,7 @@ pub enum TokenSource {
     Runtime,
     /// Reported afterwards by the runtime on the usage route.
     Reported,
-    /// Estimated by the proxy from the bytes exchanged.
+    /// Estimated by the proxy with a tokenizer over the input and answer texts.
     Estimated,
     /// Not known.
     None,
@@ -129,13 +129,6 @@ pub fn split(batch: &[UsageRecord]) -> (Vec<&UsageEvent>, Vec<&TokenReport>) {
         }
     }
     (events, reports)
-}
-
-/// Rough token count of `bytes` of text, for requests whose runtime gave none
-/// (about four bytes per token, rounded up). Events carrying it say
-/// [`TokenSource::Estimated`].
-pub fn estimate_tokens(bytes: u64) -> u64 {
-    bytes.div_ceil(4)
 }
 
 #[cfg(test)]

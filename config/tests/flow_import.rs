@@ -295,7 +295,7 @@ fn echo_flow_summary() {
 // The project's sample flows
 
 /// Every shipped sample flow, with its input and output node ids.
-const PROJECT_FLOWS: [(&str, &str, &str); 3] = [
+const PROJECT_FLOWS: [(&str, &str, &str); 4] = [
     (
         "support-assistant.json",
         "ChatInput-sa1Qx",
@@ -303,6 +303,7 @@ const PROJECT_FLOWS: [(&str, &str, &str); 3] = [
     ),
     ("faq-echo.json", "ChatInput-fq1Ab", "ChatOutput-fq2Cd"),
     ("doc-summarizer.json", "ChatInput-ds1Ef", "ChatOutput-ds4Lm"),
+    ("memory-chat.json", "ChatInput-m1", "ChatOutput-m4"),
 ];
 
 #[test]

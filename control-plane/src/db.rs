@@ -35,6 +35,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "quota_usage",
         include_str!("../migrations/0002_quota_usage.sql"),
     ),
+    (
+        3,
+        "provider_review",
+        include_str!("../migrations/0003_provider_review.sql"),
+    ),
 ];
 
 impl Db {

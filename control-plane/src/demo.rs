@@ -1,4 +1,4 @@
-//! Demo content for `agora up`: a provider with three sample agents (free and
+//! Demo content for `agora up`: a provider with four sample agents (free and
 //! paid plans), a buyer subscribed to one free plan, and one API key. Seeding
 //! runs once; later runs keep the data and refresh only what `demo.json` needs.
 
@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::db::{now_ms, uuid_col};
 use crate::domain::{Interval, OrgKind};
 use crate::routes::agents::{insert_plan, set_published, NewPlan};
-use crate::{identity, AppState};
+use crate::{flow_code, identity, AppState};
 
 const PROVIDER: &str = "demo-provider";
 const BUYER: &str = "demo-buyer";
@@ -30,8 +30,13 @@ const SAMPLE_FLOWS: &[(&str, &str, &str)] = &[
     ),
     (
         "Document Summarizer",
-        "Summarises documents with a language model of your choice.",
+        "Summarises documents with a language model of your choice (on Langflow it needs the model provider's key).",
         include_str!("../../config/flows/doc-summarizer.json"),
+    ),
+    (
+        "Memory Chat",
+        "Remembers each conversation and answers with it: chat memory kept per session, no model needed.",
+        include_str!("../../config/flows/memory-chat.json"),
     ),
 ];
 
@@ -232,19 +237,28 @@ fn random_password() -> String {
 async fn seed(app: &AppState) -> anyhow::Result<(String, String, Uuid)> {
     let db = &app.db;
     // Flows are parsed and provisioned before anything is written, so a
-    // runtime failure leaves the database as it was.
+    // runtime failure leaves the database as it was. They pass the code policy
+    // as any provider's do: their nodes get the runtime's own component code.
+    let catalog = match &app.runtime {
+        Some(runtime) => Some(runtime.catalog().await?),
+        None => None,
+    };
     let mut flows = Vec::new();
     for (name, description, flow) in SAMPLE_FLOWS {
         let flow = FlowDefinition::parse(flow.as_bytes())
             .map_err(|e| anyhow::anyhow!("sample flow {name}: {e}"))?;
         let agent = Uuid::new_v4();
-        let flow_id = match &app.runtime {
-            Some(runtime) => Some(
-                runtime
-                    .provision(flow.as_json(), &format!("{name} ({agent})"))
-                    .await?,
-            ),
-            None => None,
+        let flow_id = match (&app.runtime, &catalog) {
+            (Some(runtime), Some(catalog)) => {
+                let runnable = flow_code::prepare(flow.as_json(), catalog, true)
+                    .map_err(|e| anyhow::anyhow!("sample flow {name}: {e}"))?;
+                Some(
+                    runtime
+                        .provision(&runnable, &format!("{name} ({agent})"))
+                        .await?,
+                )
+            }
+            _ => None,
         };
         flows.push((agent, *name, *description, flow, flow_id));
     }
@@ -266,6 +280,16 @@ async fn seed(app: &AppState) -> anyhow::Result<(String, String, Uuid)> {
         OrgKind::Provider,
         "Sample agents for the Agora demo.",
         provider,
+    )
+    .await?;
+    // The demo provider comes approved, with custom code allowed for its samples.
+    identity::set_provider_review(
+        db,
+        provider_org,
+        identity::ProviderReview {
+            approved: true,
+            custom_code_allowed: true,
+        },
     )
     .await?;
     let buyer_org = identity::create_org(db, "Globex Retail", OrgKind::Customer, "", buyer).await?;

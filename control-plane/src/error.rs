@@ -10,6 +10,11 @@ pub enum ApiError {
     Unauthenticated,
     #[error("{message}")]
     Forbidden { message: String },
+    /// Not allowed, for a reason with its own code.
+    #[error("{message}")]
+    Denied { code: &'static str, message: String },
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
     #[error("{what} not found")]
     NotFound { what: &'static str },
     #[error("{message}")]
@@ -68,6 +73,8 @@ impl ApiError {
         match self {
             ApiError::Unauthenticated => (StatusCode::UNAUTHORIZED, "not_authenticated"),
             ApiError::Forbidden { .. } => (StatusCode::FORBIDDEN, "permission_denied"),
+            ApiError::Denied { code, .. } => (StatusCode::FORBIDDEN, code),
+            ApiError::Unprocessable { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),

@@ -153,6 +153,44 @@ pub async fn create_org(
     Ok(uuid)
 }
 
+/// Staff's review of a provider organisation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProviderReview {
+    /// May publish agents.
+    pub approved: bool,
+    /// May publish flows whose code is not one of the runtime's components.
+    pub custom_code_allowed: bool,
+}
+
+pub async fn provider_review(db: &Db, org: Uuid) -> anyhow::Result<ProviderReview> {
+    let row =
+        sqlx::query("SELECT approved_at, custom_code_allowed FROM organizations WHERE uuid = $1")
+            .bind(org.to_string())
+            .fetch_optional(&db.pool)
+            .await?;
+    Ok(match row {
+        Some(r) => ProviderReview {
+            approved: r.try_get::<Option<i64>, _>("approved_at")?.is_some(),
+            custom_code_allowed: r.try_get::<i64, _>("custom_code_allowed")? != 0,
+        },
+        None => ProviderReview::default(),
+    })
+}
+
+/// Records staff's review; approval keeps its first date.
+pub async fn set_provider_review(db: &Db, org: Uuid, review: ProviderReview) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE organizations SET approved_at = CASE WHEN $2 = 1 THEN COALESCE(approved_at, $3) ELSE NULL END, custom_code_allowed = $4 WHERE uuid = $1",
+    )
+    .bind(org.to_string())
+    .bind(i64::from(review.approved))
+    .bind(now_ms())
+    .bind(i64::from(review.custom_code_allowed))
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
 pub async fn add_member(db: &Db, org: Uuid, user: Uuid, role: Role) -> anyhow::Result<()> {
     sqlx::query(
         "INSERT INTO memberships (org_uuid, user_uuid, role) VALUES ($1, $2, $3) ON CONFLICT (org_uuid, user_uuid) DO UPDATE SET role = excluded.role",

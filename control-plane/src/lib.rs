@@ -18,6 +18,7 @@ pub mod demo;
 pub mod domain;
 pub mod error;
 pub mod extract;
+pub mod flow_code;
 pub mod identity;
 pub mod openapi;
 pub mod quota;
@@ -169,6 +170,7 @@ api! {
     get "/api/organizations/" => orgs::list_orgs, "organizations", "Organizations you belong to";
     post "/api/organizations/" => orgs::create_org, "organizations", "Create an organization you own";
     get "/api/organizations/{uuid}/" => orgs::get_org, "organizations", "One of your organizations";
+    post "/api/organizations/{uuid}/review/" => orgs::review_org, "organizations", "Approve a provider organization and allow or refuse its custom component code (staff)";
     get "/api/organizations/{uuid}/usage/" => usage::organization_usage, "usage", "The organization's metered usage in a billing period (?from=&to=; default this calendar month, UTC)";
     get "/api/organizations/{uuid}/members/" => orgs::list_members, "organizations", "The organization's members and roles";
     post "/api/organizations/{uuid}/members/" => orgs::put_member, "organizations", "Add a member or change a role (admins; ownership by owners)";

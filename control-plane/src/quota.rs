@@ -51,6 +51,39 @@ pub fn period(interval: BillingInterval, now: OffsetDateTime) -> anyhow::Result<
     })
 }
 
+/// Counts one subscription's use; `Some` when it differs from the stored count.
+async fn count_one(
+    row: &sqlx::any::AnyRow,
+    store: &dyn UsageStore,
+    now: OffsetDateTime,
+) -> anyhow::Result<Option<(Uuid, QuotaUsage)>> {
+    let config = uuid_col(row, "uuid")?;
+    let interval = match row.try_get::<String, _>("billing_interval")?.as_str() {
+        "year" => BillingInterval::Year,
+        _ => BillingInterval::Month,
+    };
+    let range = period(interval, now)?;
+    let used = agora_usage::totals(store, Scope::Config(config), range).await?;
+    let count = QuotaUsage {
+        period_start_ms: range.from_ms,
+        period_end_ms: range.to_ms,
+        counted_at_ms: now_ms(),
+        requests: used.billable_requests,
+        tokens: used.input_tokens.saturating_add(used.output_tokens),
+    };
+    let stored = (
+        row.try_get::<Option<i64>, _>("period_start")?,
+        row.try_get::<Option<i64>, _>("requests")?,
+        row.try_get::<Option<i64>, _>("tokens")?,
+    );
+    let fresh = (
+        Some(count.period_start_ms),
+        Some(db_count(count.requests)),
+        Some(db_count(count.tokens)),
+    );
+    Ok((stored != fresh).then_some((config, count)))
+}
+
 /// Counts every subscription with a quota once; returns how many counts changed.
 pub async fn count_once(db: &Db, store: &dyn UsageStore) -> anyhow::Result<usize> {
     let rows = sqlx::query(
@@ -67,32 +100,16 @@ pub async fn count_once(db: &Db, store: &dyn UsageStore) -> anyhow::Result<usize
     let now = OffsetDateTime::now_utc();
     let mut changed: Vec<(Uuid, QuotaUsage)> = Vec::new();
     for row in &rows {
-        let config = uuid_col(row, "uuid")?;
-        let interval = match row.try_get::<String, _>("billing_interval")?.as_str() {
-            "year" => BillingInterval::Year,
-            _ => BillingInterval::Month,
-        };
-        let range = period(interval, now)?;
-        let used = agora_usage::totals(store, Scope::Config(config), range).await?;
-        let count = QuotaUsage {
-            period_start_ms: range.from_ms,
-            period_end_ms: range.to_ms,
-            counted_at_ms: now_ms(),
-            requests: used.billable_requests,
-            tokens: used.input_tokens.saturating_add(used.output_tokens),
-        };
-        let stored = (
-            row.try_get::<Option<i64>, _>("period_start")?,
-            row.try_get::<Option<i64>, _>("requests")?,
-            row.try_get::<Option<i64>, _>("tokens")?,
-        );
-        let fresh = (
-            Some(count.period_start_ms),
-            Some(db_count(count.requests)),
-            Some(db_count(count.tokens)),
-        );
-        if stored != fresh {
-            changed.push((config, count));
+        // Each subscription on its own: one that cannot be counted (a bad row, a
+        // failed read) is logged and keeps its last count; the others go on.
+        match count_one(row, store, now).await {
+            Ok(Some(change)) => changed.push(change),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                config = row.try_get::<String, _>("uuid").unwrap_or_default(),
+                error = format!("{e:#}"),
+                "a subscription's quota use could not be counted"
+            ),
         }
     }
     if changed.is_empty() {

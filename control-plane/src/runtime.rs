@@ -2,16 +2,30 @@
 //! See the runtime contract: `POST /api/v1/flows/` with `x-api-key` answers
 //! 201 with the created flow, whose `id` the proxy later runs.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use agora_config::settings::RuntimeSettings;
 use secrecy::{ExposeSecret, SecretString};
+
+use crate::flow_code::Catalog;
+
+/// How long a runtime's component catalog is reused before it is read again.
+const CATALOG_TTL: Duration = Duration::from_secs(300);
+/// Langflow builds its catalog on the first request after a start, which can
+/// take tens of seconds on a small machine; later reads take a fraction of one.
+const CATALOG_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The last catalog read, and when.
+type CachedCatalog = Arc<Mutex<Option<(Instant, Arc<Catalog>)>>>;
 
 #[derive(Clone)]
 pub struct RuntimeClient {
     base: String,
     api_key: SecretString,
     http: reqwest::Client,
+    timeout: Duration,
+    catalog: CachedCatalog,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +38,8 @@ pub enum RuntimeError {
     Rejected { status: u16, detail: String },
     #[error("the runtime answered without a flow id")]
     NoFlowId,
+    #[error("the runtime's component catalog could not be read: {reason}")]
+    NoCatalog { reason: String },
 }
 
 impl RuntimeError {
@@ -38,6 +54,9 @@ impl RuntimeError {
             }
             RuntimeError::Rejected { .. } => "the agent runtime rejected the flow",
             RuntimeError::NoFlowId => "the agent runtime answered without a flow id",
+            RuntimeError::NoCatalog { .. } => {
+                "the agent runtime's component catalog could not be read; try again later"
+            }
         }
     }
 
@@ -47,6 +66,7 @@ impl RuntimeError {
             RuntimeError::Unauthorized { .. } => "runtime_unauthorized",
             RuntimeError::Rejected { .. } => "runtime_rejected",
             RuntimeError::NoFlowId => "runtime_bad_response",
+            RuntimeError::NoCatalog { .. } => "runtime_catalog_unavailable",
         }
     }
 }
@@ -76,7 +96,55 @@ impl RuntimeClient {
             base: base.trim_end_matches('/').to_owned(),
             api_key,
             http,
+            timeout,
+            catalog: Arc::default(),
         })
+    }
+
+    /// The runtime's component catalog (`GET /api/v1/all`), read at most every
+    /// [`CATALOG_TTL`].
+    pub async fn catalog(&self) -> Result<Arc<Catalog>, RuntimeError> {
+        if let Some((at, catalog)) = self.cached_catalog() {
+            if at.elapsed() < CATALOG_TTL {
+                return Ok(catalog);
+            }
+        }
+        let fail = |reason: String| RuntimeError::NoCatalog { reason };
+        let response = self
+            .http
+            .get(format!("{}/api/v1/all", self.base))
+            .header("x-api-key", self.api_key.expose_secret())
+            .timeout(CATALOG_TIMEOUT.max(self.timeout))
+            .send()
+            .await
+            .map_err(|e| RuntimeError::Unreachable {
+                url: self.base.clone(),
+                reason: without_url(&e),
+            })?;
+        let status = response.status().as_u16();
+        if status == 401 || status == 403 {
+            return Err(RuntimeError::Unauthorized { status });
+        }
+        if status != 200 {
+            return Err(fail(format!("HTTP {status}")));
+        }
+        let all: serde_json::Value = response.json().await.map_err(|e| fail(without_url(&e)))?;
+        let catalog = Catalog::from_all(&all);
+        if catalog.is_empty() {
+            return Err(fail("it lists no components".into()));
+        }
+        let catalog = Arc::new(catalog);
+        *self.catalog.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), Arc::clone(&catalog)));
+        Ok(catalog)
+    }
+
+    fn cached_catalog(&self) -> Option<(Instant, Arc<Catalog>)> {
+        self.catalog
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(at, c)| (*at, Arc::clone(c)))
     }
 
     pub fn base_url(&self) -> &str {

@@ -62,6 +62,8 @@ pub enum GatewayError {
         limit: usize,
     },
     NotFound,
+    /// A usage report names a config this gateway does not serve.
+    UnknownConfig,
     MethodNotAllowed,
     /// The key's agent config has no route (not published, or no runtime).
     AgentUnavailable,
@@ -87,7 +89,7 @@ impl GatewayError {
             BadRequest { .. } => 400,
             BodyTooLarge { .. } => 413,
             HeadersTooLarge { .. } => 431,
-            NotFound | UsageReportsDisabled => 404,
+            NotFound | UsageReportsDisabled | UnknownConfig => 404,
             MethodNotAllowed => 405,
             AgentUnavailable | NotReady | ShuttingDown | MeteringUnavailable => 503,
             UpstreamUnreachable | UpstreamStatus(_) => 502,
@@ -110,6 +112,7 @@ impl GatewayError {
             BodyTooLarge { .. } => "body_too_large",
             HeadersTooLarge { .. } => "headers_too_large",
             NotFound | UsageReportsDisabled => "not_found",
+            UnknownConfig => "unknown_config",
             MethodNotAllowed => "method_not_allowed",
             AgentUnavailable => "agent_unavailable",
             UpstreamUnreachable => "runtime_unreachable",
@@ -144,6 +147,7 @@ impl GatewayError {
             }
             NotFound => "No such route.".into(),
             UsageReportsDisabled => "No such route.".into(),
+            UnknownConfig => "No agent config with this config_uuid is served here.".into(),
             MethodNotAllowed => "Method not allowed on this route.".into(),
             AgentUnavailable => "The agent is not available right now.".into(),
             UpstreamUnreachable => "The agent runtime could not be reached.".into(),

@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use crate::deadline::within;
 use crate::error::{GatewayError, RateHeaders};
 use crate::h1::{self, Chunked, Framing, ResponseHead};
-use crate::invoke::{Tokens, UsageReader};
+use crate::invoke::{trimmed, RunReading, SessionScrub, UsageReader, MAX_ERROR_DETAIL};
 use crate::server::Conn;
 use crate::state::RouteTarget;
 
@@ -67,7 +67,10 @@ pub struct Progress {
     pub upstream_sent: Option<Instant>,
     pub upstream_done: Option<Instant>,
     pub bytes_out: u64,
-    pub tokens: Option<Tokens>,
+    /// What the runtime's answer said: its counts, text, a failure.
+    pub reading: RunReading,
+    /// The runtime's `detail` when it answered with an error status.
+    pub runtime_detail: Option<String>,
 }
 
 pub enum Failure {
@@ -288,7 +291,7 @@ impl Upstreams {
             }
         };
         if !(200..300).contains(&head.status) {
-            tracing::warn!(status = head.status, "runtime answered with an error");
+            p.runtime_detail = error_detail(&mut up, &head, timeout).await;
             return Err(Failure::Refused(GatewayError::UpstreamStatus(head.status)));
         }
 
@@ -319,39 +322,42 @@ impl Upstreams {
             }
         }
         conn.header(b"x-agora-request-id", x.request_id);
-        // How the body reaches the client: as the runtime framed it, or chunked
-        // for an answer delimited by the runtime closing; an HTTP/1.0 client gets
-        // the data and a close.
-        let relay = match head.framing {
-            Framing::Empty => Relay::Empty,
-            Framing::Length(n) => {
-                conn.header_u64(b"content-length", n);
-                Relay::Length(n)
-            }
-            Framing::Chunked if conn.http11 => {
-                conn.header(b"transfer-encoding", b"chunked");
-                Relay::Chunked { pass: true }
-            }
-            Framing::Chunked => {
-                conn.keep_alive = false;
-                Relay::Chunked { pass: false }
-            }
-            Framing::Close if conn.http11 => {
-                conn.header(b"transfer-encoding", b"chunked");
-                Relay::Close { chunk: true }
-            }
-            Framing::Close => {
-                conn.keep_alive = false;
-                Relay::Close { chunk: false }
-            }
-        };
+        // Session ids in the answer lose the config's namespace on the way, so
+        // the body's length can change: a body already here whole goes with its
+        // new length; anything else is chunked to an HTTP/1.1 client, or sent as
+        // it comes with a close to an HTTP/1.0 one.
         up.buf.advance(head.len);
+        let mut scrub = SessionScrub::new(&target.route.config);
+        let mut reader = UsageReader::new(x.stream);
+        let mut whole = Vec::new();
+        let (source, out) = match head.framing {
+            Framing::Empty => (Source::Length(0), Out::Raw),
+            Framing::Length(n) if up.buf.len() as u64 >= n => {
+                let data = up.buf.split_to(n as usize).freeze();
+                account(&mut reader, p, &data);
+                scrub.scrub(&data, &mut whole);
+                scrub.finish(&mut whole);
+                conn.header_u64(b"content-length", whole.len() as u64);
+                (Source::Length(0), Out::Raw)
+            }
+            Framing::Length(n) => (Source::Length(n), out_framing(conn)),
+            Framing::Chunked => (Source::Chunked, out_framing(conn)),
+            Framing::Close => (Source::Close, out_framing(conn)),
+        };
         p.status = head.status;
         conn.end_head();
+        if !whole.is_empty() {
+            conn.write(&whole).await.map_err(|_| cancelled(conn))?;
+        }
 
-        let mut reader = UsageReader::new(x.stream);
-        let result = relay_body(&mut up, conn, relay, timeout, &mut reader, p).await;
-        p.tokens = reader.finish();
+        let mut relay = Relay {
+            source,
+            out,
+            scrub,
+            scrubbed: whole,
+        };
+        let result = relay_body(&mut up, conn, &mut relay, timeout, &mut reader, p).await;
+        p.reading = reader.finish();
         if let Err(failure) = result {
             conn.keep_alive = false;
             return Err(failure);
@@ -369,92 +375,163 @@ fn cancelled(conn: &mut Conn) -> Failure {
     Failure::Cancelled
 }
 
+/// How the runtime delimits the rest of its body.
 #[derive(Clone, Copy)]
-enum Relay {
-    Empty,
+enum Source {
     Length(u64),
-    /// `pass`: the chunks go on as they are; else only their data.
-    Chunked {
-        pass: bool,
-    },
-    /// `chunk`: each read goes on as one chunk; else as it is.
-    Close {
-        chunk: bool,
-    },
+    Chunked,
+    /// Until the runtime closes.
+    Close,
+}
+
+/// How the client receives body data: as chunks, or as it is (then the
+/// connection closes at the end).
+#[derive(Clone, Copy)]
+enum Out {
+    Chunked,
+    Raw,
+}
+
+/// Chunked for an HTTP/1.1 client, else raw with a close; adds the field.
+fn out_framing(conn: &mut Conn) -> Out {
+    if conn.http11 {
+        conn.header(b"transfer-encoding", b"chunked");
+        Out::Chunked
+    } else {
+        conn.keep_alive = false;
+        Out::Raw
+    }
+}
+
+struct Relay {
+    source: Source,
+    out: Out,
+    scrub: SessionScrub,
+    /// Scratch for scrubbed data.
+    scrubbed: Vec<u8>,
+}
+
+impl Relay {
+    /// Sends one piece of body data, scrubbed, reading it for usage.
+    async fn send(
+        &mut self,
+        conn: &mut Conn,
+        reader: &mut UsageReader,
+        p: &mut Progress,
+        data: &Bytes,
+    ) -> Result<(), Failure> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        account(reader, p, data);
+        self.scrubbed.clear();
+        self.scrub.scrub(data, &mut self.scrubbed);
+        self.emit(conn).await
+    }
+
+    /// The end of the body: what the scrub held back, and the last chunk.
+    async fn end(&mut self, conn: &mut Conn) -> Result<(), Failure> {
+        self.scrubbed.clear();
+        self.scrub.finish(&mut self.scrubbed);
+        self.emit(conn).await?;
+        if let Out::Chunked = self.out {
+            conn.write(b"0\r\n\r\n")
+                .await
+                .map_err(|_| cancelled(conn))?;
+        }
+        conn.flush().await.map_err(|_| cancelled(conn))
+    }
+
+    async fn emit(&mut self, conn: &mut Conn) -> Result<(), Failure> {
+        if self.scrubbed.is_empty() {
+            return Ok(());
+        }
+        let data = &self.scrubbed;
+        let sent = async {
+            if let Out::Chunked = self.out {
+                let mut size = [0u8; 18];
+                conn.write(chunk_size(data.len(), &mut size)).await?;
+                conn.write(data).await?;
+                conn.write(b"\r\n").await
+            } else {
+                conn.write(data).await
+            }
+        };
+        sent.await.map_err(|_| cancelled(conn))
+    }
+}
+
+/// `{len:x}\r\n` without allocating.
+fn chunk_size(len: usize, buf: &mut [u8; 18]) -> &[u8] {
+    let mut i = 16;
+    let mut n = len;
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    buf[16] = b'\r';
+    buf[17] = b'\n';
+    &buf[i..]
 }
 
 /// Copies the body from the runtime to the client, read by read.
 async fn relay_body(
     up: &mut UpConn,
     conn: &mut Conn,
-    relay: Relay,
+    relay: &mut Relay,
     timeout: Duration,
     reader: &mut UsageReader,
     p: &mut Progress,
 ) -> Result<(), Failure> {
-    let mut remaining = match relay {
-        Relay::Length(n) => n,
+    let mut remaining = match relay.source {
+        Source::Length(n) => n,
         _ => 0,
     };
     let mut decoder = Chunked::default();
     let mut ranges: Vec<Range<usize>> = Vec::new();
-    let mut done = matches!(relay, Relay::Empty | Relay::Length(0));
+    let mut done = matches!(relay.source, Source::Length(0));
     loop {
         if !up.buf.is_empty() && !done {
-            match relay {
-                Relay::Empty => {}
-                Relay::Length(_) => {
+            match relay.source {
+                Source::Length(_) => {
                     let take = (up.buf.len() as u64).min(remaining) as usize;
                     let data = up.buf.split_to(take).freeze();
                     remaining -= take as u64;
                     done = remaining == 0;
-                    pass_data(conn, reader, p, &data, false).await?;
+                    relay.send(conn, reader, p, &data).await?;
                 }
-                Relay::Chunked { pass } => {
+                Source::Chunked => {
                     ranges.clear();
                     let consumed = decoder
                         .decode(&up.buf, |r| ranges.push(r))
                         .map_err(|_| Failure::Broken(GatewayError::UpstreamUnreachable))?;
                     let raw = up.buf.split_to(consumed).freeze();
                     for r in ranges.drain(..) {
-                        let data = raw.slice(r);
-                        if pass {
-                            account(reader, p, &data);
-                        } else {
-                            pass_data(conn, reader, p, &data, false).await?;
-                        }
-                    }
-                    if pass {
-                        conn.write(&raw).await.map_err(|_| cancelled(conn))?;
+                        relay.send(conn, reader, p, &raw.slice(r)).await?;
                     }
                     done = decoder.is_done();
                 }
-                Relay::Close { chunk } => {
+                Source::Close => {
                     let data = up.buf.split().freeze();
-                    pass_data(conn, reader, p, &data, chunk).await?;
+                    relay.send(conn, reader, p, &data).await?;
                 }
             }
         }
         if done {
-            return conn.flush().await.map_err(|_| cancelled(conn));
+            return relay.end(conn).await;
         }
         conn.flush().await.map_err(|_| cancelled(conn))?;
         up.reserve();
         match within(timeout, up.io.read_buf(&mut up.buf)).await {
-            Some(Ok(0)) => {
-                if let Relay::Close { chunk } = relay {
-                    if chunk {
-                        conn.write(b"0\r\n\r\n")
-                            .await
-                            .map_err(|_| cancelled(conn))?;
-                    }
-                    done = true;
-                } else {
-                    return Err(Failure::Broken(GatewayError::UpstreamUnreachable));
-                }
+            Some(Ok(0)) if matches!(relay.source, Source::Close) => done = true,
+            Some(Ok(0)) | Some(Err(_)) => {
+                return Err(Failure::Broken(GatewayError::UpstreamUnreachable))
             }
             Some(Ok(_)) => {}
-            Some(Err(_)) => return Err(Failure::Broken(GatewayError::UpstreamUnreachable)),
             None => return Err(Failure::Broken(GatewayError::UpstreamTimeout)),
         }
     }
@@ -466,29 +543,40 @@ fn account(reader: &mut UsageReader, p: &mut Progress, data: &Bytes) {
     reader.feed(data);
 }
 
-/// Sends one piece of body data (as one chunk when `chunk`), reading it for usage.
-async fn pass_data(
-    conn: &mut Conn,
-    reader: &mut UsageReader,
-    p: &mut Progress,
-    data: &Bytes,
-    chunk: bool,
-) -> Result<(), Failure> {
-    if data.is_empty() {
-        return Ok(());
-    }
-    account(reader, p, data);
-    let sent = async {
-        if chunk {
-            conn.write(format!("{:x}\r\n", data.len()).as_bytes())
-                .await?;
-            conn.write(data).await?;
-            conn.write(b"\r\n").await
-        } else {
-            conn.write(data).await
-        }
+/// Longest error body read for its detail.
+const MAX_ERROR_BODY: u64 = 16 * 1024;
+
+/// Langflow's `detail` from an error answer whose body has a length (read within
+/// the timeout, at most [`MAX_ERROR_BODY`]), trimmed for the log. A component's
+/// failure comes as a `detail` string that holds JSON with a `message`.
+async fn error_detail(up: &mut UpConn, head: &ResponseHead, timeout: Duration) -> Option<String> {
+    let Framing::Length(n) = head.framing else {
+        return None;
     };
-    sent.await.map_err(|_| cancelled(conn))
+    if n > MAX_ERROR_BODY {
+        return None;
+    }
+    let want = head.len + n as usize;
+    while up.buf.len() < want {
+        up.reserve();
+        match within(timeout, up.io.read_buf(&mut up.buf)).await {
+            Some(Ok(read)) if read > 0 => {}
+            _ => return None,
+        }
+    }
+    let body = &up.buf[head.len..want];
+    let detail = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("detail").cloned());
+    let text = match detail {
+        Some(serde_json::Value::String(s)) => serde_json::from_str::<serde_json::Value>(&s)
+            .ok()
+            .and_then(|inner| inner.get("message")?.as_str().map(str::to_owned))
+            .unwrap_or(s),
+        Some(other) => other.to_string(),
+        None => String::from_utf8_lossy(body).into_owned(),
+    };
+    Some(trimmed(&text, MAX_ERROR_DETAIL))
 }
 
 /// The run request, head and body in one piece.

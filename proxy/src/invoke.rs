@@ -8,6 +8,9 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use agora_config::usage::TokenReport;
 
 use crate::error::GatewayError;
 use crate::state::RouteTarget;
@@ -15,10 +18,18 @@ use crate::state::RouteTarget;
 /// Longest accepted `session_id`.
 pub const MAX_SESSION_ID: usize = 256;
 
+/// Largest token count accepted for one request, from the runtime's answer or a
+/// report: far above any model's context, far below what a sum could overflow on.
+pub const MAX_TOKENS: u64 = 100_000_000;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BuyerBody {
-    input_value: String,
+    #[serde(default)]
+    input_value: Option<String>,
+    /// The seed API's name for `input_value`.
+    #[serde(default)]
+    input: Option<String>,
     #[serde(default = "chat")]
     input_type: InputType,
     #[serde(default = "chat_out")]
@@ -57,14 +68,41 @@ struct RuntimeBody<'a> {
     input_value: &'a str,
     input_type: InputType,
     output_type: OutputType,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    session_id: Option<&'a str>,
+    session_id: &'a str,
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     tweaks: &'a serde_json::Map<String, serde_json::Value>,
 }
 
+/// A validated run: the body for the runtime, and the buyer's input text (for a
+/// token estimate when the runtime reports none).
+pub struct RunBody {
+    pub body: Bytes,
+    pub input: String,
+}
+
+/// The session id the runtime sees for a caller's `session`: always under the
+/// config's namespace, `<config>:<session>`, so no input names another config's
+/// session. A caller that names none gets one per key (`key-<key id>`).
+pub fn runtime_session(config: &Uuid, session: Option<&str>, key_id: &Uuid) -> String {
+    match session {
+        Some(s) => format!("{config}:{s}"),
+        None => format!("{config}:key-{key_id}"),
+    }
+}
+
+fn invalid_body(message: String) -> GatewayError {
+    GatewayError::BadRequest {
+        code: "invalid_body",
+        message,
+    }
+}
+
 /// Validates the buyer's body and builds the one sent to the runtime.
-pub fn runtime_body(body: &[u8], target: &RouteTarget) -> Result<Bytes, GatewayError> {
+pub fn runtime_body(
+    body: &[u8],
+    target: &RouteTarget,
+    key_id: &Uuid,
+) -> Result<RunBody, GatewayError> {
     let buyer: BuyerBody = serde_json::from_slice(body).map_err(|e| {
         let message = e.to_string();
         // serde_json's messages name the field and never echo large values.
@@ -72,13 +110,19 @@ pub fn runtime_body(body: &[u8], target: &RouteTarget) -> Result<Bytes, GatewayE
             Some(i) => message[..i].to_owned(),
             None => message,
         };
-        GatewayError::BadRequest {
-            code: "invalid_body",
-            message: format!(
-                "The body must be JSON {{input_value, input_type?, output_type?, session_id?}}: {message}."
-            ),
-        }
+        invalid_body(format!(
+            "The body must be JSON {{input_value (or input), input_type?, output_type?, session_id?}}: {message}."
+        ))
     })?;
+    let input = match (buyer.input_value, buyer.input) {
+        (Some(v), None) | (None, Some(v)) => v,
+        (Some(_), Some(_)) => {
+            return Err(invalid_body(
+                "Give the input as input_value or as input, not both.".into(),
+            ))
+        }
+        (None, None) => return Err(invalid_body("missing field `input_value`.".into())),
+    };
     if let Some(session) = &buyer.session_id {
         if session.is_empty()
             || session.len() > MAX_SESSION_ID
@@ -92,19 +136,143 @@ pub fn runtime_body(body: &[u8], target: &RouteTarget) -> Result<Bytes, GatewayE
             });
         }
     }
+    let session = runtime_session(&target.route.config, buyer.session_id.as_deref(), key_id);
     let out = RuntimeBody {
-        input_value: &buyer.input_value,
+        input_value: &input,
         input_type: buyer.input_type,
         output_type: buyer.output_type,
-        session_id: buyer.session_id.as_deref(),
+        session_id: &session,
         tweaks: &target.route.tweaks,
     };
-    serde_json::to_vec(&out)
+    let body = serde_json::to_vec(&out)
         .map(Bytes::from)
-        .map_err(|_| GatewayError::BadRequest {
-            code: "invalid_body",
-            message: "The body cannot be encoded.".into(),
-        })
+        .map_err(|_| invalid_body("The body cannot be encoded.".into()))?;
+    Ok(RunBody { body, input })
+}
+
+/// Takes the config's namespace off the session ids in a runtime's answer, so the
+/// caller sees the id it sent: every `"<config>:` becomes `"`. Works on the body
+/// as it passes, piece by piece; a piece that ends part way into the pattern keeps
+/// that tail back (at most 37 bytes) until the next piece shows whether it matches.
+pub struct SessionScrub {
+    /// `"` + the config's hyphenated uuid + `:`.
+    pattern: [u8; 38],
+    held: Vec<u8>,
+}
+
+impl SessionScrub {
+    pub fn new(config: &Uuid) -> SessionScrub {
+        let mut pattern = [0u8; 38];
+        pattern[0] = b'"';
+        config.hyphenated().encode_lower(&mut pattern[1..37]);
+        pattern[37] = b':';
+        SessionScrub {
+            pattern,
+            held: Vec::new(),
+        }
+    }
+
+    /// Appends `data`, scrubbed, to `out`.
+    pub fn scrub(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        if self.held.is_empty() {
+            self.scan(data, out);
+        } else {
+            let mut joined = std::mem::take(&mut self.held);
+            joined.extend_from_slice(data);
+            self.scan(&joined, out);
+        }
+    }
+
+    /// Whatever was held back, at the end of the body.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        out.append(&mut self.held);
+    }
+
+    fn scan(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        let p = &self.pattern;
+        let mut emitted = 0;
+        let mut at = 0;
+        while let Some(i) = data[at..].iter().position(|&b| b == b'"').map(|i| at + i) {
+            let rest = &data[i..];
+            if rest.len() >= p.len() {
+                if rest[..p.len()] == p[..] {
+                    out.extend_from_slice(&data[emitted..=i]);
+                    emitted = i + p.len();
+                    at = emitted;
+                } else {
+                    at = i + 1;
+                }
+            } else if p.starts_with(rest) {
+                // The pattern holds one `"`: no later start can match here.
+                out.extend_from_slice(&data[emitted..i]);
+                self.held.extend_from_slice(rest);
+                return;
+            } else {
+                at = i + 1;
+            }
+        }
+        out.extend_from_slice(&data[emitted..]);
+    }
+}
+
+/// A runtime's usage report (`POST /api/agent-gateway/usage/`).
+pub enum Report {
+    /// Counts for one request the gateway forwarded (its `X-Agora-Request-Id`).
+    Request(TokenReport),
+    /// Runtime-side usage of a config not tied to one request; `event_id` makes
+    /// a report sent again count once.
+    Config {
+        config: Uuid,
+        event_id: Option<Uuid>,
+        tokens: Tokens,
+    },
+}
+
+/// Reads a usage report: `{request_id, input_tokens, output_tokens}` or
+/// `{config_uuid, input_tokens, output_tokens, event_id?}`, counts at most
+/// [`MAX_TOKENS`] each.
+pub fn usage_report(body: &[u8]) -> Result<Report, GatewayError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        request_id: Option<Uuid>,
+        config_uuid: Option<Uuid>,
+        event_id: Option<Uuid>,
+        input_tokens: u64,
+        output_tokens: u64,
+    }
+    const SHAPE: &str = "The body must be JSON {request_id, input_tokens, output_tokens} or {config_uuid, input_tokens, output_tokens, event_id?}";
+    let b: Body = serde_json::from_slice(body).map_err(|e| {
+        invalid_body(format!(
+            "{SHAPE}: {}.",
+            e.to_string().split(" at line").next().unwrap_or_default()
+        ))
+    })?;
+    if b.input_tokens > MAX_TOKENS || b.output_tokens > MAX_TOKENS {
+        return Err(GatewayError::BadRequest {
+            code: "tokens_out_of_range",
+            message: format!("input_tokens and output_tokens are at most {MAX_TOKENS} each."),
+        });
+    }
+    let tokens = Tokens {
+        input: b.input_tokens,
+        output: b.output_tokens,
+    };
+    match (b.request_id, b.config_uuid, b.event_id) {
+        (Some(request_id), None, None) => Ok(Report::Request(TokenReport {
+            request_id,
+            input_tokens: tokens.input,
+            output_tokens: tokens.output,
+        })),
+        (None, Some(config), event_id) => Ok(Report::Config {
+            config,
+            event_id,
+            tokens,
+        }),
+        _ => Err(invalid_body(format!(
+            "{SHAPE}: give request_id or config_uuid (event_id only with config_uuid)."
+        ))),
+    }
 }
 
 /// Whether `?stream=` asks for a stream; any other query member is refused.
@@ -132,23 +300,48 @@ pub struct Tokens {
     pub output: u64,
 }
 
-/// Reads token usage from what the runtime sends, without holding up the bytes:
-/// chunks are shared (`Bytes` clones), and only the part that can carry usage is
-/// parsed — the whole body of a non-stream answer, the `end` event of a stream.
+/// What a runtime's answer said, read as it passed to the client.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RunReading {
+    /// The runtime's own counts, when it gave them within [`MAX_TOKENS`].
+    pub tokens: Option<Tokens>,
+    /// The answer's message text (the final message, or the streamed tokens of a
+    /// stream cut before its end), for an estimate when `tokens` is `None`.
+    pub output_text: String,
+    /// The detail of an `error` event: the run failed after its stream started.
+    pub error: Option<String>,
+}
+
+/// Which stream events are read; the others pass unparsed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EventKind {
+    End,
+    Token,
+    Error,
+}
+
+/// Reads what the runtime sends without holding up the bytes: chunks are shared
+/// (`Bytes` clones), and only what can carry usage, text or an error is parsed —
+/// the whole body of a non-stream answer; a stream's `end`, `token` and `error`
+/// events.
 pub struct UsageReader {
     stream: bool,
     /// Chunks of the current stream event, or of the whole non-stream body.
     pending: Vec<Bytes>,
     pending_len: usize,
-    /// Whether the pending event is still a candidate (`end`) or over the bound.
+    /// The pending event's kind, once its head was seen.
+    kind: Option<EventKind>,
+    /// Whether the pending event is skipped (not read, or over the bound).
     skip: bool,
     /// Whether the last chunk fed ended with a newline (half of a separator).
     prev_newline: bool,
-    found: Option<Tokens>,
+    reading: RunReading,
 }
 
-/// Longest body or stream event parsed for usage.
+/// Longest body or stream event parsed.
 const MAX_USAGE_SCAN: usize = 1024 * 1024;
+/// Longest error detail kept.
+pub const MAX_ERROR_DETAIL: usize = 300;
 
 impl UsageReader {
     pub fn new(stream: bool) -> UsageReader {
@@ -156,9 +349,10 @@ impl UsageReader {
             stream,
             pending: Vec::new(),
             pending_len: 0,
+            kind: None,
             skip: false,
             prev_newline: false,
-            found: None,
+            reading: RunReading::default(),
         }
     }
 
@@ -184,34 +378,38 @@ impl UsageReader {
         }
     }
 
-    /// Called at the end of the body.
-    pub fn finish(&mut self) -> Option<Tokens> {
+    /// Called at the end of the body (or when it was cut).
+    pub fn finish(&mut self) -> RunReading {
         if self.stream {
             self.finish_event();
         } else if !self.skip {
             let body = self.take();
-            self.found = last_usage(&body).or(self.found);
+            self.reading.tokens = last_usage(&body);
+            if self.reading.tokens.is_none() {
+                if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&body) {
+                    self.reading.output_text = message_text(&value).to_owned();
+                }
+            }
         }
-        self.found
+        std::mem::take(&mut self.reading)
     }
 
     fn push(&mut self, bytes: Bytes) {
         if self.skip || bytes.is_empty() {
             return;
         }
-        if self.stream && self.pending.is_empty() {
-            // Only the `end` event carries the final result; skip others unparsed.
-            let head = &bytes[..bytes.len().min(32)];
-            let trimmed = head
-                .iter()
-                .position(|b| !b.is_ascii_whitespace())
-                .unwrap_or(0);
-            if !head[trimmed..].starts_with(b"{\"event\": \"end\"")
-                && !head[trimmed..].starts_with(b"{\"event\":\"end\"")
-                && head.len() - trimmed >= 16
-            {
-                self.skip = true;
-                return;
+        if self.stream && self.kind.is_none() {
+            let head = &self.pending.first().unwrap_or(&bytes)[..];
+            let head = head.trim_ascii_start();
+            match event_kind(head) {
+                Some(Some(kind)) => self.kind = Some(kind),
+                Some(None) => {
+                    self.skip = true;
+                    self.pending.clear();
+                    self.pending_len = 0;
+                    return;
+                }
+                None => {}
             }
         }
         self.pending_len += bytes.len();
@@ -225,14 +423,66 @@ impl UsageReader {
 
     fn finish_event(&mut self) {
         let skip = std::mem::replace(&mut self.skip, false);
+        let kind = self.kind.take();
         let event = self.take();
         if skip || event.is_empty() {
             return;
         }
-        if event.trim_ascii_start().starts_with(b"{\"event\": \"end\"")
-            || event.trim_ascii_start().starts_with(b"{\"event\":\"end\"")
-        {
-            self.found = last_usage(&event).or(self.found);
+        let kind = match kind {
+            Some(kind) => kind,
+            // An event shorter than the head that tells its kind.
+            None => match event_kind(event.trim_ascii_start()) {
+                Some(Some(kind)) => kind,
+                _ => return,
+            },
+        };
+        #[derive(Deserialize)]
+        struct Event {
+            data: serde_json::Value,
+        }
+        match kind {
+            EventKind::End => {
+                self.reading.tokens = last_usage(&event).or(self.reading.tokens);
+                if self.reading.tokens.is_none() {
+                    if let Ok(e) = serde_json::from_slice::<Event>(&event) {
+                        let text = message_text(e.data.get("result").unwrap_or(&e.data));
+                        if !text.is_empty() {
+                            self.reading.output_text = text.to_owned();
+                        }
+                    }
+                }
+            }
+            EventKind::Token => {
+                #[derive(Deserialize)]
+                struct Token<'a> {
+                    #[serde(borrow)]
+                    data: TokenData<'a>,
+                }
+                #[derive(Deserialize)]
+                struct TokenData<'a> {
+                    #[serde(borrow)]
+                    chunk: std::borrow::Cow<'a, str>,
+                }
+                if let Ok(t) = serde_json::from_slice::<Token>(&event) {
+                    let text = &mut self.reading.output_text;
+                    if text.len() + t.data.chunk.len() <= MAX_USAGE_SCAN {
+                        text.push_str(&t.data.chunk);
+                    }
+                }
+            }
+            EventKind::Error => {
+                let detail = serde_json::from_slice::<Event>(&event)
+                    .ok()
+                    .and_then(|e| {
+                        let d = &e.data;
+                        d.get("text")
+                            .or_else(|| d.get("error"))
+                            .and_then(|v| v.as_str())
+                            .map(str::to_owned)
+                    })
+                    .unwrap_or_else(|| "the run failed".to_owned());
+                self.reading.error = Some(trimmed(&detail, MAX_ERROR_DETAIL));
+            }
         }
     }
 
@@ -244,6 +494,59 @@ impl UsageReader {
         }
         out
     }
+}
+
+/// The kind of a stream event from its first bytes: `None` while too few are
+/// seen to tell, `Some(None)` for an event that is not read.
+fn event_kind(head: &[u8]) -> Option<Option<EventKind>> {
+    const KINDS: [(&[u8], EventKind); 3] = [
+        (b"end\"", EventKind::End),
+        (b"token\"", EventKind::Token),
+        (b"error\"", EventKind::Error),
+    ];
+    let name = head
+        .strip_prefix(b"{\"event\": \"")
+        .or_else(|| head.strip_prefix(b"{\"event\":\""));
+    let Some(name) = name else {
+        // Not yet the whole `{"event": "` prefix, or another shape.
+        return if b"{\"event\": \"".starts_with(head) || b"{\"event\":\"".starts_with(head) {
+            None
+        } else {
+            Some(None)
+        };
+    };
+    for (kind_name, kind) in KINDS {
+        if name.starts_with(kind_name) {
+            return Some(Some(kind));
+        }
+    }
+    if KINDS.iter().any(|(k, _)| k.starts_with(name)) {
+        None
+    } else {
+        Some(None)
+    }
+}
+
+/// The first output's message text of a run result
+/// (`outputs[0].outputs[0].results.message.text`), or "".
+fn message_text(result: &serde_json::Value) -> &str {
+    result
+        .pointer("/outputs/0/outputs/0/results/message/text")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+pub fn trimmed(text: &str, max: usize) -> String {
+    let text = text.trim();
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 /// Finds `\n\n` in `bytes` (or a leading `\n` when the previous chunk ended with one):
@@ -277,6 +580,14 @@ fn last_usage(json: &[u8]) -> Option<Tokens> {
         };
         let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Usage>();
         if let Some(Ok(usage)) = values.next() {
+            if usage.input_tokens > MAX_TOKENS || usage.output_tokens > MAX_TOKENS {
+                tracing::warn!(
+                    input_tokens = usage.input_tokens,
+                    output_tokens = usage.output_tokens,
+                    "runtime token counts over the bound ignored"
+                );
+                return None;
+            }
             return Some(Tokens {
                 input: usage.input_tokens,
                 output: usage.output_tokens,
@@ -317,15 +628,21 @@ mod tests {
         )
     }
 
+    fn key() -> Uuid {
+        Uuid::from_u128(9)
+    }
+
+    fn built(body: &[u8]) -> Result<serde_json::Value, GatewayError> {
+        let run = runtime_body(body, &target(), &key())?;
+        Ok(serde_json::from_slice(&run.body).unwrap())
+    }
+
     #[test]
     fn bodies_are_validated_and_rebuilt() {
-        let t = target();
-        let out = runtime_body(br#"{"input_value":"hi","session_id":"s1"}"#, &t).unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let v = built(br#"{"input_value":"hi","session_id":"s1"}"#).unwrap();
         assert_eq!(v["input_value"], "hi");
         assert_eq!(v["input_type"], "chat");
         assert_eq!(v["output_type"], "chat");
-        assert_eq!(v["session_id"], "s1");
         assert_eq!(v["tweaks"]["Prompt-1"]["template"], "Be kind");
 
         for (body, needle) in [
@@ -341,8 +658,9 @@ mod tests {
                 br#"{"input_value":"hi","output_type":"html"}"#,
                 "output_type",
             ),
+            (br#"{"input_value":"a","input":"b"}"#, "not both"),
         ] {
-            match runtime_body(body, &t) {
+            match built(body) {
                 Err(GatewayError::BadRequest { code, message }) => {
                     assert_eq!(code, "invalid_body");
                     assert!(message.contains(needle), "{message} lacks {needle}");
@@ -351,12 +669,156 @@ mod tests {
             }
         }
         assert!(matches!(
-            runtime_body(br#"{"input_value":"hi","session_id":""}"#, &t),
+            built(br#"{"input_value":"hi","session_id":""}"#),
             Err(GatewayError::BadRequest {
                 code: "invalid_session_id",
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn the_seed_apis_input_is_taken_as_input_value() {
+        let run = runtime_body(
+            br#"{"input":"Hello, how can you help me?"}"#,
+            &target(),
+            &key(),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&run.body).unwrap();
+        assert_eq!(v["input_value"], "Hello, how can you help me?");
+        assert_eq!(run.input, "Hello, how can you help me?");
+    }
+
+    #[test]
+    fn the_runtime_sees_sessions_only_under_the_configs_namespace() {
+        let config = Uuid::from_u128(1);
+        let v = built(br#"{"input_value":"hi","session_id":"s1"}"#).unwrap();
+        assert_eq!(v["session_id"], format!("{config}:s1"));
+        // Naming another config's namespaced session stays inside this one.
+        let other = Uuid::from_u128(77);
+        let body = format!(r#"{{"input_value":"hi","session_id":"{other}:s1"}}"#);
+        let v = built(body.as_bytes()).unwrap();
+        assert_eq!(v["session_id"], format!("{config}:{other}:s1"));
+        // No session: one per key.
+        let v = built(br#"{"input_value":"hi"}"#).unwrap();
+        assert_eq!(v["session_id"], format!("{config}:key-{}", key()));
+    }
+
+    fn scrub_all(config: &Uuid, pieces: &[&[u8]]) -> Vec<u8> {
+        let mut scrub = SessionScrub::new(config);
+        let mut out = Vec::new();
+        for piece in pieces {
+            scrub.scrub(piece, &mut out);
+        }
+        scrub.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn answers_lose_the_namespace_however_they_are_split() {
+        let config = Uuid::from_u128(1);
+        let body = format!(
+            r#"{{"session_id": "{config}:s1", "outputs": [{{"session_id":"{config}:s1", "text": "a "quote" and {config}: stays"}}]}}"#
+        );
+        let want = r#"{"session_id": "s1", "outputs": [{"session_id":"s1", "text": "a "quote" and 00000000-0000-0000-0000-000000000001: stays"}]}"#;
+        let bytes = body.as_bytes();
+        assert_eq!(
+            String::from_utf8(scrub_all(&config, &[bytes])).unwrap(),
+            want
+        );
+        for split in 1..bytes.len() {
+            let out = scrub_all(&config, &[&bytes[..split], &bytes[split..]]);
+            assert_eq!(String::from_utf8(out).unwrap(), want, "split at {split}");
+        }
+        // Another config's id is not touched, and a held tail that does not match
+        // is given back.
+        let other = Uuid::from_u128(2);
+        let text = format!(r#"{{"session_id": "{other}:s1"}}"#);
+        assert_eq!(scrub_all(&config, &[text.as_bytes()]), text.as_bytes());
+        assert_eq!(
+            scrub_all(&config, &[b"x \"00000000-0000"]),
+            b"x \"00000000-0000"
+        );
+    }
+
+    #[test]
+    fn usage_reports_of_both_shapes_within_bounds() {
+        let id = Uuid::from_u128(5);
+        match usage_report(
+            format!(r#"{{"request_id":"{id}","input_tokens":1,"output_tokens":2}}"#).as_bytes(),
+        ) {
+            Ok(Report::Request(r)) => {
+                assert_eq!((r.request_id, r.input_tokens, r.output_tokens), (id, 1, 2))
+            }
+            _ => panic!("request report refused"),
+        }
+        match usage_report(
+            format!(
+                r#"{{"config_uuid":"{id}","input_tokens":3,"output_tokens":4,"event_id":"{id}"}}"#
+            )
+            .as_bytes(),
+        ) {
+            Ok(Report::Config {
+                config,
+                event_id,
+                tokens,
+            }) => {
+                assert_eq!(
+                    (config, event_id, tokens),
+                    (
+                        id,
+                        Some(id),
+                        Tokens {
+                            input: 3,
+                            output: 4
+                        }
+                    )
+                )
+            }
+            _ => panic!("config report refused"),
+        }
+        for body in [
+            format!(
+                r#"{{"config_uuid":"{id}","input_tokens":18446744073709551615,"output_tokens":0}}"#
+            ),
+            format!(
+                r#"{{"config_uuid":"{id}","input_tokens":0,"output_tokens":{}}}"#,
+                MAX_TOKENS + 1
+            ),
+        ] {
+            assert!(
+                matches!(
+                    usage_report(body.as_bytes()),
+                    Err(GatewayError::BadRequest {
+                        code: "tokens_out_of_range",
+                        ..
+                    })
+                ),
+                "{body}"
+            );
+        }
+        for body in [
+            format!(
+                r#"{{"request_id":"{id}","config_uuid":"{id}","input_tokens":1,"output_tokens":1}}"#
+            ),
+            format!(
+                r#"{{"request_id":"{id}","event_id":"{id}","input_tokens":1,"output_tokens":1}}"#
+            ),
+            r#"{"input_tokens":1,"output_tokens":1}"#.to_owned(),
+            r#"{"config_uuid":"nope","input_tokens":1,"output_tokens":1}"#.to_owned(),
+        ] {
+            assert!(
+                matches!(
+                    usage_report(body.as_bytes()),
+                    Err(GatewayError::BadRequest {
+                        code: "invalid_body",
+                        ..
+                    })
+                ),
+                "{body}"
+            );
+        }
     }
 
     #[test]
@@ -375,7 +837,7 @@ mod tests {
             reader.feed(&Bytes::copy_from_slice(piece));
         }
         assert_eq!(
-            reader.finish(),
+            reader.finish().tokens,
             Some(Tokens {
                 input: 5,
                 output: 7
@@ -396,7 +858,7 @@ mod tests {
             reader.feed(&Bytes::copy_from_slice(&stream[..split]));
             reader.feed(&Bytes::copy_from_slice(&stream[split..]));
             assert_eq!(
-                reader.finish(),
+                reader.finish().tokens,
                 Some(Tokens {
                     input: 5,
                     output: 9
@@ -404,9 +866,60 @@ mod tests {
                 "split at {split}"
             );
         }
-        // A stream cut before `end` has no runtime count.
+        // A stream cut before `end` has no runtime count, but the tokens it streamed.
         let mut reader = UsageReader::new(true);
         reader.feed(&Bytes::copy_from_slice(&stream[..150]));
-        assert_eq!(reader.finish(), None);
+        let reading = reader.finish();
+        assert_eq!(reading.tokens, None);
+        assert_eq!(reading.output_text, "a");
+    }
+
+    #[test]
+    fn a_stream_ending_in_an_error_event_is_read_as_failed() {
+        let stream = concat!(
+            "{\"event\": \"add_message\", \"data\": {\"text\": \"please boom\"}}\n\n",
+            "{\"event\": \"error\", \"data\": {\"text\": \"boom from RaiseError component\\n\", \"category\": \"error\"}}\n\n",
+        )
+        .as_bytes();
+        for split in 1..stream.len() {
+            let mut reader = UsageReader::new(true);
+            reader.feed(&Bytes::copy_from_slice(&stream[..split]));
+            reader.feed(&Bytes::copy_from_slice(&stream[split..]));
+            let reading = reader.finish();
+            assert_eq!(
+                reading.error.as_deref(),
+                Some("boom from RaiseError component"),
+                "split at {split}"
+            );
+            assert_eq!(reading.tokens, None);
+        }
+    }
+
+    #[test]
+    fn answers_without_usage_give_their_message_text_not_the_envelope() {
+        let body = br#"{"session_id":"s","outputs":[{"inputs":{"input_value":"hello"},"outputs":[{"results":{"message":{"text":"hello","sender":"Machine","properties":{"usage":null}}}}]}]}"#;
+        let mut reader = UsageReader::new(false);
+        reader.feed(&Bytes::copy_from_slice(body));
+        let reading = reader.finish();
+        assert_eq!(reading.tokens, None);
+        assert_eq!(reading.output_text, "hello");
+
+        let end = concat!(
+            "{\"event\": \"token\", \"data\": {\"chunk\": \"he\", \"id\": \"1\"}}\n\n",
+            "{\"event\": \"end\", \"data\": {\"result\": {\"outputs\": [{\"outputs\": [{\"results\": {\"message\": {\"text\": \"hello\"}}}]}]}}}\n\n"
+        );
+        let mut reader = UsageReader::new(true);
+        reader.feed(&Bytes::copy_from_slice(end.as_bytes()));
+        assert_eq!(reader.finish().output_text, "hello");
+    }
+
+    #[test]
+    fn runtime_counts_over_the_bound_are_not_taken() {
+        let body = br#"{"outputs":[{"outputs":[{"results":{"message":{"text":"x","properties":{"usage":{"input_tokens":18446744073709551615,"output_tokens":1}}}}}]}]}"#;
+        let mut reader = UsageReader::new(false);
+        reader.feed(&Bytes::copy_from_slice(body));
+        let reading = reader.finish();
+        assert_eq!(reading.tokens, None);
+        assert_eq!(reading.output_text, "x");
     }
 }

@@ -25,6 +25,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod state;
 pub mod sync;
+pub mod tokens;
 pub mod usage;
 
 pub use async_trait::async_trait;
@@ -197,6 +198,8 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
         connect: config.connect_timeout,
         read: config.read_timeout,
     };
+    // The tokenizer for estimates loads in the background, off the start path.
+    std::thread::spawn(tokens::warm);
     let shared = Arc::new(Shared::new(timeouts));
     sync::load_saved(&shared, &config.snapshot_path);
     let metrics = Arc::new(Metrics::new());

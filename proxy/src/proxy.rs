@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agora_config::keys::Scope;
-use agora_config::usage::{estimate_tokens, TokenSource, UsageEvent, UsageStatus};
+use agora_config::usage::{TokenSource, UsageEvent, UsageStatus};
 use bytes::Bytes;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
@@ -27,7 +27,8 @@ use crate::ratelimit::{InFlight, Limits};
 use crate::server::Conn;
 use crate::state::RouteTarget;
 use crate::sync::{now_ms, Shared};
-use crate::usage::{TokenReport, UsageQueue, UsageRecord};
+use crate::tokens;
+use crate::usage::{UsageQueue, UsageRecord};
 
 pub const INVOKE: &str = "/api/agent-gateway/invoke/";
 pub const VALIDATE: &str = "/api/agent-gateway/validate/";
@@ -77,12 +78,16 @@ pub struct Ctx {
     target: Option<Arc<RouteTarget>>,
     stream: bool,
     body: Option<Bytes>,
+    /// The buyer's input text, for an estimate when the runtime counts nothing.
+    input: String,
     bytes_in: u64,
     rate: Option<RateHeaders>,
     _in_flight: Option<InFlight>,
     refusal: Option<GatewayError>,
     progress: Progress,
     cancelled: bool,
+    /// A runtime's report of a config's usage: this request's event carries it.
+    reported: Option<invoke::Tokens>,
 }
 
 impl Ctx {
@@ -101,12 +106,14 @@ impl Ctx {
             target: None,
             stream: false,
             body: None,
+            input: String::new(),
             bytes_in: 0,
             rate: None,
             _in_flight: None,
             refusal: None,
             progress: Progress::default(),
             cancelled: false,
+            reported: None,
         }
     }
 
@@ -182,7 +189,8 @@ impl Gateway {
         if ctx.route == RouteLabel::Health {
             return;
         }
-        let tokens = ctx.progress.tokens;
+        let reading = &ctx.progress.reading;
+        let tokens = reading.tokens;
         if let (Some(t), Some(caller)) = (tokens, &ctx.caller) {
             self.limits
                 .record_tokens(caller.record.entry.config, t.input.saturating_add(t.output));
@@ -190,28 +198,49 @@ impl Gateway {
         let usage_status = match (&ctx.refusal, ctx.cancelled) {
             (_, true) => UsageStatus::Cancelled,
             (Some(refusal), false) => refusal.usage_status(),
+            // A stream that ended in an `error` event failed, whatever its status.
+            (None, false) if reading.error.is_some() => UsageStatus::UpstreamError,
             (None, false) if (200..300).contains(&status) => UsageStatus::Ok,
             (None, false) if status == 0 || status >= 500 => UsageStatus::UpstreamError,
             (None, false) => UsageStatus::ClientError,
         };
+        if let (Some(detail), Some(target)) = (&reading.error, &ctx.target) {
+            self.metrics
+                .upstream_errors
+                .with_label_values(&["stream_error"])
+                .inc();
+            tracing::warn!(
+                agent = %target.route.agent,
+                config = %target.route.config,
+                flow_id = %target.route.flow_id,
+                request_id = %ctx.event_id,
+                runtime_status = status,
+                detail = %detail,
+                "the run failed in its stream"
+            );
+        }
         // The runtime's counts when it gave them; else, for a run the runtime
-        // answered (or a stream the client cut), an estimate from the bytes that
-        // went each way, marked as such. A later report from the runtime replaces
-        // an estimate when usage is read.
-        let (input_tokens, output_tokens, token_source) = match tokens {
-            Some(t) => (Some(t.input), Some(t.output), TokenSource::Runtime),
-            None if upstream.is_some()
-                && matches!(usage_status, UsageStatus::Ok | UsageStatus::Cancelled) =>
+        // answered (or a stream the client cut), an estimate from the input text
+        // and the answer's text, marked as such. A later report from the runtime
+        // replaces an estimate when usage is read.
+        let (input_tokens, output_tokens, token_source) = match (tokens, ctx.reported) {
+            (_, Some(t)) => (Some(t.input), Some(t.output), TokenSource::Reported),
+            (Some(t), None) => (Some(t.input), Some(t.output), TokenSource::Runtime),
+            (None, None)
+                if upstream.is_some()
+                    && matches!(usage_status, UsageStatus::Ok | UsageStatus::Cancelled) =>
             {
                 (
-                    Some(estimate_tokens(ctx.bytes_in)),
-                    Some(estimate_tokens(ctx.progress.bytes_out)),
+                    Some(tokens::estimate(&ctx.input)),
+                    Some(tokens::estimate(&reading.output_text)),
                     TokenSource::Estimated,
                 )
             }
-            None => (None, None, TokenSource::None),
+            (None, None) => (None, None, TokenSource::None),
         };
         let entry = ctx.caller.as_ref().map(|c| &c.record.entry);
+        // A config's usage report has no caller: the config's route says whose.
+        let route = ctx.target.as_ref().map(|t| &t.route);
         let event = UsageEvent {
             event_id: if ctx.event_id.is_nil() {
                 Uuid::now_v7()
@@ -219,8 +248,8 @@ impl Gateway {
                 ctx.event_id
             },
             time_ms: ctx.started_ms,
-            tenant: entry.map(|e| e.tenant),
-            config: entry.map(|e| e.config),
+            tenant: entry.map(|e| e.tenant).or(route.map(|r| r.tenant)),
+            config: entry.map(|e| e.config).or(route.map(|r| r.config)),
             key_id: entry.map(|e| e.key_id),
             agent: ctx.target.as_ref().map(|t| t.route.agent),
             route: match ctx.route {
@@ -263,24 +292,38 @@ impl Gateway {
             .forward(conn, exchange, &mut ctx.progress)
             .await;
         ctx.status = ctx.progress.status;
+        let failed = match &result {
+            Ok(()) | Err(Failure::Cancelled) => None,
+            Err(Failure::Refused(e)) | Err(Failure::Broken(e)) => Some(e),
+        };
+        if let Some(e) = failed {
+            self.metrics
+                .upstream_errors
+                .with_label_values(&[e.code()])
+                .inc();
+            let runtime_status = match e {
+                GatewayError::UpstreamStatus(s) => *s,
+                _ => 0,
+            };
+            tracing::warn!(
+                agent = %target.route.agent,
+                config = %target.route.config,
+                flow_id = %target.route.flow_id,
+                request_id = %ctx.event_id,
+                runtime_status,
+                error = e.code(),
+                detail = ctx.progress.runtime_detail.as_deref().unwrap_or(""),
+                "the runtime failed the run"
+            );
+        }
         match result {
             Ok(()) => Ok(()),
-            Err(Failure::Refused(e)) => {
-                self.metrics
-                    .upstream_errors
-                    .with_label_values(&[e.code()])
-                    .inc();
-                Err(e)
-            }
+            Err(Failure::Refused(e)) => Err(e),
             Err(Failure::Cancelled) => {
                 ctx.cancelled = true;
                 Ok(())
             }
             Err(Failure::Broken(e)) => {
-                self.metrics
-                    .upstream_errors
-                    .with_label_values(&[e.code()])
-                    .inc();
                 ctx.refusal = Some(e);
                 Ok(())
             }
@@ -309,7 +352,10 @@ impl Gateway {
         }
         let caller = self.authenticate(head, &state, Some(Scope::Invoke), ctx.started_ms)?;
         keys::check_origin(&state, &caller, head.header("origin"))?;
-        let entry = &caller.record.entry;
+        let record = caller.record.clone();
+        let entry = &record.entry;
+        // Known from here, so that any refusal is counted as the caller's.
+        ctx.caller = Some(caller);
         let target = state
             .route(&entry.config)
             .filter(|t| t.peer.is_some())
@@ -317,6 +363,7 @@ impl Gateway {
             .clone();
         ctx.stream = invoke::wants_stream(head.query())?;
         let plan = entry.plan.and_then(|p| state.plan(&p));
+        ctx.target = Some(target.clone());
         let admission = self
             .limits
             .admit(entry, plan, &target.route.quota, ctx.started_ms)
@@ -329,11 +376,11 @@ impl Gateway {
             })?;
         ctx.rate = admission.headers;
         ctx._in_flight = Some(admission.in_flight);
-        ctx.caller = Some(caller);
         let body = conn.read_body(self.max_body_bytes).await?;
         ctx.bytes_in = body.len() as u64;
-        ctx.body = Some(invoke::runtime_body(&body, &target)?);
-        ctx.target = Some(target);
+        let run = invoke::runtime_body(&body, &target, &entry.key_id)?;
+        ctx.body = Some(run.body);
+        ctx.input = run.input;
         Ok(())
     }
 
@@ -406,15 +453,23 @@ impl Gateway {
         }
         let body = conn.read_body(self.max_body_bytes).await?;
         ctx.bytes_in = body.len() as u64;
-        let report: TokenReport =
-            serde_json::from_slice(&body).map_err(|e| GatewayError::BadRequest {
-                code: "invalid_body",
-                message: format!(
-                    "The body must be JSON {{request_id, input_tokens, output_tokens}}: {}.",
-                    e.to_string().split(" at line").next().unwrap_or_default()
-                ),
-            })?;
-        self.usage.push(UsageRecord::Report(report));
+        match invoke::usage_report(&body)? {
+            invoke::Report::Request(report) => {
+                self.usage.push(UsageRecord::Report(report));
+            }
+            invoke::Report::Config {
+                config,
+                event_id,
+                tokens,
+            } => {
+                // Its own event, the config's: this request's usage event is it.
+                let state = self.shared.load();
+                let target = state.route(&config).ok_or(GatewayError::UnknownConfig)?;
+                ctx.target = Some(target.clone());
+                ctx.set_event_id(event_id.unwrap_or_else(Uuid::now_v7));
+                ctx.reported = Some(tokens);
+            }
+        }
         self.json(conn, ctx, 202, &serde_json::json!({"accepted": true}))
             .await;
         Ok(())

@@ -14,8 +14,10 @@
 //! client disconnects stops producing and counts as cancelled in
 //! [`DemoRuntime::stats`].
 
+mod catalog;
 mod error;
 mod flow;
+mod history;
 mod http;
 mod message;
 mod pyjson;
@@ -37,6 +39,7 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 
+pub use catalog::code_of;
 pub use error::ApiError;
 pub use message::Usage;
 pub use run::count_tokens;
@@ -121,6 +124,7 @@ struct AppState {
     api_key: String,
     token_delay: Duration,
     flows: flow::FlowStore,
+    history: history::History,
     stats: Arc<RunStats>,
 }
 
@@ -136,15 +140,35 @@ impl DemoRuntime {
                 api_key: config.api_key,
                 token_delay: config.token_delay,
                 flows: flow::FlowStore::default(),
+                history: history::History::default(),
                 stats: Arc::new(RunStats::default()),
             }),
         }
     }
 
     /// Restores a flow created on an earlier instance under its id, so
-    /// callers holding that id keep working after a restart.
+    /// callers holding that id keep working after a restart. The flow is the one
+    /// that was published: nodes given this runtime's code then get it again.
     pub fn load_flow(&self, id: uuid::Uuid, flow: &Value) {
-        let (nodes, edges) = graph(flow);
+        let (mut nodes, edges) = graph(flow);
+        for node in nodes.iter_mut().filter(|n| lacks_code(n)) {
+            let ty = node
+                .pointer("/data/type")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let code = catalog::code_of(ty).or_else(|| {
+                (ty == "Prompt")
+                    .then(|| catalog::code_of("Prompt Template"))
+                    .flatten()
+            });
+            if let (Some(code), Some(template)) = (
+                code,
+                node.pointer_mut("/data/node/template")
+                    .and_then(Value::as_object_mut),
+            ) {
+                template.insert("code".into(), json!({"type": "code", "value": code}));
+            }
+        }
         self.state.flows.insert_as(id, None, nodes, edges);
     }
 
@@ -158,6 +182,9 @@ impl DemoRuntime {
             .route("/health", get(health))
             .route("/api/v1/flows/", post(create_flow))
             .route("/api/v1/flows", post(create_flow))
+            .route("/api/v1/all", get(all_components))
+            .route("/api/v1/monitor/messages", get(messages))
+            .route("/api/v1/monitor/messages/sessions", get(sessions))
             .route(
                 "/api/v1/run/{flow}",
                 post(run_flow).fallback(method_not_allowed),
@@ -312,6 +339,18 @@ async fn run_flow(
         .get(&flow_ref)
         .ok_or_else(|| ApiError::FlowNotFound(flow_ref.clone()))?;
 
+    // Langflow builds every component from its `template.code`: a node without
+    // it cannot be built, and the run fails before it starts.
+    if flow.nodes.iter().any(lacks_code) {
+        let detail = "Error while creating graph from payload: 'code'";
+        if stream {
+            return Ok(stream_message_error(detail));
+        }
+        let inner = json!({"message": detail, "traceback": null, "description": null,
+                           "code": null, "suggestion": null});
+        return Err(ApiError::RunFailed(inner.to_string()));
+    }
+
     let plan = match Plan::new(&flow, request) {
         Ok(plan) => plan,
         Err(e) if stream => return Ok(stream_error(e)),
@@ -323,9 +362,13 @@ async fn run_flow(
         let (tx, rx) = mpsc::channel::<Bytes>(1);
         let guard = RunGuard::start(&state.stats);
         let token_delay = state.token_delay;
+        let app = Arc::clone(&state);
         tokio::spawn(async move {
             let sink = Sink::Stream { tx, token_delay };
-            if plan.execute(&sink).await.is_ok() {
+            if let Ok(end) = plan.execute(&sink).await {
+                if let RunEnd::Done(outcome) = &end {
+                    outcome.messages().for_each(|m| app.history.record(m));
+                }
                 guard.finish();
             }
         });
@@ -337,6 +380,7 @@ async fn run_flow(
     match end {
         Ok(RunEnd::Done(outcome)) => {
             guard.finish();
+            outcome.messages().for_each(|m| state.history.record(m));
             let body = serde_json::to_vec(&outcome.response()).unwrap_or_default();
             Ok(http::json_response(
                 StatusCode::OK,
@@ -355,15 +399,76 @@ async fn run_flow(
 
 /// A stream that fails before the run starts: 200 with a single `error` event.
 fn stream_error(error: PlanError) -> Response {
+    stream_message_error(&error.stream_message())
+}
+
+fn stream_message_error(message: &str) -> Response {
     let (tx, rx) = mpsc::channel::<Bytes>(1);
-    let message = error.stream_message();
     let event = message::Event {
         event: "error",
-        data: message::ErrorData { error: &message },
+        data: message::ErrorData { error: message },
     };
     let mut bytes = pyjson::to_vec(&event).unwrap_or_default();
     bytes.extend_from_slice(b"\n\n");
     let _ = tx.try_send(Bytes::from(bytes));
     drop(tx);
     http::event_stream(rx)
+}
+
+/// A component node (not a note) whose template has no `code`.
+fn lacks_code(node: &Value) -> bool {
+    let component = node.get("type").and_then(Value::as_str) != Some("noteNode");
+    component
+        && node
+            .pointer("/data/node/template/code")
+            .and_then(|c| c.get("value"))
+            .and_then(Value::as_str)
+            .is_none()
+}
+
+async fn all_components(
+    State(state): State<Arc<AppState>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, &query_map(&uri))?;
+    let body = serde_json::to_vec(&catalog::all()).unwrap_or_default();
+    Ok(http::json_response(
+        StatusCode::OK,
+        body,
+        http::accepts_gzip(&headers),
+    ))
+}
+
+async fn messages(
+    State(state): State<Arc<AppState>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let query = query_map(&uri);
+    state.authorize(&headers, &query)?;
+    let list = state.history.list(
+        query.get("session_id").map(String::as_str),
+        query.get("flow_id").map(String::as_str),
+    );
+    let body = serde_json::to_vec(&list).unwrap_or_default();
+    Ok(http::json_response(
+        StatusCode::OK,
+        body,
+        http::accepts_gzip(&headers),
+    ))
+}
+
+async fn sessions(
+    State(state): State<Arc<AppState>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers, &query_map(&uri))?;
+    let body = serde_json::to_vec(&state.history.sessions()).unwrap_or_default();
+    Ok(http::json_response(
+        StatusCode::OK,
+        body,
+        http::accepts_gzip(&headers),
+    ))
 }

@@ -283,6 +283,16 @@ pub struct Outcome {
     vertices: Vec<Vertex>,
 }
 
+impl Outcome {
+    /// The messages the run produced (its input, its answers), to be stored.
+    pub fn messages(&self) -> impl Iterator<Item = &Message> {
+        self.vertices.iter().filter_map(|v| match &v.out {
+            VertexOut::Message(m) => Some(&**m),
+            VertexOut::Model { .. } => None,
+        })
+    }
+}
+
 pub enum RunEnd {
     Done(Outcome),
     Failed(RunFailed),

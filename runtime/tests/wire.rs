@@ -182,6 +182,14 @@ async fn post_json(addr: SocketAddr, target: &str, extra: &[(&str, &str)], body:
     exchange(addr, &build_request("POST", target, &headers, &body)).await
 }
 
+async fn get(addr: SocketAddr, target: &str) -> Parsed {
+    exchange(
+        addr,
+        &build_request("GET", target, &[("x-api-key", KEY)], b""),
+    )
+    .await
+}
+
 // ---------------------------------------------------------------- shape checks
 
 /// Same nested keys and value types; `null` on either side matches any type
@@ -569,7 +577,14 @@ async fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
     }
 }
 
-fn node(id: &str, ty: &str, display: &str, template: Value) -> Value {
+/// A component node; its template gets the demo runtime's code for `ty` (or a
+/// custom component's) unless it carries code.
+fn node(id: &str, ty: &str, display: &str, mut template: Value) -> Value {
+    if template.get("code").is_none() {
+        let code =
+            agora_runtime::code_of(ty).unwrap_or_else(|| format!("# custom component {ty}\n"));
+        template["code"] = json!({"type": "code", "value": code});
+    }
     json!({"id": id, "type": "genericNode",
            "data": {"id": id, "type": ty, "display_name": display,
                     "node": {"display_name": display, "template": template,
@@ -624,6 +639,84 @@ async fn create(server: &Server, flow: &Value) -> String {
     let created = post_json(server.addr, "/api/v1/flows/", &[], flow).await;
     assert_eq!(created.status_line, "HTTP/1.1 201 Created");
     created.json()["id"].as_str().expect("id").to_owned()
+}
+
+#[tokio::test]
+async fn a_node_without_code_cannot_be_built() {
+    let server = start(Duration::from_millis(1)).await;
+    let mut f = flow("nocode", None);
+    f["data"]["nodes"][1]["data"]["node"]["template"]
+        .as_object_mut()
+        .unwrap()
+        .remove("code");
+    let id = create(&server, &f).await;
+    let r = post_json(
+        server.addr,
+        &format!("/api/v1/run/{id}"),
+        &[],
+        &json!({"input_value": "hi"}),
+    )
+    .await;
+    assert_eq!(r.status_line, "HTTP/1.1 500 Internal Server Error");
+    let detail: Value = serde_json::from_str(r.json()["detail"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        detail["message"],
+        "Error while creating graph from payload: 'code'"
+    );
+    let r = post_json(
+        server.addr,
+        &format!("/api/v1/run/{id}?stream=true"),
+        &[],
+        &json!({"input_value": "hi"}),
+    )
+    .await;
+    assert_eq!(r.status_line, "HTTP/1.1 200 OK");
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(text.contains("{\"event\": \"error\", \"data\": {\"error\": \"Error while creating graph from payload: 'code'\"}}"), "{text}");
+}
+
+#[tokio::test]
+async fn messages_are_kept_per_session_and_listed_as_langflow_does() {
+    let server = start(Duration::from_millis(1)).await;
+    let id = create(&server, &flow("history", None)).await;
+    for (session, text) in [("a", "one"), ("b", "two"), ("a", "three")] {
+        let r = post_json(
+            server.addr,
+            &format!("/api/v1/run/{id}"),
+            &[],
+            &json!({"input_value": text, "session_id": session}),
+        )
+        .await;
+        assert_eq!(r.status_line, "HTTP/1.1 200 OK");
+    }
+    let r = get(
+        server.addr,
+        &format!("/api/v1/monitor/messages?session_id=a&flow_id={id}"),
+    )
+    .await;
+    let list = r.json();
+    let texts: Vec<(&str, &str)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["sender"].as_str().unwrap(), m["text"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            ("User", "one"),
+            ("Machine", "one"),
+            ("User", "three"),
+            ("Machine", "three")
+        ]
+    );
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["session_id"] == "a" && m["flow_id"] == json!(id)));
+    let r = get(server.addr, "/api/v1/monitor/messages/sessions").await;
+    assert_eq!(r.json(), json!(["a", "b"]));
 }
 
 #[tokio::test]

@@ -84,6 +84,11 @@ struct AggregateRow {
     input_tokens: u64,
     output_tokens: u64,
     estimated_requests: u64,
+    rate_limited: u64,
+    unauthorized: u64,
+    client_errors: u64,
+    upstream_errors: u64,
+    cancelled: u64,
     buyers: u64,
     latency_p50_us: u64,
     latency_p95_us: u64,
@@ -296,26 +301,39 @@ impl UsageStore for ClickHouseStore {
         bucket_ms: i64,
     ) -> anyhow::Result<Vec<Aggregate>> {
         let column = scope.column();
-        let filter = format!("{column} = toUUID(?) AND route = ? AND time_ms >= ? AND time_ms < ?");
+        let filter = format!(
+            "{column} = toUUID(?) AND time_ms >= ? AND time_ms < ? \
+             AND (route = ? OR (route = ? AND token_source = 'reported'))"
+        );
+        let metered = crate::METERED_ROUTE;
+        // Token sums saturate instead of wrapping around: a sum whose floating
+        // point total reaches 2^64 is clamped (the integer sum is exact below it).
         let sql = format!(
             "SELECT start_ms, requests, errors, billable_requests, input_tokens, output_tokens,
-                estimated_requests, buyers,
+                estimated_requests, rate_limited, unauthorized, client_errors, upstream_errors,
+                cancelled, buyers,
                 if(empty(lat), toUInt64(0), lat[intDiv(length(lat) * 50 + 99, 100)]) AS latency_p50_us,
                 if(empty(lat), toUInt64(0), lat[intDiv(length(lat) * 95 + 99, 100)]) AS latency_p95_us
              FROM (
              SELECT toInt64(intDiv(t, ?) * ?) AS start_ms,
-                toUInt64(count()) AS requests,
-                toUInt64(countIf(s IN {ERROR_STATUSES})) AS errors,
-                toUInt64(countIf(s IN {BILLABLE_STATUSES})) AS billable_requests,
-                toUInt64(sum(if(src = 'runtime' OR has_r = 0, i, ri))) AS input_tokens,
-                toUInt64(sum(if(src = 'runtime' OR has_r = 0, o, ro))) AS output_tokens,
-                toUInt64(countIf(src = 'estimated' AND has_r = 0)) AS estimated_requests,
-                toUInt64(uniqExact(tn)) AS buyers,
-                arraySort(groupArrayIf(l, s = 'ok')) AS lat
+                toUInt64(countIf(req)) AS requests,
+                toUInt64(countIf(req AND s IN {ERROR_STATUSES})) AS errors,
+                toUInt64(countIf(req AND s IN {BILLABLE_STATUSES})) AS billable_requests,
+                if(sum(toFloat64(if(src = 'runtime' OR has_r = 0, i, ri) AS ti)) >= 18446744073709551615, toUInt64(18446744073709551615), toUInt64(sum(ti))) AS input_tokens,
+                if(sum(toFloat64(if(src = 'runtime' OR has_r = 0, o, ro) AS tout)) >= 18446744073709551615, toUInt64(18446744073709551615), toUInt64(sum(tout))) AS output_tokens,
+                toUInt64(countIf(req AND src = 'estimated' AND has_r = 0)) AS estimated_requests,
+                toUInt64(countIf(req AND s = 'rate_limited')) AS rate_limited,
+                toUInt64(countIf(req AND s = 'unauthorized')) AS unauthorized,
+                toUInt64(countIf(req AND s = 'client_error')) AS client_errors,
+                toUInt64(countIf(req AND s = 'upstream_error')) AS upstream_errors,
+                toUInt64(countIf(req AND s = 'cancelled')) AS cancelled,
+                toUInt64(uniqExactIf(tn, req)) AS buyers,
+                arraySort(groupArrayIf(l, req AND s = 'ok')) AS lat
              FROM (
                 SELECT event_id, any(time_ms) AS t, any(status) AS s, any(latency_us) AS l,
                        any(input_tokens) AS i, any(output_tokens) AS o,
-                       any(token_source) AS src, any(tenant) AS tn
+                       any(token_source) AS src, any(tenant) AS tn,
+                       any(route) = '{metered}' AS req
                 FROM usage_events WHERE {filter} GROUP BY event_id
              ) ANY LEFT JOIN (
                 SELECT request_id AS event_id, max(input_tokens) AS ri,
@@ -334,13 +352,15 @@ impl UsageStore for ClickHouseStore {
                 .bind(bucket_ms)
                 .bind(bucket_ms)
                 .bind(id.as_str())
-                .bind(crate::METERED_ROUTE)
                 .bind(range.from_ms)
                 .bind(range.to_ms)
+                .bind(metered)
+                .bind(crate::REPORT_ROUTE)
                 .bind(id.as_str())
-                .bind(crate::METERED_ROUTE)
                 .bind(range.from_ms)
                 .bind(range.to_ms)
+                .bind(metered)
+                .bind(crate::REPORT_ROUTE)
                 .fetch_all(),
         )
         .await
@@ -355,6 +375,11 @@ impl UsageStore for ClickHouseStore {
                 input_tokens: r.input_tokens,
                 output_tokens: r.output_tokens,
                 estimated_requests: r.estimated_requests,
+                rate_limited: r.rate_limited,
+                unauthorized: r.unauthorized,
+                client_errors: r.client_errors,
+                upstream_errors: r.upstream_errors,
+                cancelled: r.cancelled,
                 buyers: r.buyers,
                 latency_p50_us: r.latency_p50_us,
                 latency_p95_us: r.latency_p95_us,

@@ -137,21 +137,25 @@ impl UsageStore for EmbeddedStore {
         bucket_ms: i64,
     ) -> anyhow::Result<Vec<Aggregate>> {
         let column = scope.column();
+        // Sums go through TOTAL (a float, exact far beyond any real count) and
+        // are clamped, so no row can make the sum overflow and the read fail.
         let sql = format!(
             "WITH m AS (
                 SELECT (e.time_ms / ?1) * ?1 AS b, e.status AS s, e.latency_us AS l, e.tenant AS tn,
                        e.token_source AS src, r.request_id IS NOT NULL AS has_r,
+                       e.route = ?3 AS req,
                        CASE WHEN e.token_source = 'runtime' OR r.request_id IS NULL
                             THEN e.input_tokens ELSE r.input_tokens END AS i,
                        CASE WHEN e.token_source = 'runtime' OR r.request_id IS NULL
                             THEN e.output_tokens ELSE r.output_tokens END AS o
                 FROM usage_events e LEFT JOIN usage_reports r ON r.request_id = e.event_id
-                WHERE e.{column} = ?2 AND e.route = ?3 AND e.time_ms >= ?4 AND e.time_ms < ?5
+                WHERE e.{column} = ?2 AND e.time_ms >= ?4 AND e.time_ms < ?5
+                  AND (e.route = ?3 OR (e.route = ?6 AND e.token_source = 'reported'))
              ),
              ranked AS (
                 SELECT b, l, ROW_NUMBER() OVER (PARTITION BY b ORDER BY l) AS rn,
                        COUNT(*) OVER (PARTITION BY b) AS n
-                FROM m WHERE s = 'ok'
+                FROM m WHERE s = 'ok' AND req
              ),
              pct AS (
                 SELECT b,
@@ -159,16 +163,20 @@ impl UsageStore for EmbeddedStore {
                        MIN(CASE WHEN rn >= (n * 95 + 99) / 100 THEN l END) AS p95
                 FROM ranked GROUP BY b
              )
-             SELECT agg.b, agg.requests, agg.errors, agg.billable, agg.input_tokens,
-                    agg.output_tokens, agg.estimated, agg.buyers,
-                    COALESCE(pct.p50, 0) AS p50, COALESCE(pct.p95, 0) AS p95
+             SELECT agg.*, COALESCE(pct.p50, 0) AS p50, COALESCE(pct.p95, 0) AS p95
              FROM (
-                SELECT b, COUNT(*) AS requests,
-                       SUM(s IN {ERROR_STATUSES}) AS errors,
-                       SUM(s IN {BILLABLE_STATUSES}) AS billable,
-                       SUM(i) AS input_tokens, SUM(o) AS output_tokens,
-                       SUM(src = 'estimated' AND NOT has_r) AS estimated,
-                       COUNT(DISTINCT tn) AS buyers
+                SELECT b, SUM(req) AS requests,
+                       SUM(req AND s IN {ERROR_STATUSES}) AS errors,
+                       SUM(req AND s IN {BILLABLE_STATUSES}) AS billable,
+                       CAST(MIN(TOTAL(i), 9223372036854775807.0) AS INTEGER) AS input_tokens,
+                       CAST(MIN(TOTAL(o), 9223372036854775807.0) AS INTEGER) AS output_tokens,
+                       SUM(req AND src = 'estimated' AND NOT has_r) AS estimated,
+                       SUM(req AND s = 'rate_limited') AS rate_limited,
+                       SUM(req AND s = 'unauthorized') AS unauthorized,
+                       SUM(req AND s = 'client_error') AS client_errors,
+                       SUM(req AND s = 'upstream_error') AS upstream_errors,
+                       SUM(req AND s = 'cancelled') AS cancelled,
+                       COUNT(DISTINCT CASE WHEN req THEN tn END) AS buyers
                 FROM m GROUP BY b
              ) agg LEFT JOIN pct ON pct.b = agg.b
              ORDER BY agg.b"
@@ -179,13 +187,14 @@ impl UsageStore for EmbeddedStore {
             .bind(crate::METERED_ROUTE)
             .bind(range.from_ms)
             .bind(range.to_ms)
+            .bind(crate::REPORT_ROUTE)
             .fetch_all(&self.pool)
             .await
             .context("reading usage from the embedded store")?;
         rows.iter()
             .map(|r| {
                 let n = |name: &str| -> anyhow::Result<u64> {
-                    Ok(r.try_get::<i64, _>(name)?.max(0) as u64)
+                    Ok(r.try_get::<Option<i64>, _>(name)?.unwrap_or(0).max(0) as u64)
                 };
                 Ok(Aggregate {
                     start_ms: r.try_get("b")?,
@@ -195,6 +204,11 @@ impl UsageStore for EmbeddedStore {
                     input_tokens: n("input_tokens")?,
                     output_tokens: n("output_tokens")?,
                     estimated_requests: n("estimated")?,
+                    rate_limited: n("rate_limited")?,
+                    unauthorized: n("unauthorized")?,
+                    client_errors: n("client_errors")?,
+                    upstream_errors: n("upstream_errors")?,
+                    cancelled: n("cancelled")?,
                     buyers: n("buyers")?,
                     latency_p50_us: n("p50")?,
                     latency_p95_us: n("p95")?,

@@ -31,6 +31,11 @@ pub use pipeline::{Pipeline, PipelineStats};
 /// reports are recorded but not counted as requests.
 pub const METERED_ROUTE: &str = "/api/agent-gateway/invoke/";
 
+/// The runtime's usage reports. One that names a config (runtime-side usage not
+/// tied to one request) is an event of its own on this route, with
+/// `token_source = reported`: its tokens count for that config, it is no request.
+pub const REPORT_ROUTE: &str = "/api/agent-gateway/usage/";
+
 /// Where the proxy's drain puts batches. Implementations must be idempotent per
 /// `event_id`: a batch may be offered again after an error.
 #[async_trait]
@@ -87,6 +92,14 @@ pub struct Aggregate {
     pub output_tokens: u64,
     /// Requests whose token counts are the proxy's estimate.
     pub estimated_requests: u64,
+    /// The errors by kind: refused for a limit or quota, for the key, for the
+    /// request itself; failed in the runtime.
+    pub rate_limited: u64,
+    pub unauthorized: u64,
+    pub client_errors: u64,
+    pub upstream_errors: u64,
+    /// Requests whose client went away before the end.
+    pub cancelled: u64,
     /// Distinct tenants (buyers).
     pub buyers: u64,
     /// Nearest-rank percentiles of the served requests' total latency.

@@ -14,7 +14,9 @@ use crate::db::{bump_revision, now_ms, opt_uuid_col, uuid_col, Db};
 use crate::domain::{text_field, ts, AgentStatus, Cents, Currency, Interval, OrgKind, Page, Paged};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiBytes, ApiJson, ApiPath, ApiQuery, Caller};
-use crate::AppState;
+use crate::flow_code::{self, CodeRefusal};
+use crate::runtime::RuntimeError;
+use crate::{identity, AppState};
 
 fn agent_json(row: &AnyRow) -> ApiResult<Value> {
     let summary: Option<String> = row.try_get("flow_summary")?;
@@ -278,18 +280,40 @@ pub async fn publish(
             "no agent runtime is configured ([runtime] url and api_key)",
         )
     })?;
+    let review = identity::provider_review(&app.db, uuid_col(&row, "org_uuid")?).await?;
+    if !review.approved {
+        return Err(ApiError::Denied {
+            code: "provider_not_approved",
+            message: "staff approve a provider organisation before its first publish".into(),
+        });
+    }
+    let runtime_failed = |e: RuntimeError| {
+        tracing::warn!(agent = %uuid, error = %e, "provisioning to the runtime failed");
+        ApiError::BadGateway {
+            code: e.code(),
+            message: e.public_message().into(),
+        }
+    };
     let flow: Value = serde_json::from_str(&flow).map_err(anyhow::Error::from)?;
+    let catalog = runtime.catalog().await.map_err(runtime_failed)?;
+    let flow = flow_code::prepare(&flow, &catalog, review.custom_code_allowed).map_err(|e| {
+        tracing::info!(agent = %uuid, refusal = %e, "flow refused by the code policy");
+        match e {
+            CodeRefusal::CustomCode { .. } => ApiError::Denied {
+                code: e.code(),
+                message: e.to_string(),
+            },
+            CodeRefusal::UnknownComponent { .. } => ApiError::Unprocessable {
+                code: e.code(),
+                message: e.to_string(),
+            },
+        }
+    })?;
     let name: String = row.try_get("name")?;
     let flow_id = runtime
         .provision(&flow, &format!("{name} ({uuid})"))
         .await
-        .map_err(|e| {
-            tracing::warn!(agent = %uuid, error = %e, "provisioning to the runtime failed");
-            ApiError::BadGateway {
-                code: e.code(),
-                message: e.public_message().into(),
-            }
-        })?;
+        .map_err(runtime_failed)?;
     if !publish_if_unchanged(&app.db, uuid, &flow_id, row.try_get("updated_at")?).await? {
         return Err(ApiError::conflict(
             "agent_changed",

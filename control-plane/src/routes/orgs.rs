@@ -44,8 +44,57 @@ fn org_json(row: &AnyRow, caller: &Caller) -> ApiResult<Value> {
         "kind": row.try_get::<String, _>("kind")?,
         "description": row.try_get::<String, _>("description")?,
         "role": caller.membership(uuid).map(|m| m.role),
+        "approved": row.try_get::<Option<i64>, _>("approved_at")?.is_some(),
+        "custom_code_allowed": row.try_get::<i64, _>("custom_code_allowed")? != 0,
         "created_at": ts(row.try_get("created_at")?),
     }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReviewBody {
+    approved: bool,
+    #[serde(default)]
+    custom_code_allowed: bool,
+}
+
+/// Staff approve a provider organisation (or withdraw approval), and say whether
+/// it may publish custom component code.
+pub async fn review_org(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<ReviewBody>,
+) -> ApiResult<Json<Value>> {
+    // Only staff review; to anyone else the route has nothing to show.
+    if !caller.is_staff {
+        return Err(ApiError::not_found("organization"));
+    }
+    let row = sqlx::query("SELECT kind FROM organizations WHERE uuid = $1")
+        .bind(uuid.to_string())
+        .fetch_optional(&app.db.pool)
+        .await?
+        .ok_or(ApiError::not_found("organization"))?;
+    if row.try_get::<String, _>("kind")? != OrgKind::Provider.as_str() {
+        return Err(ApiError::bad_request(
+            "not_a_provider",
+            "only provider organizations are reviewed",
+        ));
+    }
+    identity::set_provider_review(
+        &app.db,
+        uuid,
+        identity::ProviderReview {
+            approved: body.approved,
+            custom_code_allowed: body.custom_code_allowed,
+        },
+    )
+    .await?;
+    let row = sqlx::query("SELECT * FROM organizations WHERE uuid = $1")
+        .bind(uuid.to_string())
+        .fetch_one(&app.db.pool)
+        .await?;
+    Ok(Json(org_json(&row, &caller)?))
 }
 
 pub async fn list_orgs(

@@ -200,6 +200,13 @@ fn buyer_point(a: &Aggregate) -> Value {
     json!({
         "requests": a.requests,
         "errors": a.errors,
+        "refused": {
+            "rate_limited": a.rate_limited,
+            "unauthorized": a.unauthorized,
+            "client_error": a.client_errors,
+        },
+        "upstream_errors": a.upstream_errors,
+        "cancelled": a.cancelled,
         "input_tokens": a.input_tokens,
         "output_tokens": a.output_tokens,
         "estimated_requests": a.estimated_requests,

@@ -243,6 +243,7 @@ impl TestApp {
             )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{paid}");
+        self.review(provider, true, false).await;
         if self.state.runtime.is_none() {
             agora_control_plane::routes::agents::set_published(
                 &self.state.db,
@@ -262,6 +263,35 @@ impl TestApp {
             assert_eq!(s, StatusCode::OK, "{body}");
         }
         (agent, id(&free), id(&paid))
+    }
+
+    /// A staff user's token, made on first use.
+    pub async fn staff_token(&self) -> String {
+        let db = &self.state.db;
+        let staff = identity::create_user(
+            db,
+            &format!("staff-{}", Uuid::new_v4().simple()),
+            "staff@example.com",
+            "password123",
+            true,
+        )
+        .await
+        .unwrap();
+        identity::create_token(db, staff).await.unwrap()
+    }
+
+    /// Staff's review of a provider organisation, through the route.
+    pub async fn review(&self, provider: &Tenant, approved: bool, custom_code_allowed: bool) {
+        let staff = self.staff_token().await;
+        let (s, body) = self
+            .post(
+                &staff,
+                &format!("/api/organizations/{}/review/", provider.org),
+                json!({"approved": approved, "custom_code_allowed": custom_code_allowed}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        assert_eq!(body["approved"], approved);
     }
 
     /// A buyer's completed free order; returns (order, config).
@@ -362,45 +392,76 @@ pub struct Received {
     pub flows: Vec<(Option<String>, Value)>,
 }
 
+/// The component code the fake runtime's catalog lists, by type.
+pub const FAKE_CATALOG: &[(&str, &str)] = &[
+    ("ChatInput", "class ChatInput(ChatComponent): ..."),
+    ("ChatOutput", "class ChatOutput(ChatComponent): ..."),
+    ("Prompt Template", "class PromptComponent(Component): ..."),
+];
+
 /// A local HTTP server answering `POST /api/v1/flows/` as Langflow does:
 /// 403 with Langflow's `detail` bodies without or with a wrong `x-api-key`,
-/// else 201 with the flow and a new `id`.
+/// else 201 with the flow and a new `id`; and `GET /api/v1/all` with a small
+/// component catalog in Langflow's shape ([`FAKE_CATALOG`]).
 pub async fn fake_runtime(api_key: &'static str) -> (String, Arc<Mutex<Received>>) {
     use axum::http::{HeaderMap, StatusCode as S};
     let received = Arc::new(Mutex::new(Received::default()));
     let rec = received.clone();
-    let app = axum::Router::new().route(
-        "/api/v1/flows/",
-        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-            let rec = rec.clone();
-            async move {
-                let key = headers
-                    .get("x-api-key")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                let flow: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                rec.lock().unwrap().flows.push((key.clone(), flow.clone()));
-                let (status, body) = match key.as_deref() {
-                    None => (
-                        S::FORBIDDEN,
-                        json!({"detail": "An API key must be passed as query or header"}),
-                    ),
-                    Some(k) if k != api_key => (
-                        S::FORBIDDEN,
-                        json!({"detail": "Invalid or missing API key"}),
-                    ),
-                    Some(_) => {
-                        let mut created = flow;
-                        created["id"] = json!(Uuid::new_v4());
-                        created["user_id"] = json!(Uuid::new_v4());
-                        created["folder_id"] = json!(Uuid::new_v4());
-                        (S::CREATED, created)
-                    }
-                };
-                (status, [("server", "uvicorn")], axum::Json(body))
-            }
-        }),
-    );
+    let catalog = move |headers: HeaderMap| async move {
+        if headers.get("x-api-key").and_then(|v| v.to_str().ok()) != Some(api_key) {
+            return (
+                S::FORBIDDEN,
+                axum::Json(json!({"detail": "Invalid API key"})),
+            );
+        }
+        let components: serde_json::Map<String, Value> = FAKE_CATALOG
+            .iter()
+            .map(|(ty, code)| {
+                (
+                    ty.to_string(),
+                    json!({"template": {"code": {"type": "code", "value": code}}}),
+                )
+            })
+            .collect();
+        (
+            S::OK,
+            axum::Json(json!({"input_output": components, "component_display_names": {}})),
+        )
+    };
+    let app = axum::Router::new()
+        .route("/api/v1/all", axum::routing::get(catalog))
+        .route(
+            "/api/v1/flows/",
+            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let rec = rec.clone();
+                async move {
+                    let key = headers
+                        .get("x-api-key")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let flow: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    rec.lock().unwrap().flows.push((key.clone(), flow.clone()));
+                    let (status, body) = match key.as_deref() {
+                        None => (
+                            S::FORBIDDEN,
+                            json!({"detail": "An API key must be passed as query or header"}),
+                        ),
+                        Some(k) if k != api_key => (
+                            S::FORBIDDEN,
+                            json!({"detail": "Invalid or missing API key"}),
+                        ),
+                        Some(_) => {
+                            let mut created = flow;
+                            created["id"] = json!(Uuid::new_v4());
+                            created["user_id"] = json!(Uuid::new_v4());
+                            created["folder_id"] = json!(Uuid::new_v4());
+                            (S::CREATED, created)
+                        }
+                    };
+                    (status, [("server", "uvicorn")], axum::Json(body))
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

@@ -77,6 +77,13 @@ async fn other_tenants_get_404(backend: Backend) {
             false,
         ),
         (
+            "post",
+            "/api/organizations/{uuid}/review/",
+            format!("/api/organizations/{}/review/", stranger_provider),
+            Some(json!({"approved": true, "custom_code_allowed": true})),
+            false,
+        ),
+        (
             "get",
             "/api/organizations/{uuid}/usage/",
             format!("/api/organizations/{}/usage/", buyer.org),

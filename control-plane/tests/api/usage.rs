@@ -76,14 +76,26 @@ async fn proxy_store(app: &TestApp) -> EmbeddedStore {
         .unwrap()
 }
 
+/// Errors by kind: `[rate_limited, unauthorized, client_error, upstream_errors,
+/// cancelled]`.
+type Kinds = [u64; 5];
+
 fn buyer_point(
     start: Option<&str>,
     [requests, errors, input, output, estimated]: [u64; 5],
+    [rate_limited, unauthorized, client_error, upstream, cancelled]: Kinds,
     [p50, p95]: [f64; 2],
 ) -> Value {
     let mut point = json!({
         "requests": requests,
         "errors": errors,
+        "refused": {
+            "rate_limited": rate_limited,
+            "unauthorized": unauthorized,
+            "client_error": client_error,
+        },
+        "upstream_errors": upstream,
+        "cancelled": cancelled,
         "input_tokens": input,
         "output_tokens": output,
         "estimated_requests": estimated,
@@ -99,10 +111,11 @@ fn buyer_point(
 fn seller_point(
     start: Option<&str>,
     counts: [u64; 5],
+    kinds: Kinds,
     [billable, buyers]: [u64; 2],
     latency: [f64; 2],
 ) -> Value {
-    let mut point = buyer_point(start, counts, latency);
+    let mut point = buyer_point(start, counts, kinds, latency);
     point["billable_requests"] = json!(billable);
     point["buyers"] = json!(buyers);
     point
@@ -209,11 +222,11 @@ async fn usage_totals_and_series(backend: Backend) {
             "from": "2025-03-10T10:00:00Z",
             "to": "2025-03-10T13:00:00Z",
             "interval": "hour",
-            "totals": buyer_point(None, [7, 2, 167, 288, 1], [20.25, 50.125]),
+            "totals": buyer_point(None, [7, 2, 167, 288, 1], [1, 0, 0, 1, 1], [20.25, 50.125]),
             "series": [
-                buyer_point(Some("2025-03-10T10:00:00Z"), [4, 1, 160, 280, 0], [20.25, 30.0]),
-                buyer_point(Some("2025-03-10T11:00:00Z"), [0; 5], [0.0, 0.0]),
-                buyer_point(Some("2025-03-10T12:00:00Z"), [3, 1, 7, 8, 1], [50.125, 50.125]),
+                buyer_point(Some("2025-03-10T10:00:00Z"), [4, 1, 160, 280, 0], [0, 0, 0, 1, 0], [20.25, 30.0]),
+                buyer_point(Some("2025-03-10T11:00:00Z"), [0; 5], [0; 5], [0.0, 0.0]),
+                buyer_point(Some("2025-03-10T12:00:00Z"), [3, 1, 7, 8, 1], [1, 0, 0, 0, 1], [50.125, 50.125]),
             ],
         })
     );
@@ -230,7 +243,7 @@ async fn usage_totals_and_series(backend: Backend) {
         .await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["interval"], "day");
-    let day = buyer_point(None, [9, 2, 167, 288, 1], [10.5, 50.125]);
+    let day = buyer_point(None, [9, 2, 167, 288, 1], [1, 0, 0, 1, 1], [10.5, 50.125]);
     assert_eq!(body["totals"], day);
     let mut point = day;
     point["start"] = json!("2025-03-10T00:00:00Z");
@@ -251,11 +264,11 @@ async fn usage_totals_and_series(backend: Backend) {
             "from": "2025-03-10T10:00:00Z",
             "to": "2025-03-10T13:00:00Z",
             "interval": "hour",
-            "totals": seller_point(None, [8, 2, 168, 289, 1], [6, 2], [30.0, 1000.0]),
+            "totals": seller_point(None, [8, 2, 168, 289, 1], [1, 0, 0, 1, 1], [6, 2], [30.0, 1000.0]),
             "series": [
-                seller_point(Some("2025-03-10T10:00:00Z"), [5, 1, 161, 281, 0], [4, 2], [20.25, 1000.0]),
-                seller_point(Some("2025-03-10T11:00:00Z"), [0; 5], [0, 0], [0.0, 0.0]),
-                seller_point(Some("2025-03-10T12:00:00Z"), [3, 1, 7, 8, 1], [2, 1], [50.125, 50.125]),
+                seller_point(Some("2025-03-10T10:00:00Z"), [5, 1, 161, 281, 0], [0, 0, 0, 1, 0], [4, 2], [20.25, 1000.0]),
+                seller_point(Some("2025-03-10T11:00:00Z"), [0; 5], [0; 5], [0, 0], [0.0, 0.0]),
+                seller_point(Some("2025-03-10T12:00:00Z"), [3, 1, 7, 8, 1], [1, 0, 0, 0, 1], [2, 1], [50.125, 50.125]),
             ],
         })
     );
@@ -269,7 +282,7 @@ async fn usage_totals_and_series(backend: Backend) {
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(
         body["totals"],
-        buyer_point(None, [1, 0, 1, 1, 0], [1000.0, 1000.0])
+        buyer_point(None, [1, 0, 1, 1, 0], [0; 5], [1000.0, 1000.0])
     );
 
     // The buyer's billing period, read by a plain member of the organisation.
@@ -741,7 +754,139 @@ async fn quota_counts_reach_the_snapshot(backend: Backend) {
     app.finish().await;
 }
 
+/// A count no request could have (written by an older gateway) saturates the
+/// sums instead of failing every reading; a runtime's report for a config adds
+/// its tokens without being a request; refusals are shown by reason; and quota
+/// counting goes on for every other subscription.
+async fn huge_counts_saturate_and_config_reports_add_tokens(backend: Backend) {
+    use agora_config::snapshot::BillingInterval;
+    use agora_control_plane::{quota, sync};
+    let app = TestApp::spawn_with(backend, None, |s| {
+        s.control_plane.quota_count_ms = 3_600_000;
+    })
+    .await;
+    let provider = app.tenant("Acme", OrgKind::Provider).await;
+    let buyer = app.tenant("Globex", OrgKind::Customer).await;
+    let other = app.tenant("Initech", OrgKind::Customer).await;
+    let (agent, _, _) = app.published_agent(&provider).await;
+    let (_, metered) = app
+        .post(
+            &provider.token,
+            &format!("/api/provider-agents/{agent}/plans/"),
+            json!({"name": "Metered", "price_cents": 0, "token_quota": 1000}),
+        )
+        .await;
+    let (_, config) = app.subscribed(&buyer, agent, id(&metered)).await;
+    let (_, other_config) = app.subscribed(&other, agent, id(&metered)).await;
+    let mine = Subscription {
+        tenant: buyer.org,
+        config,
+        agent,
+    };
+    let theirs = Subscription {
+        tenant: other.org,
+        config: other_config,
+        agent,
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let month = quota::period(BillingInterval::Month, now).unwrap();
+    let t = month.from_ms + 1;
+    use UsageStatus::*;
+    let reported = UsageEvent {
+        route: agora_usage::REPORT_ROUTE.into(),
+        ..with_tokens(event(mine, t, Ok, 0), TokenSource::Reported, 40, 2)
+    };
+    let batch = [
+        with_tokens(
+            event(mine, t, Ok, 1_000),
+            TokenSource::Runtime,
+            u64::MAX,
+            u64::MAX,
+        ),
+        with_tokens(event(mine, t, Ok, 1_000), TokenSource::Runtime, u64::MAX, 1),
+        event(mine, t, RateLimited, 1_000),
+        event(mine, t, Unauthorized, 1_000),
+        event(mine, t, ClientError, 1_000),
+        with_tokens(event(theirs, t, Ok, 1_000), TokenSource::Runtime, 3, 4),
+        reported.clone(),
+        UsageEvent {
+            event_id: Uuid::now_v7(),
+            config: Some(other_config),
+            tenant: Some(other.org),
+            ..reported
+        },
+    ];
+    let records: Vec<UsageRecord> = batch.iter().map(record).collect();
+    proxy_store(&app).await.insert(&records).await.unwrap();
+
+    let from = month.from_ms;
+    let range = |ms: i64| {
+        time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let query = format!("from={}&to={}", range(from), range(from + 3_600_000));
+    let (s, body) = app
+        .get(
+            &buyer.token,
+            &format!("/api/customer-agent-configs/{config}/usage/?{query}"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let totals = &body["totals"];
+    assert_eq!(totals["requests"], 5, "the report is no request");
+    assert!(
+        totals["input_tokens"].as_u64().unwrap() >= i64::MAX as u64,
+        "{totals}"
+    );
+    assert_eq!(
+        totals["refused"],
+        json!({"rate_limited": 1, "unauthorized": 1, "client_error": 1})
+    );
+    let (s, body) = app
+        .get(
+            &other.token,
+            &format!("/api/customer-agent-configs/{other_config}/usage/?{query}"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(
+        (
+            &body["totals"]["requests"],
+            &body["totals"]["input_tokens"],
+            &body["totals"]["output_tokens"]
+        ),
+        (&json!(1), &json!(43), &json!(6)),
+        "runtime-side usage counts for its config"
+    );
+    let (s, body) = app
+        .get(
+            &provider.token,
+            &format!("/api/provider-agents/{agent}/usage/?{query}"),
+        )
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::OK,
+        "the seller's view over all buyers reads too: {body}"
+    );
+
+    let store = app.state.usage.clone().expect("the embedded store opened");
+    quota::count_once(&app.state.db, store.as_ref())
+        .await
+        .unwrap();
+    let routes = sync::compile(&app.state.db, Some("http://runtime.test"))
+        .await
+        .unwrap()
+        .routes;
+    assert_eq!(routes[&other_config].quota.tokens, 49);
+    assert!(routes[&config].quota.tokens > 1000);
+    app.finish().await;
+}
+
 crate::both!(
+    huge_counts_saturate_and_config_reports_add_tokens,
     quota_counts_reach_the_snapshot,
     usage_totals_and_series,
     usage_defaults_to_recent,
