@@ -12,25 +12,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '==> %s\n' "$*" >&2; }
-
-apt_install() {
-  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-    log "missing $*; install it (Debian package names: $*) and re-run"
-    exit 1
-  fi
-  log "installing $*"
-  if [ -z "${APT_UPDATED:-}" ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
-    APT_UPDATED=1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
-}
+. scripts/prereqs.sh
 
 command -v cargo >/dev/null || { log "cargo not found: install Rust (https://rustup.rs)"; exit 1; }
 command -v curl >/dev/null || apt_install curl
-# Pingora's dependencies build C code with cmake.
-command -v cmake >/dev/null || apt_install cmake
+ensure_cmake
 command -v psql >/dev/null || apt_install postgresql-client
 
 # The metering tests start private ClickHouse servers from Debian's package.
@@ -80,6 +66,37 @@ if [ -d "$fixtures/langflow" ] && [ -d "$fixtures/langflow-wire" ]; then
   log "Langflow compatibility fixtures found at $fixtures: those cases run"
 else
   log "Langflow compatibility fixtures not found at $fixtures: those cases do not run (the project's own fixtures still do)"
+fi
+
+# A real Langflow for tests/langflow.rs, installed once into a cached venv with
+# uv (both from PyPI). The test starts it itself.
+LANGFLOW_VERSION=1.13.0
+if [ "${AGORA_SKIP_LANGFLOW:-}" = 1 ]; then
+  log "AGORA_SKIP_LANGFLOW=1: the real-Langflow cases will NOT run"
+else
+  cache="${XDG_CACHE_HOME:-$HOME/.cache}/agora"
+  venv="${AGORA_LANGFLOW_VENV:-$cache/langflow-$LANGFLOW_VERSION}"
+  installed() {
+    [ -x "$venv/bin/langflow" ] && "$venv/bin/python" -c \
+      "import importlib.metadata as m, sys; sys.exit(m.version('langflow') != '$LANGFLOW_VERSION')" 2>/dev/null
+  }
+  if ! installed; then
+    command -v python3 >/dev/null || apt_install python3 python3-venv
+    uv="$cache/uv/bin/uv"
+    if [ ! -x "$uv" ]; then
+      log "installing uv from PyPI into $cache/uv"
+      python3 -m venv "$cache/uv" && "$cache/uv/bin/pip" install --quiet uv \
+        || { log "uv could not be installed: set AGORA_SKIP_LANGFLOW=1 to run without the Langflow cases"; exit 1; }
+    fi
+    log "installing Langflow $LANGFLOW_VERSION into $venv (once; about a minute)"
+    rm -rf "$venv"
+    "$uv" venv --quiet --python python3 "$venv" \
+      && "$uv" pip install --quiet --python "$venv/bin/python" "langflow==$LANGFLOW_VERSION" \
+      || { log "Langflow could not be installed: set AGORA_SKIP_LANGFLOW=1 to run without the Langflow cases"; exit 1; }
+    installed || { log "Langflow $LANGFLOW_VERSION is not importable from $venv"; exit 1; }
+  fi
+  export AGORA_LANGFLOW="$venv/bin/langflow"
+  log "Langflow $LANGFLOW_VERSION: $AGORA_LANGFLOW"
 fi
 
 log "running the suite (Postgres and SQLite)"

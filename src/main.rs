@@ -10,6 +10,7 @@ use agora_control_plane::domain::OrgKind;
 use agora_control_plane::{demo, identity, AppState};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use secrecy::ExposeSecret;
 
 #[derive(Parser)]
 #[command(
@@ -268,6 +269,14 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     if let Some(runtime) = &built_in {
         proxy_config.runtime_api_key = Some(runtime.api_key.clone().into());
     }
+    // Usage reports from the runtime are on: with the configured secret, else
+    // with the one an earlier run wrote to demo.json, else a new one.
+    let runtime_secret = match &settings.proxy.runtime_secret {
+        Some(secret) => secret.expose_secret().to_owned(),
+        None => demo::previous_runtime_secret(&settings.data_dir)
+            .unwrap_or_else(|| format!("rs-{}", uuid::Uuid::new_v4().simple())),
+    };
+    proxy_config.runtime_secret = Some(runtime_secret.clone().into());
     let metering = agora_proxy::open_metering(&settings).await?;
     let proxy =
         tokio::task::spawn_blocking(move || agora_proxy::start(proxy_config, metering)).await??;
@@ -275,6 +284,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     let demo_proxy = demo::DemoProxy {
         url: proxy_url.clone(),
         metrics_url: format!("http://{}/metrics", proxy.admin_addr),
+        runtime_secret: Some(runtime_secret),
     };
 
     let info = demo::ensure(
@@ -308,8 +318,8 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         )
     };
     println!("Agora is up.");
-    println!("  control plane: {url}");
-    println!("  proxy:         {proxy_url}");
+    println!("  API:           {proxy_url}  (agents and the whole API, one base URL)");
+    println!("  control plane: {url}  (its own port, for operators)");
     println!("  metrics:       {}", demo_proxy.metrics_url);
     println!(
         "  demo details:  {} (tokens, passwords and an API key)",
@@ -317,9 +327,13 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     );
     println!("  {}", info.note);
     println!();
-    println!("Try it (the buyer's agent, through the proxy):");
+    println!("Try it (the marketplace, then the buyer's agent):");
     println!(
-        "  curl -s -H \"Authorization: Bearer {}\" -H 'Content-Type: application/json' -d '{{\"input_value\": \"Hello!\"}}' {proxy_url}/api/agent-gateway/invoke/",
+        "  curl -s -H \"Authorization: Token {}\" {proxy_url}/api/marketplace-public-offerings/",
+        key_of("buyer_token")
+    );
+    println!(
+        "  curl -s -H \"Authorization: Bearer {}\" -H 'Content-Type: application/json' -d '{{\"input\": \"Hello, how can you help me?\"}}' {proxy_url}/api/agent-gateway/invoke/",
         key_of("api_key")
     );
     println!();

@@ -135,6 +135,7 @@ fn up_seeds_serves_and_restarts() {
         "api_key",
         "proxy_url",
         "metrics_url",
+        "runtime_secret",
     ] {
         assert!(
             info[field].as_str().is_some_and(|v| !v.is_empty()),
@@ -162,14 +163,23 @@ fn up_seeds_serves_and_restarts() {
         );
     }
 
-    // The printed curl works as printed.
-    let curl = up
-        .lines
-        .iter()
-        .find(|l| l.trim_start().starts_with("curl "))
-        .unwrap_or_else(|| panic!("no curl printed: {:#?}", up.lines))
-        .trim()
-        .to_owned();
+    // The printed curls work as printed, on the one base URL.
+    assert_eq!(info["base_url"], info["proxy_url"]);
+    let printed = |what: &str| {
+        up.lines
+            .iter()
+            .find(|l| l.trim_start().starts_with("curl ") && l.contains(what))
+            .unwrap_or_else(|| panic!("no curl for {what} printed: {:#?}", up.lines))
+            .trim()
+            .to_owned()
+    };
+    let curl = printed("/api/marketplace-public-offerings/");
+    assert!(curl.contains(info["base_url"].as_str().unwrap()), "{curl}");
+    let out = Command::new("bash").args(["-c", &curl]).output().unwrap();
+    let offerings: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(offerings["count"], 4, "{offerings}");
+    let curl = printed("/api/agent-gateway/invoke/");
     let out = Command::new("bash").args(["-c", &curl]).output().unwrap();
     assert!(
         out.status.success(),
@@ -193,6 +203,20 @@ fn up_seeds_serves_and_restarts() {
         metrics.contains(r#"agora_proxy_requests_total{route="invoke",status="200"} 1"#),
         "{metrics}"
     );
+    // The runtime reports usage with demo.json's secret; a wrong one is refused.
+    for (secret, status) in [
+        (info["runtime_secret"].as_str().unwrap(), "202"),
+        ("wrong-secret-0123456789", "401"),
+    ] {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Content-Type: application/json"])
+            .args(["-H", &format!("X-Runtime-Secret: {secret}"), "-d"])
+            .arg(serde_json::json!({"config_uuid": info["config_uuid"], "input_tokens": 0, "output_tokens": 0}).to_string())
+            .arg(format!("{}/api/agent-gateway/usage/", info["proxy_url"].as_str().unwrap()))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), status);
+    }
     // The buyer's config, from the control plane.
     let configs = get(&info, "buyer_token", "/api/customer-agent-configs/");
     assert_eq!(configs["count"], 1, "{configs}");
@@ -263,6 +287,7 @@ fn up_seeds_serves_and_restarts() {
     assert_eq!(again["config_uuid"], info["config_uuid"]);
     assert_eq!(again["api_key"], info["api_key"]);
     assert_eq!(again["buyer_token"], info["buyer_token"]);
+    assert_eq!(again["runtime_secret"], info["runtime_secret"]);
     let agents = get(&again, "provider_token", "/api/provider-agents/");
     assert_eq!(agents["count"], 4, "{agents}");
     // The restarted demo runtime (a new process) still knows the flows

@@ -61,9 +61,17 @@ pub struct DemoInfo {
     /// The data plane, when `agora up` runs one: invoke agents here with `api_key`.
     #[serde(default)]
     pub proxy_url: Option<String>,
+    /// The one base URL of the whole API (the gateway's front door: agents and
+    /// every control-plane route); `control_plane_url` is the operators' own port.
+    #[serde(default)]
+    pub base_url: Option<String>,
     /// The proxy's Prometheus metrics.
     #[serde(default)]
     pub metrics_url: Option<String>,
+    /// The `X-Runtime-Secret` a runtime sends its usage reports with
+    /// (`POST {proxy_url}/api/agent-gateway/usage/`).
+    #[serde(default)]
+    pub runtime_secret: Option<String>,
     pub note: String,
 }
 
@@ -71,6 +79,7 @@ pub struct DemoInfo {
 pub struct DemoProxy {
     pub url: String,
     pub metrics_url: String,
+    pub runtime_secret: Option<String>,
 }
 
 /// A runtime `agora up` started itself, for demo.json.
@@ -167,7 +176,9 @@ pub async fn ensure(
         runtime_url: built_in.map(|r| r.url.clone()),
         runtime_api_key: built_in.map(|r| r.api_key.clone()),
         proxy_url: proxy.map(|p| p.url.clone()),
+        base_url: proxy.map(|p| p.url.clone()),
         metrics_url: proxy.map(|p| p.metrics_url.clone()),
+        runtime_secret: proxy.and_then(|p| p.runtime_secret.clone()),
         note,
     };
     write_demo(data_dir, &info)?;
@@ -181,6 +192,12 @@ async fn demo_config(app: &AppState) -> anyhow::Result<Option<Uuid>> {
         .fetch_optional(&app.db.pool)
         .await?;
     Ok(row.map(|r| uuid_col(&r, "uuid")).transpose()?)
+}
+
+/// The runtime secret an earlier `agora up` wrote to `demo.json`, so that a
+/// runtime configured with it keeps working across restarts.
+pub fn previous_runtime_secret(data_dir: &Path) -> Option<String> {
+    read_previous(data_dir)?.runtime_secret
 }
 
 fn read_previous(data_dir: &Path) -> Option<DemoInfo> {

@@ -6,21 +6,25 @@
 //! component catalog (Langflow's `GET /api/v1/all`):
 //!
 //! - code equal to one of the catalog's components passes;
-//! - a node without code gets the catalog's code for its type (flows written
-//!   for this project, like the samples, become real Langflow flows that way),
-//!   and a type the catalog does not have is refused;
+//! - a node without code gets the catalog's component for its type: its code,
+//!   and every template field the node leaves out, with the catalog's default
+//!   (flows written for this project, like the samples, become real Langflow
+//!   flows that way), and a type the catalog does not have is refused;
 //! - any other code is custom code: refused, naming the node, unless staff
-//!   allowed custom code for the provider organisation.
+//!   allowed custom code for the provider organisation;
+//! - a node that fixes its own `session_id` is refused: sessions belong to the
+//!   gateway, which gives every run its buyer's session (a Memory component
+//!   reading a fixed session would share one memory among all buyers).
 
 use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 
-/// The components a runtime offers: the `template.code` of each type, and the
-/// set of all their sources.
+/// The components a runtime offers: the template of each type (its `code`
+/// among the fields), and the set of all their sources.
 #[derive(Debug, Default)]
 pub struct Catalog {
-    by_type: HashMap<String, Value>,
+    by_type: HashMap<String, serde_json::Map<String, Value>>,
     sources: HashSet<String>,
 }
 
@@ -34,14 +38,18 @@ impl Catalog {
         };
         for components in categories.values().filter_map(Value::as_object) {
             for (ty, component) in components {
-                let Some(code) = component.pointer("/template/code") else {
+                let Some(template) = component.get("template").and_then(Value::as_object) else {
                     continue;
                 };
-                let Some(source) = code.get("value").and_then(Value::as_str) else {
+                let Some(source) = template
+                    .get("code")
+                    .and_then(|c| c.get("value"))
+                    .and_then(Value::as_str)
+                else {
                     continue;
                 };
                 catalog.sources.insert(source.to_owned());
-                catalog.by_type.insert(ty.clone(), code.clone());
+                catalog.by_type.insert(ty.clone(), template.clone());
             }
         }
         catalog
@@ -63,6 +71,8 @@ pub enum CodeRefusal {
     UnknownComponent { node: String, ty: String },
     #[error("node {node} ({ty}) runs custom code, which this provider may not publish; ask staff to allow custom code")]
     CustomCode { node: String, ty: String },
+    #[error("node {node} ({ty}) sets its own session_id; leave it empty: each run gets its buyer's session")]
+    FixedSession { node: String, ty: String },
 }
 
 impl CodeRefusal {
@@ -70,6 +80,7 @@ impl CodeRefusal {
         match self {
             CodeRefusal::UnknownComponent { .. } => "unknown_component",
             CodeRefusal::CustomCode { .. } => "custom_code_not_allowed",
+            CodeRefusal::FixedSession { .. } => "fixed_session_id",
         }
     }
 }
@@ -79,7 +90,7 @@ impl CodeRefusal {
 const RENAMED: &[(&str, &str)] = &[("Prompt", "Prompt Template")];
 
 impl Catalog {
-    fn code_for(&self, ty: &str) -> Option<&Value> {
+    fn template_for(&self, ty: &str) -> Option<&serde_json::Map<String, Value>> {
         self.by_type.get(ty).or_else(|| {
             RENAMED
                 .iter()
@@ -123,6 +134,14 @@ pub fn prepare(
         else {
             return Err(CodeRefusal::UnknownComponent { node: id, ty });
         };
+        let fixed_session = template
+            .get("session_id")
+            .and_then(|f| f.get("value"))
+            .and_then(Value::as_str)
+            .is_some_and(|v| !v.trim().is_empty());
+        if fixed_session {
+            return Err(CodeRefusal::FixedSession { node: id, ty });
+        }
         match template
             .get("code")
             .and_then(|c| c.get("value"))
@@ -131,9 +150,14 @@ pub fn prepare(
             Some(source) if catalog.sources.contains(source) => {}
             Some(_) if custom_code_allowed => {}
             Some(_) => return Err(CodeRefusal::CustomCode { node: id, ty }),
-            None => match catalog.code_for(&ty) {
-                Some(code) => {
-                    template.insert("code".into(), code.clone());
+            None => match catalog.template_for(&ty) {
+                Some(component) => {
+                    // The catalog's fields, the node's values over them.
+                    let mut full = component.clone();
+                    for (field, value) in std::mem::take(template) {
+                        full.insert(field, value);
+                    }
+                    *template = full;
                 }
                 None => return Err(CodeRefusal::UnknownComponent { node: id, ty }),
             },
@@ -150,7 +174,9 @@ mod tests {
     fn catalog() -> Catalog {
         Catalog::from_all(&json!({
             "input_output": {
-                "ChatInput": {"template": {"code": {"type": "code", "value": "class ChatInput: ..."}}},
+                "ChatInput": {"template": {"code": {"type": "code", "value": "class ChatInput: ..."},
+                                           "session_id": {"type": "str", "value": ""},
+                                           "input_value": {"type": "str", "value": "default"}}},
                 "ChatOutput": {"template": {"code": {"type": "code", "value": "class ChatOutput: ..."}}}
             },
             "component_display_names": {"ChatInput": "Chat Input"}
@@ -186,10 +212,27 @@ mod tests {
             out.pointer("/data/nodes/0/data/node/template/code/value"),
             Some(&json!("class ChatInput: ..."))
         );
+        // The node's own values win; the fields it left out come from the catalog.
         assert_eq!(
             out.pointer("/data/nodes/0/data/node/template/input_value"),
             Some(&json!({"value": ""}))
         );
+        assert_eq!(
+            out.pointer("/data/nodes/0/data/node/template/session_id"),
+            Some(&json!({"type": "str", "value": ""}))
+        );
+    }
+
+    #[test]
+    fn a_node_that_fixes_its_session_is_refused() {
+        let mut memory = node("Memory-1", "ChatInput", Some("class ChatInput: ..."));
+        memory["data"]["node"]["template"]["session_id"] = json!({"value": "everyone"});
+        let refused = prepare(&flow(json!([memory])), &catalog(), true).unwrap_err();
+        assert_eq!(refused.code(), "fixed_session_id");
+        assert!(refused.to_string().contains("Memory-1"));
+        let mut empty = node("Memory-1", "ChatInput", Some("class ChatInput: ..."));
+        empty["data"]["node"]["template"]["session_id"] = json!({"value": ""});
+        assert!(prepare(&flow(json!([empty])), &catalog(), false).is_ok());
     }
 
     #[test]

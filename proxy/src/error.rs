@@ -71,6 +71,8 @@ pub enum GatewayError {
     UpstreamTimeout,
     /// The runtime answered with an error status.
     UpstreamStatus(u16),
+    /// The control plane behind the front door could not be reached.
+    ControlPlaneUnreachable,
     RuntimeSecretRequired,
     UsageReportsDisabled,
     NotReady,
@@ -92,7 +94,7 @@ impl GatewayError {
             NotFound | UsageReportsDisabled | UnknownConfig => 404,
             MethodNotAllowed => 405,
             AgentUnavailable | NotReady | ShuttingDown | MeteringUnavailable => 503,
-            UpstreamUnreachable | UpstreamStatus(_) => 502,
+            UpstreamUnreachable | UpstreamStatus(_) | ControlPlaneUnreachable => 502,
             UpstreamTimeout => 504,
         }
     }
@@ -118,6 +120,7 @@ impl GatewayError {
             UpstreamUnreachable => "runtime_unreachable",
             UpstreamTimeout => "runtime_timeout",
             UpstreamStatus(_) => "runtime_error",
+            ControlPlaneUnreachable => "control_plane_unreachable",
             RuntimeSecretRequired => "invalid_runtime_secret",
             NotReady => "not_ready",
             ShuttingDown => "shutting_down",
@@ -153,6 +156,7 @@ impl GatewayError {
             UpstreamUnreachable => "The agent runtime could not be reached.".into(),
             UpstreamTimeout => "The agent runtime did not answer in time.".into(),
             UpstreamStatus(status) => format!("The agent runtime failed (status {status})."),
+            ControlPlaneUnreachable => "The control plane could not be reached.".into(),
             RuntimeSecretRequired => "A valid X-Runtime-Secret is required.".into(),
             NotReady => "The gateway has no configuration yet.".into(),
             ShuttingDown => "The gateway is shutting down.".into(),
@@ -166,7 +170,9 @@ impl GatewayError {
     pub fn side(&self) -> Side {
         use GatewayError::*;
         match self {
-            UpstreamUnreachable | UpstreamTimeout | UpstreamStatus(_) => Side::Upstream,
+            UpstreamUnreachable | UpstreamTimeout | UpstreamStatus(_) | ControlPlaneUnreachable => {
+                Side::Upstream
+            }
             NotReady | ShuttingDown | AgentUnavailable | MeteringUnavailable => Side::Internal,
             _ => Side::Downstream,
         }

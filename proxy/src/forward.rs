@@ -28,9 +28,9 @@ use tokio::net::TcpStream;
 
 use crate::deadline::within;
 use crate::error::{GatewayError, RateHeaders};
-use crate::h1::{self, Chunked, Framing, ResponseHead};
+use crate::h1::{self, Chunked, Framing, RequestHead, ResponseHead};
 use crate::invoke::{trimmed, RunReading, SessionScrub, UsageReader, MAX_ERROR_DETAIL};
-use crate::server::Conn;
+use crate::server::{Conn, PassError};
 use crate::state::RouteTarget;
 
 /// How long an idle runtime connection stays in the pool: under the 5 s after
@@ -334,7 +334,8 @@ impl Upstreams {
             Framing::Empty => (Source::Length(0), Out::Raw),
             Framing::Length(n) if up.buf.len() as u64 >= n => {
                 let data = up.buf.split_to(n as usize).freeze();
-                account(&mut reader, p, &data);
+                p.bytes_out += data.len() as u64;
+                reader.feed(&data);
                 scrub.scrub(&data, &mut whole);
                 scrub.finish(&mut whole);
                 conn.header_u64(b"content-length", whole.len() as u64);
@@ -353,10 +354,10 @@ impl Upstreams {
         let mut relay = Relay {
             source,
             out,
-            scrub,
+            scrub: Some(scrub),
             scrubbed: whole,
         };
-        let result = relay_body(&mut up, conn, &mut relay, timeout, &mut reader, p).await;
+        let result = relay_body(&mut up, conn, &mut relay, timeout, Some(&mut reader), p).await;
         p.reading = reader.finish();
         if let Err(failure) = result {
             conn.keep_alive = false;
@@ -406,7 +407,8 @@ fn out_framing(conn: &mut Conn) -> Out {
 struct Relay {
     source: Source,
     out: Out,
-    scrub: SessionScrub,
+    /// For a run's answer: the config's session namespace comes off.
+    scrub: Option<SessionScrub>,
     /// Scratch for scrubbed data.
     scrubbed: Vec<u8>,
 }
@@ -416,23 +418,31 @@ impl Relay {
     async fn send(
         &mut self,
         conn: &mut Conn,
-        reader: &mut UsageReader,
+        reader: &mut Option<&mut UsageReader>,
         p: &mut Progress,
         data: &Bytes,
     ) -> Result<(), Failure> {
         if data.is_empty() {
             return Ok(());
         }
-        account(reader, p, data);
+        p.bytes_out += data.len() as u64;
+        if let Some(reader) = reader {
+            reader.feed(data);
+        }
         self.scrubbed.clear();
-        self.scrub.scrub(data, &mut self.scrubbed);
+        match &mut self.scrub {
+            Some(scrub) => scrub.scrub(data, &mut self.scrubbed),
+            None => self.scrubbed.extend_from_slice(data),
+        }
         self.emit(conn).await
     }
 
     /// The end of the body: what the scrub held back, and the last chunk.
     async fn end(&mut self, conn: &mut Conn) -> Result<(), Failure> {
         self.scrubbed.clear();
-        self.scrub.finish(&mut self.scrubbed);
+        if let Some(scrub) = &mut self.scrub {
+            scrub.finish(&mut self.scrubbed);
+        }
         self.emit(conn).await?;
         if let Out::Chunked = self.out {
             conn.write(b"0\r\n\r\n")
@@ -484,7 +494,7 @@ async fn relay_body(
     conn: &mut Conn,
     relay: &mut Relay,
     timeout: Duration,
-    reader: &mut UsageReader,
+    mut reader: Option<&mut UsageReader>,
     p: &mut Progress,
 ) -> Result<(), Failure> {
     let mut remaining = match relay.source {
@@ -502,7 +512,7 @@ async fn relay_body(
                     let data = up.buf.split_to(take).freeze();
                     remaining -= take as u64;
                     done = remaining == 0;
-                    relay.send(conn, reader, p, &data).await?;
+                    relay.send(conn, &mut reader, p, &data).await?;
                 }
                 Source::Chunked => {
                     ranges.clear();
@@ -511,13 +521,13 @@ async fn relay_body(
                         .map_err(|_| Failure::Broken(GatewayError::UpstreamUnreachable))?;
                     let raw = up.buf.split_to(consumed).freeze();
                     for r in ranges.drain(..) {
-                        relay.send(conn, reader, p, &raw.slice(r)).await?;
+                        relay.send(conn, &mut reader, p, &raw.slice(r)).await?;
                     }
                     done = decoder.is_done();
                 }
                 Source::Close => {
                     let data = up.buf.split().freeze();
-                    relay.send(conn, reader, p, &data).await?;
+                    relay.send(conn, &mut reader, p, &data).await?;
                 }
             }
         }
@@ -535,12 +545,6 @@ async fn relay_body(
             None => return Err(Failure::Broken(GatewayError::UpstreamTimeout)),
         }
     }
-}
-
-/// Counts body data going to the client and reads it for usage.
-fn account(reader: &mut UsageReader, p: &mut Progress, data: &Bytes) {
-    p.bytes_out += data.len() as u64;
-    reader.feed(data);
 }
 
 /// Longest error body read for its detail.
@@ -623,6 +627,12 @@ async fn exchange(
         Some(Err(_)) => return Err(UpError::Unsent),
         None => return Err(UpError::Timeout),
     }
+    read_head(up, timeout).await
+}
+
+/// Reads a response head (skipping any 1xx); its bytes stay at the front of
+/// `up.buf`.
+async fn read_head(up: &mut UpConn, timeout: Duration) -> Result<ResponseHead, UpError> {
     let mut received = false;
     loop {
         if !up.buf.is_empty() {
@@ -644,5 +654,157 @@ async fn exchange(
             Some(Ok(_)) => received = true,
             None => return Err(UpError::Timeout),
         }
+    }
+}
+
+/// The control plane behind the front door: every `/api/*` path the gateway does
+/// not serve itself is passed on to it.
+pub struct ControlPlane {
+    pub addr: std::net::SocketAddr,
+    /// Largest request body passed on (the control plane's own limit).
+    pub max_body_bytes: u64,
+    /// How long the control plane may take to answer (a publish waits on the
+    /// runtime).
+    pub timeout: Duration,
+}
+
+impl ControlPlane {
+    /// From the control plane's URL; `None` for one the gateway cannot reach
+    /// over plain HTTP.
+    pub fn from_url(url: &str, max_body_bytes: u64, timeout: Duration) -> Option<ControlPlane> {
+        let rest = url.strip_prefix("http://")?;
+        let authority = rest.split('/').next()?;
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)
+            .ok()?
+            .next()?;
+        Some(ControlPlane {
+            addr,
+            max_body_bytes,
+            timeout,
+        })
+    }
+}
+
+impl Upstreams {
+    /// Passes a request on to the control plane as it arrives (head, then the
+    /// body streamed), with `X-Forwarded-For`/`-Proto`/`-Host` added, and relays
+    /// its answer unchanged but for the hop's own fields.
+    pub async fn pass(
+        &self,
+        conn: &mut Conn,
+        head: &RequestHead,
+        cp: &ControlPlane,
+        p: &mut Progress,
+    ) -> Result<(), Failure> {
+        let refused = |e| Failure::Refused(e);
+        let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(cp.addr))
+            .await
+            .map_err(|_| refused(GatewayError::ControlPlaneUnreachable))?
+            .map_err(|_| refused(GatewayError::ControlPlaneUnreachable))?;
+        let _ = tcp.set_nodelay(true);
+        let mut up = UpConn {
+            io: UpIo::Tcp(tcp),
+            buf: BytesMut::with_capacity(READ_CHUNK),
+        };
+        let mut out = Vec::with_capacity(512 + head.len());
+        out.extend_from_slice(head.method());
+        out.push(b' ');
+        out.extend_from_slice(head.target());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut forwarded_for: Vec<u8> = Vec::new();
+        for (name, value) in head.fields() {
+            if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+                if !forwarded_for.is_empty() {
+                    forwarded_for.extend_from_slice(b", ");
+                }
+                forwarded_for.extend_from_slice(value.trim_ascii());
+            } else if !h1::is_hop_by_hop(name)
+                && !name.eq_ignore_ascii_case(b"expect")
+                && !name.eq_ignore_ascii_case(b"x-forwarded-proto")
+                && !name.eq_ignore_ascii_case(b"x-forwarded-host")
+            {
+                h1::field(&mut out, name, value);
+            }
+        }
+        if let Some(ip) = conn.peer {
+            if !forwarded_for.is_empty() {
+                forwarded_for.extend_from_slice(b", ");
+            }
+            forwarded_for.extend_from_slice(ip.to_string().as_bytes());
+        }
+        if !forwarded_for.is_empty() {
+            h1::field(&mut out, b"x-forwarded-for", &forwarded_for);
+        }
+        h1::field(&mut out, b"x-forwarded-proto", b"http");
+        if let Some(host) = head.header("host") {
+            h1::field(&mut out, b"x-forwarded-host", host);
+        }
+        match head.framing {
+            Framing::Length(n) if n > cp.max_body_bytes => {
+                return Err(refused(GatewayError::BodyTooLarge {
+                    limit: cp.max_body_bytes as usize,
+                }))
+            }
+            Framing::Length(n) => h1::field_u64(&mut out, b"content-length", n),
+            Framing::Chunked => h1::field(&mut out, b"transfer-encoding", b"chunked"),
+            Framing::Empty | Framing::Close => {}
+        }
+        h1::field(&mut out, b"connection", b"close");
+        out.extend_from_slice(b"\r\n");
+        let sent = within(cp.timeout, up.io.write_all(&out)).await;
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(refused(GatewayError::ControlPlaneUnreachable));
+        }
+        p.upstream_sent = Some(Instant::now());
+        match conn.pass_body(&mut up.io, cp.max_body_bytes).await {
+            Ok(()) => {}
+            Err(PassError::TooLarge) => {
+                return Err(refused(GatewayError::BodyTooLarge {
+                    limit: cp.max_body_bytes as usize,
+                }))
+            }
+            Err(PassError::Client(e)) => return Err(refused(e)),
+            Err(PassError::Upstream) => return Err(refused(GatewayError::ControlPlaneUnreachable)),
+        }
+        let answer = read_head(&mut up, cp.timeout).await.map_err(|e| match e {
+            UpError::Timeout => refused(GatewayError::UpstreamTimeout),
+            _ => refused(GatewayError::ControlPlaneUnreachable),
+        })?;
+        conn.start(answer.status);
+        for (name, value) in answer.fields(&up.buf) {
+            if !h1::is_hop_by_hop(name) {
+                conn.header(name, value);
+            }
+        }
+        up.buf.advance(answer.len);
+        // A HEAD's answer has the length of a body it does not carry.
+        let source = match answer.framing {
+            _ if head.method() == b"HEAD" => Source::Length(0),
+            Framing::Empty => Source::Length(0),
+            Framing::Length(n) => {
+                conn.header_u64(b"content-length", n);
+                Source::Length(n)
+            }
+            Framing::Chunked => Source::Chunked,
+            Framing::Close => Source::Close,
+        };
+        let out = match (source, answer.framing) {
+            (Source::Length(_), _) => Out::Raw,
+            _ => out_framing(conn),
+        };
+        p.status = answer.status;
+        conn.end_head();
+        let mut relay = Relay {
+            source,
+            out,
+            scrub: None,
+            scrubbed: Vec::new(),
+        };
+        let result = relay_body(&mut up, conn, &mut relay, cp.timeout, None, p).await;
+        if result.is_err() {
+            conn.keep_alive = false;
+        }
+        p.upstream_done = Some(Instant::now());
+        result
     }
 }

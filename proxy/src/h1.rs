@@ -218,6 +218,17 @@ impl RequestHead {
         self.fields.get(&self.raw, name)
     }
 
+    /// Every field, in order.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.fields.iter(&self.raw)
+    }
+
+    /// The request target as sent: the path and its query.
+    pub fn target(&self) -> &[u8] {
+        let end = self.query.map_or(self.path.end, |q| q.end);
+        &self.raw[self.path.start as usize..end as usize]
+    }
+
     /// Bytes of the whole head.
     pub fn len(&self) -> usize {
         self.raw.len()

@@ -59,6 +59,8 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub control_plane_url: String,
+    /// Largest body the front door passes on to the control plane.
+    pub control_plane_max_body_bytes: u64,
     pub proxy_secret: Option<SecretString>,
     pub snapshot_path: PathBuf,
     pub threads: usize,
@@ -94,6 +96,7 @@ impl ProxyConfig {
             listen: p.listen.parse().context("proxy.listen")?,
             admin_listen: p.admin_listen.parse().context("proxy.admin_listen")?,
             control_plane_url: settings.proxy_control_plane_url(),
+            control_plane_max_body_bytes: settings.control_plane.max_body_bytes as u64,
             proxy_secret: settings.control_plane.proxy_secret.clone(),
             snapshot_path: settings.proxy_snapshot_path(),
             threads: p.threads,
@@ -226,6 +229,11 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
         pipeline: pipeline.clone(),
         life: life.clone(),
         upstreams: forward::Upstreams::new(config.upstream_pool_size),
+        control_plane: forward::ControlPlane::from_url(
+            &config.control_plane_url,
+            config.control_plane_max_body_bytes,
+            config.read_timeout.max(std::time::Duration::from_secs(120)),
+        ),
     };
     let handle = Arc::new(GatewayHandle {
         shared: shared.clone(),

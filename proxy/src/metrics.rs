@@ -24,15 +24,18 @@ pub enum RouteLabel {
     Validate,
     Usage,
     Health,
+    /// The control plane's API, passed on through the front door.
+    ControlPlane,
     Other,
 }
 
 impl RouteLabel {
-    pub const ALL: [RouteLabel; 5] = [
+    pub const ALL: [RouteLabel; 6] = [
         RouteLabel::Invoke,
         RouteLabel::Validate,
         RouteLabel::Usage,
         RouteLabel::Health,
+        RouteLabel::ControlPlane,
         RouteLabel::Other,
     ];
 
@@ -42,6 +45,7 @@ impl RouteLabel {
             RouteLabel::Validate => "validate",
             RouteLabel::Usage => "usage",
             RouteLabel::Health => "health",
+            RouteLabel::ControlPlane => "control_plane",
             RouteLabel::Other => "other",
         }
     }
@@ -53,9 +57,9 @@ const COMMON_STATUSES: [u16; 8] = [200, 400, 401, 403, 429, 502, 503, 504];
 pub struct Metrics {
     pub registry: Registry,
     requests: IntCounterVec,
-    by_status: [[prometheus::IntCounter; 8]; 5],
-    duration: [Histogram; 5],
-    overhead: [Histogram; 5],
+    by_status: [[prometheus::IntCounter; 8]; 6],
+    duration: [Histogram; 6],
+    overhead: [Histogram; 6],
     auth_failures: IntCounterVec,
     rate_limited: IntCounterVec,
     pub in_flight: IntGauge,

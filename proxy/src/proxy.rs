@@ -18,7 +18,7 @@ use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use crate::error::{GatewayError, RateHeaders};
-use crate::forward::{Exchange, Failure, Progress, Upstreams};
+use crate::forward::{ControlPlane, Exchange, Failure, Progress, Upstreams};
 use crate::h1::RequestHead;
 use crate::invoke;
 use crate::keys::{self, Caller};
@@ -49,6 +49,8 @@ pub struct Gateway {
     pub life: Arc<Lifecycle>,
     /// Connections to runtimes.
     pub upstreams: Upstreams,
+    /// Where the front door passes the control plane's API on.
+    pub control_plane: Option<ControlPlane>,
 }
 
 /// What shutdown needs to see of the gateway.
@@ -141,6 +143,12 @@ impl Gateway {
             p if p == VALIDATE.as_bytes() => RouteLabel::Validate,
             p if p == USAGE.as_bytes() => RouteLabel::Usage,
             p if p == HEALTH.as_bytes() => RouteLabel::Health,
+            p if p.starts_with(b"/api/")
+                && !p.starts_with(b"/api/agent-gateway/")
+                && self.control_plane.is_some() =>
+            {
+                RouteLabel::ControlPlane
+            }
             _ => RouteLabel::Other,
         };
         if self.life.draining.load(Ordering::Relaxed) {
@@ -154,6 +162,7 @@ impl Gateway {
             RouteLabel::Validate => self.validate(conn, head, ctx).await,
             RouteLabel::Usage => self.report_usage(conn, head, ctx).await,
             RouteLabel::Health => self.health(conn, head, ctx).await,
+            RouteLabel::ControlPlane => self.pass(conn, head, ctx).await,
             RouteLabel::Other => Err(GatewayError::NotFound),
         };
         if let Err(refusal) = outcome {
@@ -186,7 +195,8 @@ impl Gateway {
             total.as_secs_f64(),
             overhead.as_secs_f64(),
         );
-        if ctx.route == RouteLabel::Health {
+        // Health checks and the control plane's API are no metered use.
+        if matches!(ctx.route, RouteLabel::Health | RouteLabel::ControlPlane) {
             return;
         }
         let reading = &ctx.progress.reading;
@@ -324,6 +334,38 @@ impl Gateway {
                 Ok(())
             }
             Err(Failure::Broken(e)) => {
+                ctx.refusal = Some(e);
+                Ok(())
+            }
+        }
+    }
+
+    /// The front door: the control plane's API, passed on.
+    async fn pass(
+        &self,
+        conn: &mut Conn,
+        head: &RequestHead,
+        ctx: &mut Ctx,
+    ) -> Result<(), GatewayError> {
+        let Some(cp) = &self.control_plane else {
+            return Err(GatewayError::NotFound);
+        };
+        let result = self.upstreams.pass(conn, head, cp, &mut ctx.progress).await;
+        ctx.status = ctx.progress.status;
+        match result {
+            Ok(()) => Ok(()),
+            Err(Failure::Refused(e)) => {
+                if e.side() != crate::error::Side::Downstream {
+                    tracing::warn!(error = e.code(), "the control plane could not be reached");
+                }
+                Err(e)
+            }
+            Err(Failure::Cancelled) => {
+                ctx.cancelled = true;
+                Ok(())
+            }
+            Err(Failure::Broken(e)) => {
+                tracing::warn!(error = e.code(), "the control plane's answer was cut");
                 ctx.refusal = Some(e);
                 Ok(())
             }

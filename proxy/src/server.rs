@@ -53,6 +53,18 @@ pub struct Conn {
     head_only: bool,
     /// Unread bytes may follow (a refused head): close gently.
     linger: bool,
+    /// The client's address, when the stream knows it.
+    pub peer: Option<std::net::IpAddr>,
+}
+
+/// Why a body could not be passed on.
+pub enum PassError {
+    /// Larger than the limit: nothing was answered yet.
+    TooLarge,
+    /// The client's body could not be read (or was malformed).
+    Client(GatewayError),
+    /// The next hop stopped taking it.
+    Upstream,
 }
 
 /// What waiting for the next request gave.
@@ -75,7 +87,11 @@ enum ReadError {
 
 impl Conn {
     pub fn new(io: Stream) -> Conn {
+        let peer = io
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
         Conn {
+            peer,
             io,
             buf: BytesMut::with_capacity(READ_CHUNK),
             out: Vec::with_capacity(1024),
@@ -230,6 +246,83 @@ impl Conn {
                 Ok(Bytes::new())
             }
         }
+    }
+
+    /// Streams the request's body to `out` as it arrives, as it was framed: the
+    /// bytes of a length-delimited body, or the chunks of a chunked one (re-framed,
+    /// trailers dropped). More than `limit` bytes stops it.
+    pub async fn pass_body<W>(&mut self, out: &mut W, limit: u64) -> Result<(), PassError>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let Some(framing) = self.body_pending else {
+            return Ok(());
+        };
+        let write = |e: io::Error| {
+            let _ = e;
+            PassError::Upstream
+        };
+        match framing {
+            Framing::Length(n) => {
+                if n > limit {
+                    return Err(PassError::TooLarge);
+                }
+                self.continue_if_expected()
+                    .await
+                    .map_err(PassError::Client)?;
+                let mut left = n;
+                while left > 0 {
+                    if self.buf.is_empty() {
+                        self.fill(READ_TIMEOUT)
+                            .await
+                            .map_err(|_| PassError::Client(unreadable()))?;
+                    }
+                    let take = (self.buf.len() as u64).min(left) as usize;
+                    let data = self.buf.split_to(take);
+                    left -= take as u64;
+                    timed(out.write_all(&data)).await.map_err(write)?;
+                }
+            }
+            Framing::Chunked => {
+                self.continue_if_expected()
+                    .await
+                    .map_err(PassError::Client)?;
+                let mut decoder = Chunked::default();
+                let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+                let mut total = 0u64;
+                loop {
+                    ranges.clear();
+                    let consumed = decoder.decode(&self.buf, |r| ranges.push(r)).map_err(|_| {
+                        PassError::Client(GatewayError::BadRequest {
+                            code: "malformed_request",
+                            message: "The chunked body is malformed.".into(),
+                        })
+                    })?;
+                    let raw = self.buf.split_to(consumed).freeze();
+                    for r in ranges.drain(..) {
+                        total += r.len() as u64;
+                        if total > limit {
+                            return Err(PassError::TooLarge);
+                        }
+                        let mut chunk = Vec::with_capacity(r.len() + 12);
+                        chunk.extend_from_slice(format!("{:x}\r\n", r.len()).as_bytes());
+                        chunk.extend_from_slice(&raw[r]);
+                        chunk.extend_from_slice(b"\r\n");
+                        timed(out.write_all(&chunk)).await.map_err(write)?;
+                    }
+                    if decoder.is_done() {
+                        timed(out.write_all(b"0\r\n\r\n")).await.map_err(write)?;
+                        break;
+                    }
+                    self.fill(READ_TIMEOUT)
+                        .await
+                        .map_err(|_| PassError::Client(unreadable()))?;
+                }
+            }
+            Framing::Empty | Framing::Close => {}
+        }
+        self.body_pending = None;
+        timed(out.flush()).await.map_err(write)
     }
 
     /// Before a refusal: reads a small unread body so the connection can serve the

@@ -137,6 +137,16 @@ impl World {
         token_delay: Duration,
         usage: Option<agora_config::settings::UsageSettings>,
     ) -> World {
+        World::start_on(None, token_delay, usage).await
+    }
+
+    /// On `runtime` (a Langflow's base URL and API key) instead of the demo
+    /// runtime, when given.
+    pub async fn start_on(
+        runtime: Option<(String, String)>,
+        token_delay: Duration,
+        usage: Option<agora_config::settings::UsageSettings>,
+    ) -> World {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
@@ -173,23 +183,35 @@ impl World {
         }
         let mut state = AppState::from_settings(&settings).await.unwrap();
 
-        // The demo runtime, reached through a recording relay.
-        let runtime_key = format!("rt-{}", Uuid::new_v4().simple());
-        let mut rc = agora_runtime::RuntimeConfig::new(runtime_key.clone());
-        rc.token_delay = token_delay;
-        let runtime = agora_runtime::DemoRuntime::new(rc);
-        let stats = runtime.stats();
-        let rt_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let rt_addr = rt_listener.local_addr().unwrap();
-        let runtime_task = tokio::spawn(async move {
-            let _ = runtime.serve(rt_listener).await;
-        });
-        let (runtime_url, recorded) = relay(rt_addr).await;
+        // The demo runtime, reached through a recording relay; or the one given.
+        let (runtime_url, runtime_key, stats, runtime_task, recorded) = match runtime {
+            Some((url, key)) => (
+                url,
+                key,
+                Arc::default(),
+                tokio::spawn(async {}),
+                Recorded::default(),
+            ),
+            None => {
+                let runtime_key = format!("rt-{}", Uuid::new_v4().simple());
+                let mut rc = agora_runtime::RuntimeConfig::new(runtime_key.clone());
+                rc.token_delay = token_delay;
+                let runtime = agora_runtime::DemoRuntime::new(rc);
+                let stats = runtime.stats();
+                let rt_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let rt_addr = rt_listener.local_addr().unwrap();
+                let runtime_task = tokio::spawn(async move {
+                    let _ = runtime.serve(rt_listener).await;
+                });
+                let (runtime_url, recorded) = relay(rt_addr).await;
+                (runtime_url, runtime_key, stats, runtime_task, recorded)
+            }
+        };
         state.runtime = Some(
             agora_control_plane::runtime::RuntimeClient::new(
                 &runtime_url,
                 runtime_key.clone().into(),
-                Duration::from_secs(10),
+                Duration::from_secs(60),
             )
             .unwrap(),
         );
@@ -356,6 +378,20 @@ impl World {
             .unwrap()
     }
 
+    /// The runtime flow id `agent` was provisioned as.
+    pub async fn agent_flow_id(&self, name: &str) -> String {
+        let agent = self.agent(name).await;
+        let (_, body) = self
+            .cp(
+                reqwest::Method::GET,
+                &self.info.provider_token,
+                &format!("/api/provider-agents/{agent}/"),
+                None,
+            )
+            .await;
+        body["runtime_flow_id"].as_str().unwrap().to_owned()
+    }
+
     /// A new plan on `agent`, a buyer order of it, and a key for the new config.
     pub async fn subscription(&self, agent: &str, plan: Value, key: Value) -> (Uuid, String) {
         let agent = self.agent(agent).await;
@@ -514,4 +550,64 @@ pub fn spawn_agora_proxy(
         }
     }
     (child, proxy.unwrap(), metrics.unwrap())
+}
+
+/// Polls `check` until it gives a value (every 20 ms, for at most 10 s).
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl World {
+    /// A GET on the demo runtime's own API (Langflow's), with its key.
+    pub async fn runtime_get(&self, path: &str) -> Value {
+        let url = self.info.runtime_url.as_deref().expect("a demo runtime");
+        self.http
+            .get(format!("{url}{path}"))
+            .header("x-api-key", &self.runtime_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// The buyer's usage view of `config` (the last 24 hours).
+    pub async fn config_usage(&self, config: Uuid) -> Value {
+        let (s, body) = self
+            .cp(
+                reqwest::Method::GET,
+                &self.info.buyer_token,
+                &format!("/api/customer-agent-configs/{config}/usage/"),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        body["totals"].clone()
+    }
+
+    /// A usage report from the runtime to the gateway.
+    pub async fn report_usage(&self, body: Value) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}/api/agent-gateway/usage/", self.proxy_url))
+            .header("x-runtime-secret", "runtime-secret-for-tests")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
 }

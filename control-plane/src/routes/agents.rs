@@ -303,10 +303,12 @@ pub async fn publish(
                 code: e.code(),
                 message: e.to_string(),
             },
-            CodeRefusal::UnknownComponent { .. } => ApiError::Unprocessable {
-                code: e.code(),
-                message: e.to_string(),
-            },
+            CodeRefusal::UnknownComponent { .. } | CodeRefusal::FixedSession { .. } => {
+                ApiError::Unprocessable {
+                    code: e.code(),
+                    message: e.to_string(),
+                }
+            }
         }
     })?;
     let name: String = row.try_get("name")?;

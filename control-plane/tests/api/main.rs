@@ -987,6 +987,19 @@ async fn publish_code_policy(backend: Backend) {
         "unknown_component",
     );
 
+    // A node that fixes its own session would share one memory among buyers.
+    let mut fixed: Value = serde_json::from_str(&sample_flow()).unwrap();
+    fixed["data"]["nodes"][0]["data"]["node"]["template"]["session_id"] =
+        json!({"type": "str", "value": "everyone"});
+    let fixed = draft(fixed.to_string()).await;
+    let (s, body) = publish(fixed).await;
+    assert_error(
+        s,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "fixed_session_id",
+    );
+
     // Staff allow custom code for this provider: it is provisioned as written.
     app.review(&provider, true, true).await;
     let (s, body) = publish(custom).await;
