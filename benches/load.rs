@@ -71,6 +71,7 @@ fn main() {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         control_plane_url: "http://127.0.0.1:1".into(),
+        control_plane_max_body_bytes: 8 * 1024 * 1024,
         proxy_secret: None,
         snapshot_path,
         threads,
