@@ -388,6 +388,23 @@ async fn agora_runs_its_agents_on_a_real_langflow() {
         (&json!(1), &json!(1)),
         "{totals}"
     );
+    let fragile = w.agent("Fragile").await;
+    let (_, view) = w
+        .cp(
+            reqwest::Method::GET,
+            &provider,
+            &format!("/api/provider-agents/{fragile}/usage/"),
+            None,
+        )
+        .await;
+    assert_eq!(view["last_error"]["code"], "stream_error", "{view}");
+    assert!(
+        view["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("boom"),
+        "Langflow's own word on the failure: {view}"
+    );
 
     // An unapproved provider's custom component never reaches Langflow.
     let user = agora_control_plane::identity::create_user(

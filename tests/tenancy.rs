@@ -214,6 +214,23 @@ async fn a_stream_ending_in_an_error_event_is_metered_as_a_runtime_error() {
     .await;
     assert_eq!(totals["upstream_errors"], 2, "{totals}");
     assert_eq!(totals["errors"], 2, "{totals}");
+    // The seller sees the last failure of the agent, with the runtime's word on it.
+    let (s, view) = w
+        .cp(
+            reqwest::Method::GET,
+            token,
+            &format!("/api/provider-agents/{agent}/usage/"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{view}");
+    let last = &view["last_error"];
+    assert_eq!(last["code"], "runtime_error", "{view}");
+    assert_eq!(last["config"], json!(config), "{view}");
+    let message = last["message"].as_str().unwrap();
+    assert!(message.contains("boom from RaiseError component"), "{view}");
+    assert!(message.len() <= 304, "trimmed: {message}");
+    assert_eq!(view["totals"]["upstream_errors"], 2, "{view}");
     let m = w.metrics().await;
     assert!(
         m.lines()

@@ -108,27 +108,67 @@ pub struct TokenReport {
     pub output_tokens: u64,
 }
 
-/// What the proxy hands to the usage pipeline: an event per request, and the
-/// runtime's own token reports. A report never adds a second record: readers take
-/// its counts for the event it names when the event carries no counts from the
-/// runtime's response (runtime > reported > estimated).
+/// Why one run failed in the runtime, beside its event (which says it failed):
+/// the seller's view shows the last of each agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunFailure {
+    /// The failed request's event.
+    pub event_id: Uuid,
+    pub time_ms: i64,
+    pub agent: Uuid,
+    pub config: Uuid,
+    /// `runtime_error`, `runtime_timeout`, `runtime_unreachable` or `stream_error`.
+    pub code: String,
+    /// The runtime's own word on it (Langflow's `detail`, or the stream's error),
+    /// trimmed.
+    pub detail: String,
+}
+
+/// What the proxy hands to the usage pipeline: an event per request, the
+/// runtime's own token reports, and why failed runs failed. A report never adds a
+/// second record: readers take its counts for the event it names when the event
+/// carries no counts from the runtime's response (runtime > reported > estimated).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum UsageRecord {
     Event(Box<UsageEvent>),
     Report(TokenReport),
+    /// Added after the first two: spill logs written before it still read.
+    Failure(Box<RunFailure>),
 }
 
-/// A batch's events and reports, apart.
-pub fn split(batch: &[UsageRecord]) -> (Vec<&UsageEvent>, Vec<&TokenReport>) {
-    let mut events = Vec::with_capacity(batch.len());
-    let mut reports = Vec::new();
-    for record in batch {
-        match record {
-            UsageRecord::Event(e) => events.push(&**e),
-            UsageRecord::Report(r) => reports.push(r),
+impl UsageRecord {
+    /// The event a record belongs to.
+    pub fn event_id(&self) -> Uuid {
+        match self {
+            UsageRecord::Event(e) => e.event_id,
+            UsageRecord::Report(r) => r.request_id,
+            UsageRecord::Failure(f) => f.event_id,
         }
     }
-    (events, reports)
+}
+
+/// A batch's records by kind.
+#[derive(Default)]
+pub struct Split<'a> {
+    pub events: Vec<&'a UsageEvent>,
+    pub reports: Vec<&'a TokenReport>,
+    pub failures: Vec<&'a RunFailure>,
+}
+
+/// A batch's events, reports and failures, apart.
+pub fn split(batch: &[UsageRecord]) -> Split<'_> {
+    let mut split = Split {
+        events: Vec::with_capacity(batch.len()),
+        ..Split::default()
+    };
+    for record in batch {
+        match record {
+            UsageRecord::Event(e) => split.events.push(&**e),
+            UsageRecord::Report(r) => split.reports.push(r),
+            UsageRecord::Failure(f) => split.failures.push(&**f),
+        }
+    }
+    split
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agora_config::keys::Scope;
-use agora_config::usage::{TokenSource, UsageEvent, UsageStatus};
+use agora_config::usage::{RunFailure, TokenSource, UsageEvent, UsageStatus};
 use bytes::Bytes;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
@@ -248,6 +248,28 @@ impl Gateway {
             }
             (None, None) => (None, None, TokenSource::None),
         };
+        // Why a run failed in the runtime, for the seller's view.
+        if let (UsageStatus::UpstreamError, Some(target)) = (usage_status, &ctx.target) {
+            let (code, detail) = match (&reading.error, &ctx.refusal) {
+                (Some(detail), _) => ("stream_error", detail.clone()),
+                (None, Some(refusal)) => (
+                    refusal.code(),
+                    ctx.progress
+                        .runtime_detail
+                        .clone()
+                        .unwrap_or_else(|| refusal.message()),
+                ),
+                (None, None) => ("runtime_error", String::new()),
+            };
+            self.usage.push(UsageRecord::Failure(Box::new(RunFailure {
+                event_id: ctx.event_id,
+                time_ms: ctx.started_ms,
+                agent: target.route.agent,
+                config: target.route.config,
+                code: code.to_owned(),
+                detail,
+            })));
+        }
         let entry = ctx.caller.as_ref().map(|c| &c.record.entry);
         // A config's usage report has no caller: the config's route says whose.
         let route = ctx.target.as_ref().map(|t| &t.route);

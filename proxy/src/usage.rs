@@ -45,6 +45,7 @@ impl UsageSink for LogSink {
                     input += r.input_tokens;
                     output += r.output_tokens;
                 }
+                UsageRecord::Failure(_) => {}
             }
         }
         self.events.fetch_add(events, Ordering::Relaxed);

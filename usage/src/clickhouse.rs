@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use agora_config::settings::Settings;
-use agora_config::usage::{split, UsageRecord};
+use agora_config::usage::{split, RunFailure, UsageRecord};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use clickhouse::{Client, Row};
@@ -23,10 +23,16 @@ use uuid::Uuid;
 use crate::{Aggregate, Scope, TimeRange, UsageStore, BILLABLE_STATUSES, ERROR_STATUSES};
 
 /// The schema, as shipped in `deploy/clickhouse/`.
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "001_usage.sql",
-    include_str!("../../deploy/clickhouse/001_usage.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "001_usage.sql",
+        include_str!("../../deploy/clickhouse/001_usage.sql"),
+    ),
+    (
+        "002_failures.sql",
+        include_str!("../../deploy/clickhouse/002_failures.sql"),
+    ),
+];
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 const INSERT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,6 +79,19 @@ struct ReportRow {
     request_id: Uuid,
     input_tokens: u64,
     output_tokens: u64,
+}
+
+#[derive(Row, Serialize, Deserialize)]
+struct FailureRow {
+    #[serde(with = "clickhouse::serde::uuid")]
+    event_id: Uuid,
+    time_ms: i64,
+    #[serde(with = "clickhouse::serde::uuid")]
+    agent: Uuid,
+    #[serde(with = "clickhouse::serde::uuid")]
+    config: Uuid,
+    code: String,
+    detail: String,
 }
 
 #[derive(Row, Deserialize)]
@@ -230,7 +249,28 @@ impl UsageStore for ClickHouseStore {
     async fn insert(&self, batch: &[UsageRecord]) -> anyhow::Result<()> {
         self.migrate().await?;
         let dedup = self.supports_dedup_token().await?;
-        let (events, reports) = split(batch);
+        let split = split(batch);
+        let (events, reports) = (split.events, split.reports);
+        if !split.failures.is_empty() {
+            let mut insert = self
+                .db()
+                .insert::<FailureRow>("usage_failures")
+                .await?
+                .with_timeouts(Some(INSERT_SEND_TIMEOUT), Some(INSERT_END_TIMEOUT));
+            for f in &split.failures {
+                insert
+                    .write(&FailureRow {
+                        event_id: f.event_id,
+                        time_ms: f.time_ms,
+                        agent: f.agent,
+                        config: f.config,
+                        code: f.code.clone(),
+                        detail: f.detail.clone(),
+                    })
+                    .await?;
+            }
+            insert.end().await.context("inserting usage failures")?;
+        }
         if !events.is_empty() {
             let mut insert = self
                 .db()
@@ -387,6 +427,29 @@ impl UsageStore for ClickHouseStore {
             .collect())
     }
 
+    async fn last_failure(&self, agent: Uuid) -> anyhow::Result<Option<RunFailure>> {
+        self.migrate().await?;
+        let rows: Vec<FailureRow> = timed(
+            self.db()
+                .query(
+                    "SELECT event_id, time_ms, agent, config, code, detail FROM usage_failures WHERE agent = toUUID(?) \
+                     ORDER BY time_ms DESC, event_id DESC LIMIT 1",
+                )
+                .bind(agent.to_string().as_str())
+                .fetch_all(),
+        )
+        .await
+        .context("reading failures from ClickHouse")?;
+        Ok(rows.into_iter().next().map(|r| RunFailure {
+            event_id: r.event_id,
+            time_ms: r.time_ms,
+            agent: r.agent,
+            config: r.config,
+            code: r.code,
+            detail: r.detail,
+        }))
+    }
+
     async fn ping(&self) -> anyhow::Result<()> {
         let one: u8 = timed(self.client.query("SELECT toUInt8(1)").fetch_one()).await?;
         anyhow::ensure!(one == 1, "unexpected answer from ClickHouse");
@@ -405,7 +468,7 @@ mod tests {
     #[test]
     fn the_shipped_schema_splits_into_its_statements() {
         let all: Vec<String> = MIGRATIONS.iter().flat_map(|(_, t)| statements(t)).collect();
-        assert_eq!(all.len(), 2);
+        assert_eq!(all.len(), 3);
         assert!(all[0].starts_with("CREATE TABLE IF NOT EXISTS usage_events"));
         assert!(all[1].contains("ORDER BY request_id"));
         assert!(all.iter().all(|s| !s.contains("--")));

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use agora_config::usage::{split, UsageRecord};
+use agora_config::usage::{split, RunFailure, UsageRecord};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -41,6 +41,15 @@ const SCHEMA: &[&str] = &[
         input_tokens INTEGER NOT NULL,
         output_tokens INTEGER NOT NULL
     )",
+    "CREATE TABLE IF NOT EXISTS usage_failures (
+        event_id TEXT PRIMARY KEY,
+        time_ms INTEGER NOT NULL,
+        agent TEXT NOT NULL,
+        config TEXT NOT NULL,
+        code TEXT NOT NULL,
+        detail TEXT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS usage_failures_agent ON usage_failures (agent, time_ms)",
 ];
 
 /// Rows per INSERT statement (16 values each, under SQLite's variable limit).
@@ -86,8 +95,8 @@ fn uuid_text(id: Option<uuid::Uuid>) -> Option<String> {
 impl UsageStore for EmbeddedStore {
     async fn insert(&self, batch: &[UsageRecord]) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
-        let (events, reports) = split(batch);
-        for chunk in events.chunks(ROWS_PER_STATEMENT) {
+        let split = split(batch);
+        for chunk in split.events.chunks(ROWS_PER_STATEMENT) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT OR IGNORE INTO usage_events (event_id, time_ms, tenant, config, key_id, \
                  agent, route, status, http_status, latency_us, upstream_latency_us, bytes_in, \
@@ -113,7 +122,21 @@ impl UsageStore for EmbeddedStore {
             });
             q.build().execute(&mut *tx).await?;
         }
-        for r in reports {
+        for f in split.failures {
+            sqlx::query(
+                "INSERT OR IGNORE INTO usage_failures (event_id, time_ms, agent, config, code, detail) \
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(f.event_id.to_string())
+            .bind(f.time_ms)
+            .bind(f.agent.to_string())
+            .bind(f.config.to_string())
+            .bind(f.code.as_str())
+            .bind(f.detail.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        for r in split.reports {
             sqlx::query(
                 "INSERT INTO usage_reports (request_id, input_tokens, output_tokens) VALUES (?, ?, ?) \
                  ON CONFLICT (request_id) DO UPDATE SET \
@@ -215,6 +238,28 @@ impl UsageStore for EmbeddedStore {
                 })
             })
             .collect()
+    }
+
+    async fn last_failure(&self, agent: uuid::Uuid) -> anyhow::Result<Option<RunFailure>> {
+        let row = sqlx::query(
+            "SELECT event_id, time_ms, config, code, detail FROM usage_failures \
+             WHERE agent = ? ORDER BY time_ms DESC, event_id DESC LIMIT 1",
+        )
+        .bind(agent.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .context("reading failures from the embedded store")?;
+        row.map(|r| {
+            Ok(RunFailure {
+                event_id: r.try_get::<String, _>("event_id")?.parse()?,
+                time_ms: r.try_get("time_ms")?,
+                agent,
+                config: r.try_get::<String, _>("config")?.parse()?,
+                code: r.try_get("code")?,
+                detail: r.try_get("detail")?,
+            })
+        })
+        .transpose()
     }
 
     async fn ping(&self) -> anyhow::Result<()> {

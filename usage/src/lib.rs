@@ -20,7 +20,7 @@ pub mod spill;
 use std::sync::Arc;
 
 use agora_config::settings::{Settings, UsageStoreKind};
-use agora_config::usage::UsageRecord;
+use agora_config::usage::{RunFailure, UsageRecord};
 use async_trait::async_trait;
 use serde::Serialize;
 use uuid::Uuid;
@@ -121,6 +121,9 @@ pub trait UsageStore: Send + Sync + 'static {
         range: TimeRange,
         bucket_ms: i64,
     ) -> anyhow::Result<Vec<Aggregate>>;
+
+    /// The last recorded failure of `agent`'s runs, if any.
+    async fn last_failure(&self, agent: Uuid) -> anyhow::Result<Option<RunFailure>>;
 
     /// Whether the store answers.
     async fn ping(&self) -> anyhow::Result<()>;

@@ -344,6 +344,12 @@ mod tests {
         ) -> anyhow::Result<Vec<Aggregate>> {
             Ok(Vec::new())
         }
+        async fn last_failure(
+            &self,
+            _: Uuid,
+        ) -> anyhow::Result<Option<agora_config::usage::RunFailure>> {
+            Ok(None)
+        }
         async fn ping(&self) -> anyhow::Result<()> {
             Ok(())
         }
@@ -370,13 +376,7 @@ mod tests {
     }
 
     fn ids(records: &[UsageRecord]) -> Vec<Uuid> {
-        records
-            .iter()
-            .map(|r| match r {
-                UsageRecord::Event(e) => e.event_id,
-                UsageRecord::Report(r) => r.request_id,
-            })
-            .collect()
+        records.iter().map(UsageRecord::event_id).collect()
     }
 
     #[tokio::test]

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agora_config::settings::SpillFullPolicy;
-use agora_config::usage::{TokenReport, TokenSource, UsageEvent, UsageRecord, UsageStatus};
+use agora_config::usage::{
+    RunFailure, TokenReport, TokenSource, UsageEvent, UsageRecord, UsageStatus,
+};
 use agora_usage::clickhouse::ClickHouseStore;
 use agora_usage::local_server::LocalClickHouse;
 use agora_usage::pipeline::{Pipeline, PipelineConfig};
@@ -100,8 +102,27 @@ async fn readings_are_exact_despite_copies_and_follow_the_token_rule() {
         output_tokens: 900,
     }));
     // Everything written twice, as a retry would.
+    // Why two runs failed: the later one is the agent's last failure.
+    let agent = Uuid::from_u128(11);
+    for (n, detail) in [(1, "first"), (2, "second")] {
+        batch.push(UsageRecord::Failure(Box::new(RunFailure {
+            event_id: Uuid::now_v7(),
+            time_ms: base + n,
+            agent,
+            config,
+            code: "runtime_error".into(),
+            detail: detail.into(),
+        })));
+    }
     store.insert(&batch).await.unwrap();
     store.insert(&batch).await.unwrap();
+    let last = store.last_failure(agent).await.unwrap().unwrap();
+    assert_eq!((last.detail.as_str(), last.config), ("second", config));
+    assert!(store
+        .last_failure(Uuid::from_u128(999))
+        .await
+        .unwrap()
+        .is_none());
     assert_eq!(
         store.raw_event_rows().await.unwrap(),
         2 * 14,

@@ -301,7 +301,21 @@ pub async fn agent_usage(
     ApiQuery(q): ApiQuery<SeriesQuery>,
 ) -> ApiResult<Json<Value>> {
     agents::load_agent(&app.db, &caller, uuid).await?;
-    series_body(&app, ("agent", uuid), Scope::Agent, &q, seller_point).await
+    let Json(mut body) = series_body(&app, ("agent", uuid), Scope::Agent, &q, seller_point).await?;
+    // The last run that failed in the runtime, whenever it was: what the seller
+    // needs to mend the flow.
+    let last = store(&app)?.last_failure(uuid).await.map_err(read_failed)?;
+    body["last_error"] = match last {
+        Some(f) => json!({
+            "at": ts(f.time_ms),
+            "code": f.code,
+            "message": f.detail,
+            "config": f.config,
+            "request_id": f.event_id,
+        }),
+        None => Value::Null,
+    };
+    Ok(Json(body))
 }
 
 pub async fn organization_usage(

@@ -264,6 +264,7 @@ async fn usage_totals_and_series(backend: Backend) {
             "from": "2025-03-10T10:00:00Z",
             "to": "2025-03-10T13:00:00Z",
             "interval": "hour",
+            "last_error": null,
             "totals": seller_point(None, [8, 2, 168, 289, 1], [1, 0, 0, 1, 1], [6, 2], [30.0, 1000.0]),
             "series": [
                 seller_point(Some("2025-03-10T10:00:00Z"), [5, 1, 161, 281, 0], [0, 0, 0, 1, 0], [4, 2], [20.25, 1000.0]),
