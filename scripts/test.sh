@@ -68,36 +68,45 @@ else
   log "Langflow compatibility fixtures not found at $fixtures: those cases do not run (the project's own fixtures still do)"
 fi
 
-# A real Langflow for tests/langflow.rs, installed once into a cached venv with
-# uv (both from PyPI). The test starts it itself.
+# Python tools the suite runs, each installed once from PyPI with uv into a
+# cached venv: `pypi_tool NAME VERSION` leaves it in $venv.
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/agora"
+pypi_tool() {
+  local name=$1 version=$2
+  venv="$cache/$name-$version"
+  installed() {
+    "$venv/bin/python" -c \
+      "import importlib.metadata as m, sys; sys.exit(m.version('$name') != '$version')" 2>/dev/null
+  }
+  installed && return 0
+  command -v python3 >/dev/null || apt_install python3 python3-venv
+  local uv="$cache/uv/bin/uv"
+  if [ ! -x "$uv" ]; then
+    log "installing uv from PyPI into $cache/uv"
+    python3 -m venv "$cache/uv" && "$cache/uv/bin/pip" install --quiet uv || return 1
+  fi
+  log "installing $name $version into $venv (once)"
+  rm -rf "$venv"
+  "$uv" venv --quiet --python python3 "$venv" \
+    && "$uv" pip install --quiet --python "$venv/bin/python" "$name==$version" \
+    && installed
+}
+
+# A real Langflow for tests/langflow.rs (about a minute to install); the test
+# starts it itself.
 LANGFLOW_VERSION=1.13.0
 if [ "${AGORA_SKIP_LANGFLOW:-}" = 1 ]; then
   log "AGORA_SKIP_LANGFLOW=1: the real-Langflow cases will NOT run"
 else
-  cache="${XDG_CACHE_HOME:-$HOME/.cache}/agora"
-  venv="${AGORA_LANGFLOW_VENV:-$cache/langflow-$LANGFLOW_VERSION}"
-  installed() {
-    [ -x "$venv/bin/langflow" ] && "$venv/bin/python" -c \
-      "import importlib.metadata as m, sys; sys.exit(m.version('langflow') != '$LANGFLOW_VERSION')" 2>/dev/null
-  }
-  if ! installed; then
-    command -v python3 >/dev/null || apt_install python3 python3-venv
-    uv="$cache/uv/bin/uv"
-    if [ ! -x "$uv" ]; then
-      log "installing uv from PyPI into $cache/uv"
-      python3 -m venv "$cache/uv" && "$cache/uv/bin/pip" install --quiet uv \
-        || { log "uv could not be installed: set AGORA_SKIP_LANGFLOW=1 to run without the Langflow cases"; exit 1; }
-    fi
-    log "installing Langflow $LANGFLOW_VERSION into $venv (once; about a minute)"
-    rm -rf "$venv"
-    "$uv" venv --quiet --python python3 "$venv" \
-      && "$uv" pip install --quiet --python "$venv/bin/python" "langflow==$LANGFLOW_VERSION" \
-      || { log "Langflow could not be installed: set AGORA_SKIP_LANGFLOW=1 to run without the Langflow cases"; exit 1; }
-    installed || { log "Langflow $LANGFLOW_VERSION is not importable from $venv"; exit 1; }
-  fi
+  pypi_tool langflow "$LANGFLOW_VERSION" \
+    || { log "Langflow could not be installed: set AGORA_SKIP_LANGFLOW=1 to run without the Langflow cases"; exit 1; }
   export AGORA_LANGFLOW="$venv/bin/langflow"
   log "Langflow $LANGFLOW_VERSION: $AGORA_LANGFLOW"
 fi
+
+# schemathesis, which tests/openapi.rs runs against the live OpenAPI document.
+pypi_tool schemathesis 4.32.5 || { log "schemathesis could not be installed"; exit 1; }
+export AGORA_SCHEMATHESIS="$venv/bin/schemathesis"
 
 log "running the suite (Postgres and SQLite)"
 cargo test --workspace --all-targets "$@"

@@ -136,6 +136,24 @@ pub struct RouteDoc {
     pub path: &'static str,
     pub tag: &'static str,
     pub summary: &'static str,
+    /// The JSON Schema of the request body, from the type the handler reads.
+    pub body: Option<fn(&mut schemars::SchemaGenerator) -> schemars::Schema>,
+}
+
+/// The schema of `T`, for [`RouteDoc::body`].
+fn body_schema<T: schemars::JsonSchema>(
+    generator: &mut schemars::SchemaGenerator,
+) -> schemars::Schema {
+    generator.subschema_for::<T>()
+}
+
+macro_rules! route_body {
+    () => {
+        None
+    };
+    ($body:ty) => {
+        Some(body_schema::<$body>)
+    };
 }
 
 impl RouteDoc {
@@ -146,13 +164,14 @@ impl RouteDoc {
 }
 
 macro_rules! api {
-    ($($method:ident $path:literal => $handler:path, $tag:literal, $summary:literal;)*) => {
+    ($($method:ident $path:literal => $handler:path, $tag:literal, $summary:literal $(, $body:ty)?;)*) => {
         /// Every route the control plane serves.
         pub const ROUTES: &[RouteDoc] = &[$(RouteDoc {
             method: stringify!($method),
             path: $path,
             tag: $tag,
             summary: $summary,
+            body: route_body!($($body)?),
         }),*];
 
         fn api_router() -> Router<AppState> {
@@ -164,53 +183,53 @@ macro_rules! api {
 use routes::{agents, auth, configs, documents, keys, marketplace, orgs, usage};
 
 api! {
-    post "/api/auth/token/" => auth::obtain_token, "auth", "Exchange username and password for a user token";
+    post "/api/auth/token/" => auth::obtain_token, "auth", "Exchange username and password for a user token", auth::Credentials;
     get "/api/openapi.json" => openapi::document, "meta", "This OpenAPI document";
 
     get "/api/organizations/" => orgs::list_orgs, "organizations", "Organizations you belong to";
-    post "/api/organizations/" => orgs::create_org, "organizations", "Create an organization you own";
+    post "/api/organizations/" => orgs::create_org, "organizations", "Create an organization you own", orgs::NewOrg;
     get "/api/organizations/{uuid}/" => orgs::get_org, "organizations", "One of your organizations";
-    post "/api/organizations/{uuid}/review/" => orgs::review_org, "organizations", "Approve a provider organization and allow or refuse its custom component code (staff)";
+    post "/api/organizations/{uuid}/review/" => orgs::review_org, "organizations", "Approve a provider organization and allow or refuse its custom component code (staff)", orgs::ReviewBody;
     get "/api/organizations/{uuid}/usage/" => usage::organization_usage, "usage", "The organization's metered usage in a billing period (?from=&to=; default this calendar month, UTC)";
     get "/api/organizations/{uuid}/members/" => orgs::list_members, "organizations", "The organization's members and roles";
-    post "/api/organizations/{uuid}/members/" => orgs::put_member, "organizations", "Add a member or change a role (admins; ownership by owners)";
+    post "/api/organizations/{uuid}/members/" => orgs::put_member, "organizations", "Add a member or change a role (admins; ownership by owners)", orgs::NewMember;
     delete "/api/organizations/{uuid}/members/{user}/" => orgs::remove_member, "organizations", "Remove a member (the last owner stays)";
     get "/api/projects/" => orgs::list_projects, "organizations", "Projects of your organizations";
-    post "/api/projects/" => orgs::create_project, "organizations", "Create a project";
+    post "/api/projects/" => orgs::create_project, "organizations", "Create a project", orgs::NewProject;
     get "/api/projects/{uuid}/" => orgs::get_project, "organizations", "One project";
 
     get "/api/marketplace-categories/" => marketplace::list_categories, "marketplace", "Categories";
-    post "/api/marketplace-categories/" => marketplace::create_category, "marketplace", "Create a category (staff)";
+    post "/api/marketplace-categories/" => marketplace::create_category, "marketplace", "Create a category (staff)", marketplace::NewCategory;
     get "/api/marketplace-categories/{uuid}/" => marketplace::get_category, "marketplace", "One category";
     get "/api/marketplace-service-providers/" => marketplace::list_providers, "marketplace", "Service providers (sellers)";
     get "/api/marketplace-service-providers/{uuid}/" => marketplace::get_provider, "marketplace", "One service provider";
     get "/api/marketplace-public-offerings/" => marketplace::list_offerings, "marketplace", "Published agents: search, category and provider filters, paging";
     get "/api/marketplace-public-offerings/{uuid}/" => marketplace::get_offering, "marketplace", "One published agent with its plans";
     get "/api/marketplace-orders/" => marketplace::list_orders, "marketplace", "Your organization's orders";
-    post "/api/marketplace-orders/" => marketplace::create_order, "marketplace", "Order an offering's plan";
+    post "/api/marketplace-orders/" => marketplace::create_order, "marketplace", "Order an offering's plan", marketplace::NewOrder;
     get "/api/marketplace-orders/{uuid}/" => marketplace::get_order, "marketplace", "One order";
     get "/api/marketplace-resources/" => marketplace::list_resources, "marketplace", "Your organization's subscribed resources";
     get "/api/marketplace-resources/{uuid}/" => marketplace::get_resource, "marketplace", "One resource";
 
     get "/api/provider-agents/" => agents::list_agents, "provider", "Your agents";
-    post "/api/provider-agents/" => agents::create_agent, "provider", "Create an agent";
+    post "/api/provider-agents/" => agents::create_agent, "provider", "Create an agent", agents::NewAgent;
     post "/api/provider-agents/validate_flow/" => agents::validate_flow, "provider", "Validate a Langflow export (the body) without storing it";
     get "/api/provider-agents/{uuid}/" => agents::get_agent, "provider", "One agent";
-    patch "/api/provider-agents/{uuid}/" => agents::update_agent, "provider", "Update an agent";
+    patch "/api/provider-agents/{uuid}/" => agents::update_agent, "provider", "Update an agent", agents::AgentPatch;
     delete "/api/provider-agents/{uuid}/" => agents::delete_agent, "provider", "Delete a draft agent nobody ordered";
     post "/api/provider-agents/{uuid}/import_flow/" => agents::import_flow, "provider", "Import a Langflow export (the body) into the agent";
     post "/api/provider-agents/{uuid}/publish/" => agents::publish, "provider", "Provision the flow to the runtime and list the agent";
     post "/api/provider-agents/{uuid}/unpublish/" => agents::unpublish, "provider", "Withdraw the agent from the marketplace";
     get "/api/provider-agents/{uuid}/plans/" => agents::list_plans, "provider", "The agent's pricing plans";
-    post "/api/provider-agents/{uuid}/plans/" => agents::create_plan, "provider", "Add a pricing plan";
+    post "/api/provider-agents/{uuid}/plans/" => agents::create_plan, "provider", "Add a pricing plan", agents::NewPlan;
     delete "/api/provider-agents/{uuid}/plans/{plan}/" => agents::archive_plan, "provider", "Archive a pricing plan (existing subscriptions keep it)";
     get "/api/provider-agents/{uuid}/usage/" => usage::agent_usage, "usage", "The agent's usage over all its buyers: totals and an hourly or daily series (?from=&to=&interval=hour|day)";
 
     get "/api/customer-agent-configs/" => configs::list_configs, "buyer", "Your agent configurations";
     get "/api/customer-agent-configs/{uuid}/" => configs::get_config, "buyer", "One configuration";
-    patch "/api/customer-agent-configs/{uuid}/" => configs::update_config, "buyer", "Set name, greeting, tone and knowledge documents";
+    patch "/api/customer-agent-configs/{uuid}/" => configs::update_config, "buyer", "Set name, greeting, tone and knowledge documents", configs::ConfigPatch;
     get "/api/customer-agent-configs/{uuid}/api_keys/" => keys::list_keys, "buyer", "The configuration's API keys (never the secret)";
-    post "/api/customer-agent-configs/{uuid}/api_keys/" => keys::issue_key, "buyer", "Issue an API key; the secret is shown once";
+    post "/api/customer-agent-configs/{uuid}/api_keys/" => keys::issue_key, "buyer", "Issue an API key; the secret is shown once", keys::NewKey;
     get "/api/customer-agent-configs/{uuid}/usage/" => usage::config_usage, "usage", "The configuration's usage: totals and an hourly or daily series (?from=&to=&interval=hour|day)";
     post "/api/agent-api-keys/{uuid}/revoke/" => keys::revoke_key, "buyer", "Revoke an API key";
     get "/api/training-documents/" => documents::list_documents, "buyer", "Knowledge documents";

@@ -13,6 +13,9 @@ pub async fn document() -> Json<Value> {
 
 pub fn build() -> Value {
     let mut paths = Map::new();
+    // Request bodies' schemas come from the types the handlers read; the types
+    // they refer to land in `components.schemas`.
+    let mut generator = schemars::generate::SchemaSettings::openapi3().into_generator();
     for route in ROUTES {
         let item = paths
             .entry(route.path.to_owned())
@@ -43,7 +46,16 @@ pub fn build() -> Value {
             op["security"] = json!([]);
         }
         if matches!(route.method, "post" | "patch") {
-            op["requestBody"] = json!({ "required": route.method == "patch", "content": { "application/json": {} } });
+            // Routes without a body type take any object (a Langflow export) or
+            // none at all.
+            let media = match route.body {
+                Some(schema) => json!({ "schema": schema(&mut generator) }),
+                None => json!({ "schema": { "type": "object" } }),
+            };
+            op["requestBody"] = json!({
+                "required": route.body.is_some() || route.method == "patch",
+                "content": { "application/json": media }
+            });
         }
         item[route.method] = op;
     }
@@ -64,7 +76,7 @@ pub fn build() -> Value {
                     "description": "`Token <user token>` from POST /api/auth/token/"
                 }
             },
-            "schemas": {
+            "schemas": schemas(generator, json!({
                 "Error": {
                     "type": "object", "required": ["error"],
                     "properties": { "error": {
@@ -72,7 +84,7 @@ pub fn build() -> Value {
                         "properties": { "code": { "type": "string" }, "message": { "type": "string" } }
                     } }
                 }
-            },
+            })),
             "responses": {
                 "Error": {
                     "description": "An error",
@@ -81,6 +93,18 @@ pub fn build() -> Value {
             }
         }
     })
+}
+
+/// `fixed` and the schemas the request bodies referred to.
+fn schemas(mut generator: schemars::SchemaGenerator, fixed: Value) -> Value {
+    let mut all = match fixed {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    };
+    for (name, schema) in generator.take_definitions(true) {
+        all.entry(name).or_insert(schema);
+    }
+    Value::Object(all)
 }
 
 fn operation_id(method: &str, path: &str) -> String {

@@ -86,7 +86,7 @@ pub async fn list_agents(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewAgent {
     name: String,
@@ -133,7 +133,7 @@ pub async fn get_agent(
     Ok(Json(agent))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentPatch {
     name: Option<String>,
@@ -394,7 +394,7 @@ pub async fn list_plans(
     Ok(Json(Value::from(plans_json(&app.db, uuid, false).await?)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPlan {
     pub name: String,

@@ -96,7 +96,7 @@ pub async fn get_config(
     Ok(Json(config_with_documents(&app.db, &row).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigPatch {
     name: Option<String>,

@@ -47,7 +47,7 @@ pub async fn list_categories(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewCategory {
     slug: String,
@@ -398,7 +398,7 @@ pub async fn get_order(
     Ok(Json(load_order(&app.db, &caller, uuid).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewOrder {
     offering: Uuid,

@@ -50,7 +50,7 @@ fn org_json(row: &AnyRow, caller: &Caller) -> ApiResult<Value> {
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReviewBody {
     approved: bool,
@@ -111,7 +111,7 @@ pub async fn list_orgs(
     Ok(Json(page))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewOrg {
     name: String,
@@ -174,7 +174,7 @@ pub async fn list_projects(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewProject {
     name: String,
@@ -241,7 +241,7 @@ pub async fn list_members(
     Ok(Json(Value::from(members_of(&app, uuid).await?)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewMember {
     username: String,

@@ -1,0 +1,55 @@
+//! The OpenAPI document, tested against the live API by schemathesis (PyPI),
+//! through the gateway's front door, as a buyer and as a provider: no answer is
+//! a 5xx, every error has the documented shape and content type.
+//!
+//! `./scripts/test.sh` installs schemathesis (cached) and names it in
+//! `AGORA_SCHEMATHESIS`. The run is repeatable: `AGORA_SCHEMATHESIS_SEED`
+//! (default below) picks the cases.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+const DEFAULT_SEED: &str = "20261201";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_api_keeps_to_its_openapi_document() {
+    let binary = std::env::var("AGORA_SCHEMATHESIS").unwrap_or_else(|_| {
+        panic!("AGORA_SCHEMATHESIS names no schemathesis: run ./scripts/test.sh, which installs it")
+    });
+    let seed = std::env::var("AGORA_SCHEMATHESIS_SEED").unwrap_or_else(|_| DEFAULT_SEED.into());
+    let w = World::start(Duration::from_millis(1)).await;
+    let document = format!("{}/api/openapi.json", w.proxy_url);
+    for (who, token) in [
+        ("buyer", w.info.buyer_token.clone()),
+        ("provider", w.info.provider_token.clone()),
+    ] {
+        let run = Command::new(&binary)
+            .args(["run", &document, "--no-color", "--seed", &seed])
+            .args(["--header", &format!("Authorization: Token {token}")])
+            .args([
+                "--checks",
+                "not_a_server_error,response_schema_conformance,content_type_conformance",
+            ])
+            .args(["--phases", "coverage,fuzzing", "--max-examples", "20"])
+            .args(["--workers", "2", "--request-timeout", "30"])
+            .output();
+        let run = tokio::task::block_in_place(|| run).expect("schemathesis runs");
+        let out = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success(),
+            "schemathesis as the {who} (seed {seed}):\n{out}\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let summary = out
+            .lines()
+            .find(|l| l.contains(" generated, "))
+            .unwrap_or_else(|| panic!("no summary as the {who}:\n{out}"));
+        eprintln!("schemathesis as the {who}: {}", summary.trim());
+        assert!(!summary.contains("failed"), "{summary}");
+    }
+    w.finish().await;
+}
