@@ -73,22 +73,26 @@ async fn the_gateway_serves_the_control_planes_api_unchanged() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    // The control plane's limit holds at the door, with the gateway's error shape.
-    let big = vec![b'a'; w.settings.control_plane.max_body_bytes + 1];
-    let r = w
-        .http
-        .post(format!(
-            "{}/api/training-documents/?filename=big.txt",
-            w.proxy_url
-        ))
-        .header("authorization", &token)
-        .body(big)
-        .send()
+    // The control plane's limit holds at the door, with the gateway's error shape,
+    // before any of the body is sent.
+    let too_big = w.settings.control_plane.max_body_bytes + 1;
+    let mut raw = tokio::net::TcpStream::connect(w.proxy().addr)
         .await
         .unwrap();
-    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "body_too_large", "{body}");
+    raw.write_all(
+        format!(
+            "POST /api/training-documents/?filename=big.txt HTTP/1.1\r\nhost: a\r\n\
+             authorization: {token}\r\ncontent-length: {too_big}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    raw.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(answer.contains("\"code\":\"body_too_large\""), "{answer}");
     // Passed-on calls are counted as such, and are no metered use.
     let m = w.metrics().await;
     assert!(m.contains(r#"route="control_plane""#), "{m}");

@@ -218,6 +218,17 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
         config.tenant_requests_per_second,
         config.tenant_burst,
     ));
+    let control_plane = forward::ControlPlane::from_url(
+        &config.control_plane_url,
+        config.control_plane_max_body_bytes,
+        config.read_timeout.max(std::time::Duration::from_secs(120)),
+    );
+    if control_plane.is_none() {
+        tracing::warn!(
+            url = %config.control_plane_url,
+            "the control plane is not reachable over plain HTTP from here: the front door (/api/*) is off"
+        );
+    }
     let gateway = Gateway {
         shared: shared.clone(),
         limits: limits.clone(),
@@ -229,11 +240,7 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
         pipeline: pipeline.clone(),
         life: life.clone(),
         upstreams: forward::Upstreams::new(config.upstream_pool_size),
-        control_plane: forward::ControlPlane::from_url(
-            &config.control_plane_url,
-            config.control_plane_max_body_bytes,
-            config.read_timeout.max(std::time::Duration::from_secs(120)),
-        ),
+        control_plane,
     };
     let handle = Arc::new(GatewayHandle {
         shared: shared.clone(),

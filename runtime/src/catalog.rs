@@ -52,8 +52,14 @@ const COMPONENTS: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
-/// The source the demo runtime holds for component `ty`.
+/// The source the demo runtime holds for component `ty` (exports still name the
+/// prompt component `Prompt`, which the catalog lists as `Prompt Template`).
 pub fn code_of(ty: &str) -> Option<String> {
+    let ty = if ty == "Prompt" {
+        "Prompt Template"
+    } else {
+        ty
+    };
     COMPONENTS
         .iter()
         .find(|(_, t, _, _)| *t == ty)

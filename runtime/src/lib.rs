@@ -156,13 +156,8 @@ impl DemoRuntime {
                 .pointer("/data/type")
                 .and_then(Value::as_str)
                 .unwrap_or("");
-            let code = catalog::code_of(ty).or_else(|| {
-                (ty == "Prompt")
-                    .then(|| catalog::code_of("Prompt Template"))
-                    .flatten()
-            });
             if let (Some(code), Some(template)) = (
-                code,
+                catalog::code_of(ty),
                 node.pointer_mut("/data/node/template")
                     .and_then(Value::as_object_mut),
             ) {
