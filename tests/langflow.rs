@@ -134,69 +134,11 @@ fn fixture(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-async fn free_subscription(w: &World, agent: &str, name: &str) -> (Uuid, String) {
-    w.subscription(
-        agent,
-        json!({"name": name, "price_cents": 0, "requests_per_minute": 1000, "burst": 100}),
-        json!({"name": name}),
-    )
-    .await
-}
-
 fn answer_text(body: &Value) -> String {
     body["outputs"][0]["outputs"][0]["results"]["message"]["text"]
         .as_str()
         .unwrap_or_else(|| panic!("no answer text: {body}"))
         .to_owned()
-}
-
-/// Creates, imports and tries to publish an agent for `token`'s provider.
-async fn publish_flow(
-    w: &World,
-    token: &str,
-    name: &str,
-    flow: &Value,
-) -> (String, StatusCode, Value) {
-    let (s, agent) = w
-        .cp(
-            reqwest::Method::POST,
-            token,
-            "/api/provider-agents/",
-            Some(json!({"name": name})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{agent}");
-    let agent = agent["uuid"].as_str().unwrap().to_owned();
-    let r = w
-        .http
-        .post(format!(
-            "{}/api/provider-agents/{agent}/import_flow/",
-            w.cp_url
-        ))
-        .header("authorization", format!("Token {token}"))
-        .json(flow)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
-    let (s, plan) = w
-        .cp(
-            reqwest::Method::POST,
-            token,
-            &format!("/api/provider-agents/{agent}/plans/"),
-            Some(json!({"name": "Free", "price_cents": 0})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{plan}");
-    let (s, body) = w
-        .cp(
-            reqwest::Method::POST,
-            token,
-            &format!("/api/provider-agents/{agent}/publish/"),
-            Some(json!({})),
-        )
-        .await;
-    (agent, s, body)
 }
 
 async fn langflow_get(w: &World, path: &str) -> Value {
@@ -220,7 +162,7 @@ async fn agora_runs_its_agents_on_a_real_langflow() {
 
     // The sample agents, provisioned with Langflow's own component code, answer
     // through the gateway; the summarizer needs a model provider's key, and says so.
-    let (_, key) = free_subscription(&w, "FAQ Echo", "echo").await;
+    let (_, key) = w.free_subscription("FAQ Echo", "echo").await;
     let r = w
         .invoke(&key, json!({"input": "Hello, how can you help me?"}))
         .await;
@@ -241,7 +183,7 @@ async fn agora_runs_its_agents_on_a_real_langflow() {
         text.contains("My invoice is wrong.") && text.contains("support assistant"),
         "{text}"
     );
-    let (_, key) = free_subscription(&w, "Document Summarizer", "summary").await;
+    let (_, key) = w.free_subscription("Document Summarizer", "summary").await;
     let r = w
         .invoke(&key, json!({"input_value": "A short document."}))
         .await;
@@ -250,8 +192,8 @@ async fn agora_runs_its_agents_on_a_real_langflow() {
     assert_eq!(body["error"]["code"], "runtime_error", "{body}");
 
     // Two buyers of Memory Chat, with the same session id: neither sees the other.
-    let (a, key_a) = free_subscription(&w, "Memory Chat", "a").await;
-    let (b, key_b) = free_subscription(&w, "Memory Chat", "b").await;
+    let (a, key_a) = w.free_subscription("Memory Chat", "a").await;
+    let (b, key_b) = w.free_subscription("Memory Chat", "b").await;
     let say = |key: String, text: &'static str| {
         let w = &w;
         async move {
@@ -314,9 +256,11 @@ async fn agora_runs_its_agents_on_a_real_langflow() {
     // tokens reach the client while the run goes on, and the counts the flow
     // reports are the buyer's usage.
     let provider = w.info.provider_token.clone();
-    let (_, s, body) = publish_flow(&w, &provider, "Streamer", &fixture("fake-stream.json")).await;
+    let (_, s, body) = w
+        .publish_flow(&provider, "Streamer", &fixture("fake-stream.json"))
+        .await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    let (config, key) = free_subscription(&w, "Streamer", "stream").await;
+    let (config, key) = w.free_subscription("Streamer", "stream").await;
     let r = w.stream(&key, "one two three four five").await;
     assert_eq!(r.status(), StatusCode::OK);
     let mut reads = r.bytes_stream();
@@ -368,9 +312,11 @@ async fn agora_runs_its_agents_on_a_real_langflow() {
     );
 
     // A stream that ends in `error` is metered as a runtime error.
-    let (_, s, body) = publish_flow(&w, &provider, "Fragile", &fixture("raise-error.json")).await;
+    let (_, s, body) = w
+        .publish_flow(&provider, "Fragile", &fixture("raise-error.json"))
+        .await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    let (config, key) = free_subscription(&w, "Fragile", "fragile").await;
+    let (config, key) = w.free_subscription("Fragile", "fragile").await;
     let r = w.stream(&key, "please boom").await;
     assert_eq!(r.status(), StatusCode::OK);
     let text = r.text().await.unwrap();
@@ -428,7 +374,9 @@ async fn agora_runs_its_agents_on_a_real_langflow() {
     let token = agora_control_plane::identity::create_token(&w.state.db, user)
         .await
         .unwrap();
-    let (_, s, body) = publish_flow(&w, &token, "Sneaky", &fixture("fake-stream.json")).await;
+    let (_, s, body) = w
+        .publish_flow(&token, "Sneaky", &fixture("fake-stream.json"))
+        .await;
     assert_eq!(
         (s, &body["error"]["code"]),
         (StatusCode::FORBIDDEN, &json!("provider_not_approved"))
@@ -443,7 +391,9 @@ async fn agora_runs_its_agents_on_a_real_langflow() {
     )
     .await
     .unwrap();
-    let (_, s, body) = publish_flow(&w, &token, "Sneaky again", &fixture("fake-stream.json")).await;
+    let (_, s, body) = w
+        .publish_flow(&token, "Sneaky again", &fixture("fake-stream.json"))
+        .await;
     assert_eq!(
         (s, &body["error"]["code"]),
         (StatusCode::FORBIDDEN, &json!("custom_code_not_allowed")),

@@ -19,15 +19,6 @@ async fn metered_world() -> World {
     .await
 }
 
-async fn free_subscription(w: &World, agent: &str, name: &str) -> (Uuid, String) {
-    w.subscription(
-        agent,
-        json!({"name": name, "price_cents": 0, "requests_per_minute": 1000, "burst": 100}),
-        json!({"name": name}),
-    )
-    .await
-}
-
 /// The texts of a runtime session's messages, oldest first.
 async fn session_texts(w: &World, session: &str) -> Vec<String> {
     let path = format!(
@@ -47,8 +38,8 @@ async fn session_texts(w: &World, session: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buyers_of_one_agent_never_share_a_runtime_session() {
     let w = World::start(Duration::from_millis(1)).await;
-    let (a, key_a) = free_subscription(&w, "FAQ Echo", "a").await;
-    let (b, key_b) = free_subscription(&w, "FAQ Echo", "b").await;
+    let (a, key_a) = w.free_subscription("FAQ Echo", "a").await;
+    let (b, key_b) = w.free_subscription("FAQ Echo", "b").await;
 
     let r = w
         .invoke(&key_a, json!({"input_value": "from a", "session_id": "s1"}))
@@ -101,7 +92,7 @@ async fn buyers_of_one_agent_never_share_a_runtime_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_apis_input_runs_and_is_estimated_by_its_text() {
     let w = metered_world().await;
-    let (config, key) = free_subscription(&w, "FAQ Echo", "seed").await;
+    let (config, key) = w.free_subscription("FAQ Echo", "seed").await;
     let r = w.invoke(&key, json!({"input": "hello"})).await;
     assert_eq!(r.status(), StatusCode::OK);
     let body: Value = r.json().await.unwrap();
@@ -156,47 +147,9 @@ async fn a_stream_ending_in_an_error_event_is_metered_as_a_runtime_error() {
     let w = metered_world().await;
     // The demo provider may publish custom code.
     let token = &w.info.provider_token;
-    let (s, agent) = w
-        .cp(
-            reqwest::Method::POST,
-            token,
-            "/api/provider-agents/",
-            Some(json!({"name": "Fragile"})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{agent}");
-    let agent = agent["uuid"].as_str().unwrap().to_owned();
-    let r = w
-        .http
-        .post(format!(
-            "{}/api/provider-agents/{agent}/import_flow/",
-            w.cp_url
-        ))
-        .header("authorization", format!("Token {token}"))
-        .json(&failing_flow())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
-    let (s, plan) = w
-        .cp(
-            reqwest::Method::POST,
-            token,
-            &format!("/api/provider-agents/{agent}/plans/"),
-            Some(json!({"name": "Free", "price_cents": 0})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{plan}");
-    let (s, body) = w
-        .cp(
-            reqwest::Method::POST,
-            token,
-            &format!("/api/provider-agents/{agent}/publish/"),
-            Some(json!({})),
-        )
-        .await;
+    let (agent, s, body) = w.publish_flow(token, "Fragile", &failing_flow()).await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    let (config, key) = free_subscription(&w, "Fragile", "fragile").await;
+    let (config, key) = w.free_subscription("Fragile", "fragile").await;
 
     let r = w.stream(&key, "please boom").await;
     assert_eq!(r.status(), StatusCode::OK, "the stream had started");
@@ -243,7 +196,7 @@ async fn a_stream_ending_in_an_error_event_is_metered_as_a_runtime_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_usage_reports_for_a_config_count_once_within_bounds() {
     let w = metered_world().await;
-    let (config, _) = free_subscription(&w, "FAQ Echo", "reported").await;
+    let (config, _) = w.free_subscription("FAQ Echo", "reported").await;
     let event = Uuid::now_v7();
     let report =
         json!({"config_uuid": config, "input_tokens": 120, "output_tokens": 30, "event_id": event});

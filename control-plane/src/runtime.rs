@@ -117,10 +117,7 @@ impl RuntimeClient {
             .timeout(CATALOG_TIMEOUT.max(self.timeout))
             .send()
             .await
-            .map_err(|e| RuntimeError::Unreachable {
-                url: self.base.clone(),
-                reason: without_url(&e),
-            })?;
+            .map_err(|e| self.unreachable(&e))?;
         let status = response.status().as_u16();
         if status == 401 || status == 403 {
             return Err(RuntimeError::Unauthorized { status });
@@ -137,6 +134,13 @@ impl RuntimeClient {
         *self.catalog.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((Instant::now(), Arc::clone(&catalog)));
         Ok(catalog)
+    }
+
+    fn unreachable(&self, e: &reqwest::Error) -> RuntimeError {
+        RuntimeError::Unreachable {
+            url: self.base.clone(),
+            reason: without_url(e),
+        }
     }
 
     fn cached_catalog(&self) -> Option<(Instant, Arc<Catalog>)> {
@@ -176,18 +180,9 @@ impl RuntimeClient {
             .json(&body)
             .send()
             .await
-            .map_err(|e| RuntimeError::Unreachable {
-                url: self.base.clone(),
-                reason: without_url(&e),
-            })?;
+            .map_err(|e| self.unreachable(&e))?;
         let status = response.status().as_u16();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| RuntimeError::Unreachable {
-                url: self.base.clone(),
-                reason: without_url(&e),
-            })?;
+        let text = response.text().await.map_err(|e| self.unreachable(&e))?;
         match status {
             200 | 201 => {}
             401 | 403 => return Err(RuntimeError::Unauthorized { status }),

@@ -392,6 +392,65 @@ impl World {
         body["runtime_flow_id"].as_str().unwrap().to_owned()
     }
 
+    /// A free plan on `agent` with room for a test's requests, the demo buyer's
+    /// order of it, and a key named `name`.
+    pub async fn free_subscription(&self, agent: &str, name: &str) -> (Uuid, String) {
+        self.subscription(
+            agent,
+            json!({"name": name, "price_cents": 0, "requests_per_minute": 1000, "burst": 100}),
+            json!({"name": name}),
+        )
+        .await
+    }
+
+    /// Creates agent `name` for the provider holding `token`, imports `flow`,
+    /// adds a free plan and tries to publish it: the agent, and publish's answer.
+    pub async fn publish_flow(
+        &self,
+        token: &str,
+        name: &str,
+        flow: &Value,
+    ) -> (String, StatusCode, Value) {
+        let post = reqwest::Method::POST;
+        let (s, agent) = self
+            .cp(
+                post.clone(),
+                token,
+                "/api/provider-agents/",
+                Some(json!({"name": name})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{agent}");
+        let agent = agent["uuid"].as_str().unwrap().to_owned();
+        let (s, body) = self
+            .cp(
+                post.clone(),
+                token,
+                &format!("/api/provider-agents/{agent}/import_flow/"),
+                Some(flow.clone()),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        let (s, plan) = self
+            .cp(
+                post.clone(),
+                token,
+                &format!("/api/provider-agents/{agent}/plans/"),
+                Some(json!({"name": "Free", "price_cents": 0})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{plan}");
+        let (s, body) = self
+            .cp(
+                post,
+                token,
+                &format!("/api/provider-agents/{agent}/publish/"),
+                Some(json!({})),
+            )
+            .await;
+        (agent, s, body)
+    }
+
     /// A new plan on `agent`, a buyer order of it, and a key for the new config.
     pub async fn subscription(&self, agent: &str, plan: Value, key: Value) -> (Uuid, String) {
         let agent = self.agent(agent).await;
