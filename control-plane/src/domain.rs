@@ -164,7 +164,7 @@ impl Page {
 }
 
 /// A page of results.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct Paged<T> {
     pub count: i64,
     pub page: u32,

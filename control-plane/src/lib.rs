@@ -28,6 +28,7 @@ pub mod signing;
 pub mod sync;
 
 use db::Db;
+use domain::Paged;
 use error::ApiError;
 use extract::BodyLimit;
 
@@ -138,6 +139,9 @@ pub struct RouteDoc {
     pub summary: &'static str,
     /// The JSON Schema of the request body, from the type the handler reads.
     pub body: Option<fn(&mut schemars::SchemaGenerator) -> schemars::Schema>,
+    /// The JSON Schema of a successful answer, from the type the handler answers
+    /// with (routes still answering with untyped JSON have none yet).
+    pub answer: Option<fn(&mut schemars::SchemaGenerator) -> schemars::Schema>,
 }
 
 /// The schema of `T`, for [`RouteDoc::body`].
@@ -164,7 +168,7 @@ impl RouteDoc {
 }
 
 macro_rules! api {
-    ($($method:ident $path:literal => $handler:path, $tag:literal, $summary:literal $(, $body:ty)?;)*) => {
+    ($($method:ident $path:literal => $handler:path, $tag:literal, $summary:literal $(, $body:ty)? $(=> $answer:ty)?;)*) => {
         /// Every route the control plane serves.
         pub const ROUTES: &[RouteDoc] = &[$(RouteDoc {
             method: stringify!($method),
@@ -172,6 +176,7 @@ macro_rules! api {
             tag: $tag,
             summary: $summary,
             body: route_body!($($body)?),
+            answer: route_body!($($answer)?),
         }),*];
 
         fn api_router() -> Router<AppState> {
@@ -186,17 +191,17 @@ api! {
     post "/api/auth/token/" => auth::obtain_token, "auth", "Exchange username and password for a user token", auth::Credentials;
     get "/api/openapi.json" => openapi::document, "meta", "This OpenAPI document";
 
-    get "/api/organizations/" => orgs::list_orgs, "organizations", "Organizations you belong to";
-    post "/api/organizations/" => orgs::create_org, "organizations", "Create an organization you own", orgs::NewOrg;
-    get "/api/organizations/{uuid}/" => orgs::get_org, "organizations", "One of your organizations";
-    post "/api/organizations/{uuid}/review/" => orgs::review_org, "organizations", "Approve a provider organization and allow or refuse its custom component code (staff)", orgs::ReviewBody;
+    get "/api/organizations/" => orgs::list_orgs, "organizations", "Organizations you belong to" => Paged<orgs::OrgAnswer>;
+    post "/api/organizations/" => orgs::create_org, "organizations", "Create an organization you own", orgs::NewOrg => orgs::OrgAnswer;
+    get "/api/organizations/{uuid}/" => orgs::get_org, "organizations", "One of your organizations" => orgs::OrgAnswer;
+    post "/api/organizations/{uuid}/review/" => orgs::review_org, "organizations", "Approve a provider organization and allow or refuse its custom component code (staff)", orgs::ReviewBody => orgs::OrgAnswer;
     get "/api/organizations/{uuid}/usage/" => usage::organization_usage, "usage", "The organization's metered usage in a billing period (?from=&to=; default this calendar month, UTC)";
-    get "/api/organizations/{uuid}/members/" => orgs::list_members, "organizations", "The organization's members and roles";
-    post "/api/organizations/{uuid}/members/" => orgs::put_member, "organizations", "Add a member or change a role (admins; ownership by owners)", orgs::NewMember;
+    get "/api/organizations/{uuid}/members/" => orgs::list_members, "organizations", "The organization's members and roles" => Vec<orgs::MemberAnswer>;
+    post "/api/organizations/{uuid}/members/" => orgs::put_member, "organizations", "Add a member or change a role (admins; ownership by owners)", orgs::NewMember => Vec<orgs::MemberAnswer>;
     delete "/api/organizations/{uuid}/members/{user}/" => orgs::remove_member, "organizations", "Remove a member (the last owner stays)";
-    get "/api/projects/" => orgs::list_projects, "organizations", "Projects of your organizations";
-    post "/api/projects/" => orgs::create_project, "organizations", "Create a project", orgs::NewProject;
-    get "/api/projects/{uuid}/" => orgs::get_project, "organizations", "One project";
+    get "/api/projects/" => orgs::list_projects, "organizations", "Projects of your organizations" => Paged<orgs::ProjectAnswer>;
+    post "/api/projects/" => orgs::create_project, "organizations", "Create a project", orgs::NewProject => orgs::ProjectAnswer;
+    get "/api/projects/{uuid}/" => orgs::get_project, "organizations", "One project" => orgs::ProjectAnswer;
 
     get "/api/marketplace-categories/" => marketplace::list_categories, "marketplace", "Categories";
     post "/api/marketplace-categories/" => marketplace::create_category, "marketplace", "Create a category (staff)", marketplace::NewCategory;

@@ -31,13 +31,17 @@ pub fn build() -> Value {
                 })
             })
             .collect();
+        let success = match route.answer {
+            Some(schema) => json!({ "schema": schema(&mut generator) }),
+            None => json!({}),
+        };
         let mut op = json!({
             "operationId": operation_id(route.method, route.path),
             "summary": route.summary,
             "tags": [route.tag],
             "parameters": params,
             "responses": {
-                "2XX": { "description": "Success", "content": { "application/json": {} } },
+                "2XX": { "description": "Success", "content": { "application/json": success } },
                 "4XX": { "$ref": "#/components/responses/Error" },
                 "5XX": { "$ref": "#/components/responses/Error" }
             }
@@ -146,5 +150,38 @@ mod tests {
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), n, "operation ids must be unique");
+    }
+
+    #[test]
+    fn bodies_and_typed_answers_have_schemas_from_their_types() {
+        let doc = super::build();
+        let schema = |path: &str, method: &str, part: &str| {
+            doc["paths"][path][method]
+                .pointer(part)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let body = schema(
+            "/api/projects/",
+            "post",
+            "/requestBody/content/application~1json/schema",
+        );
+        assert_eq!(body["$ref"], "#/components/schemas/NewProject");
+        let org = &doc["components"]["schemas"]["OrgAnswer"];
+        assert_eq!(org["properties"]["approved"]["type"], "boolean", "{org}");
+        assert!(org["required"].as_array().unwrap().contains(&"uuid".into()));
+        let list = schema(
+            "/api/organizations/",
+            "get",
+            "/responses/2XX/content/application~1json/schema",
+        );
+        assert!(list["$ref"].as_str().unwrap().contains("Paged"), "{list}");
+        // Routes still answering untyped JSON say only that.
+        let untyped = schema(
+            "/api/provider-agents/",
+            "get",
+            "/responses/2XX/content/application~1json",
+        );
+        assert_eq!(untyped, serde_json::json!({}));
     }
 }

@@ -1,8 +1,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
@@ -36,18 +35,42 @@ pub(crate) async fn load_org(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<
     ORGS.one(db, caller, uuid).await
 }
 
-fn org_json(row: &AnyRow, caller: &Caller) -> ApiResult<Value> {
+/// An organisation, as its members (and staff) see it.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct OrgAnswer {
+    uuid: Uuid,
+    name: String,
+    kind: OrgKind,
+    description: String,
+    /// The caller's role in it.
+    role: Option<Role>,
+    /// Staff approved it to publish (providers).
+    approved: bool,
+    /// Staff allowed it to publish custom component code (providers).
+    custom_code_allowed: bool,
+    created_at: String,
+}
+
+fn org_json(row: &AnyRow, caller: &Caller) -> ApiResult<OrgAnswer> {
     let uuid = uuid_col(row, "uuid")?;
-    Ok(json!({
-        "uuid": uuid,
-        "name": row.try_get::<String, _>("name")?,
-        "kind": row.try_get::<String, _>("kind")?,
-        "description": row.try_get::<String, _>("description")?,
-        "role": caller.membership(uuid).map(|m| m.role),
-        "approved": row.try_get::<Option<i64>, _>("approved_at")?.is_some(),
-        "custom_code_allowed": row.try_get::<i64, _>("custom_code_allowed")? != 0,
-        "created_at": ts(row.try_get("created_at")?),
-    }))
+    let kind: String = row.try_get("kind")?;
+    Ok(OrgAnswer {
+        uuid,
+        name: row.try_get("name")?,
+        kind: kind.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        description: row.try_get("description")?,
+        role: caller.membership(uuid).map(|m| m.role),
+        approved: row.try_get::<Option<i64>, _>("approved_at")?.is_some(),
+        custom_code_allowed: row.try_get::<i64, _>("custom_code_allowed")? != 0,
+        created_at: ts(row.try_get("created_at")?),
+    })
+}
+
+async fn org_row(app: &AppState, uuid: Uuid) -> ApiResult<AnyRow> {
+    Ok(sqlx::query("SELECT * FROM organizations WHERE uuid = $1")
+        .bind(uuid.to_string())
+        .fetch_one(&app.db.pool)
+        .await?)
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -65,7 +88,7 @@ pub async fn review_org(
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
     ApiJson(body): ApiJson<ReviewBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<OrgAnswer>> {
     // Only staff review; to anyone else the route has nothing to show.
     if !caller.is_staff {
         return Err(ApiError::not_found("organization"));
@@ -90,18 +113,14 @@ pub async fn review_org(
         },
     )
     .await?;
-    let row = sqlx::query("SELECT * FROM organizations WHERE uuid = $1")
-        .bind(uuid.to_string())
-        .fetch_one(&app.db.pool)
-        .await?;
-    Ok(Json(org_json(&row, &caller)?))
+    Ok(Json(org_json(&org_row(&app, uuid).await?, &caller)?))
 }
 
 pub async fn list_orgs(
     State(app): State<AppState>,
     caller: Caller,
     ApiQuery(q): ApiQuery<PageQuery>,
-) -> ApiResult<Json<Paged<Value>>> {
+) -> ApiResult<Json<Paged<OrgAnswer>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
     let page = ORGS
         .page(&app.db, &caller, page, ALL, "created_at, uuid", |r| {
@@ -124,41 +143,48 @@ pub async fn create_org(
     State(app): State<AppState>,
     caller: Caller,
     ApiJson(body): ApiJson<NewOrg>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<OrgAnswer>)> {
     let name = text_field("name", &body.name, 1, 200)?;
     let description = text_field("description", &body.description, 0, 2000)?;
     let uuid = identity::create_org(&app.db, &name, body.kind, &description, caller.user).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(
-            json!({ "uuid": uuid, "name": name, "kind": body.kind, "description": description, "role": "owner" }),
-        ),
-    ))
+    let mut answer = org_json(&org_row(&app, uuid).await?, &caller)?;
+    // The caller's memberships were read before the organisation existed.
+    answer.role = Some(Role::Owner);
+    Ok((StatusCode::CREATED, Json(answer)))
 }
 
 pub async fn get_org(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<OrgAnswer>> {
     let row = ORGS.one(&app.db, &caller, uuid).await?;
     Ok(Json(org_json(&row, &caller)?))
 }
 
-fn project_json(row: &AnyRow) -> ApiResult<Value> {
-    Ok(json!({
-        "uuid": uuid_col(row, "uuid")?,
-        "organization": uuid_col(row, "org_uuid")?,
-        "name": row.try_get::<String, _>("name")?,
-        "created_at": ts(row.try_get("created_at")?),
-    }))
+/// A project of an organisation.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct ProjectAnswer {
+    uuid: Uuid,
+    organization: Uuid,
+    name: String,
+    created_at: String,
+}
+
+fn project_json(row: &AnyRow) -> ApiResult<ProjectAnswer> {
+    Ok(ProjectAnswer {
+        uuid: uuid_col(row, "uuid")?,
+        organization: uuid_col(row, "org_uuid")?,
+        name: row.try_get("name")?,
+        created_at: ts(row.try_get("created_at")?),
+    })
 }
 
 pub async fn list_projects(
     State(app): State<AppState>,
     caller: Caller,
     ApiQuery(q): ApiQuery<PageQuery>,
-) -> ApiResult<Json<Paged<Value>>> {
+) -> ApiResult<Json<Paged<ProjectAnswer>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
     Ok(Json(
         PROJECTS
@@ -185,7 +211,7 @@ pub async fn create_project(
     State(app): State<AppState>,
     caller: Caller,
     ApiJson(body): ApiJson<NewProject>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<ProjectAnswer>)> {
     let org = caller.org_of_kind(OrgKind::Customer, body.organization)?;
     caller.require_admin(org)?;
     let name = text_field("name", &body.name, 1, 200)?;
@@ -200,7 +226,12 @@ pub async fn create_project(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "uuid": uuid, "organization": org, "name": name, "created_at": ts(now) })),
+        Json(ProjectAnswer {
+            uuid,
+            organization: org,
+            name,
+            created_at: ts(now),
+        }),
     ))
 }
 
@@ -208,21 +239,30 @@ pub async fn get_project(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ProjectAnswer>> {
     Ok(Json(project_json(
         &PROJECTS.one(&app.db, &caller, uuid).await?,
     )?))
 }
 
-fn member_json(row: &AnyRow) -> ApiResult<Value> {
-    Ok(json!({
-        "user": uuid_col(row, "user_uuid")?,
-        "username": row.try_get::<String, _>("username")?,
-        "role": row.try_get::<String, _>("role")?,
-    }))
+/// A member of an organisation.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct MemberAnswer {
+    user: Uuid,
+    username: String,
+    role: Role,
 }
 
-async fn members_of(app: &AppState, org: Uuid) -> ApiResult<Vec<Value>> {
+fn member_json(row: &AnyRow) -> ApiResult<MemberAnswer> {
+    let role: String = row.try_get("role")?;
+    Ok(MemberAnswer {
+        user: uuid_col(row, "user_uuid")?,
+        username: row.try_get("username")?,
+        role: role.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+    })
+}
+
+async fn members_of(app: &AppState, org: Uuid) -> ApiResult<Vec<MemberAnswer>> {
     sqlx::query("SELECT m.user_uuid, u.username, m.role FROM memberships m JOIN users u ON u.uuid = m.user_uuid WHERE m.org_uuid = $1 ORDER BY u.username")
         .bind(org.to_string())
         .fetch_all(&app.db.pool)
@@ -236,9 +276,9 @@ pub async fn list_members(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Vec<MemberAnswer>>> {
     ORGS.one(&app.db, &caller, uuid).await?;
-    Ok(Json(Value::from(members_of(&app, uuid).await?)))
+    Ok(Json(members_of(&app, uuid).await?))
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -255,7 +295,7 @@ pub async fn put_member(
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
     ApiJson(body): ApiJson<NewMember>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Vec<MemberAnswer>>> {
     ORGS.one(&app.db, &caller, uuid).await?;
     caller.require_admin(uuid)?;
     let user = identity::find_user(&app.db, body.username.trim())
@@ -273,7 +313,7 @@ pub async fn put_member(
         ensure_other_owner(&app, uuid, user).await?;
     }
     identity::add_member(&app.db, uuid, user, body.role).await?;
-    Ok(Json(Value::from(members_of(&app, uuid).await?)))
+    Ok(Json(members_of(&app, uuid).await?))
 }
 
 pub async fn remove_member(
