@@ -203,11 +203,11 @@ api! {
     post "/api/projects/" => orgs::create_project, "organizations", "Create a project", orgs::NewProject => orgs::ProjectAnswer;
     get "/api/projects/{uuid}/" => orgs::get_project, "organizations", "One project" => orgs::ProjectAnswer;
 
-    get "/api/marketplace-categories/" => marketplace::list_categories, "marketplace", "Categories";
-    post "/api/marketplace-categories/" => marketplace::create_category, "marketplace", "Create a category (staff)", marketplace::NewCategory;
-    get "/api/marketplace-categories/{uuid}/" => marketplace::get_category, "marketplace", "One category";
-    get "/api/marketplace-service-providers/" => marketplace::list_providers, "marketplace", "Service providers (sellers)";
-    get "/api/marketplace-service-providers/{uuid}/" => marketplace::get_provider, "marketplace", "One service provider";
+    get "/api/marketplace-categories/" => marketplace::list_categories, "marketplace", "Categories" => Paged<marketplace::CategoryAnswer>;
+    post "/api/marketplace-categories/" => marketplace::create_category, "marketplace", "Create a category (staff)", marketplace::NewCategory => marketplace::CategoryAnswer;
+    get "/api/marketplace-categories/{uuid}/" => marketplace::get_category, "marketplace", "One category" => marketplace::CategoryAnswer;
+    get "/api/marketplace-service-providers/" => marketplace::list_providers, "marketplace", "Service providers (sellers)" => Paged<marketplace::ProviderAnswer>;
+    get "/api/marketplace-service-providers/{uuid}/" => marketplace::get_provider, "marketplace", "One service provider" => marketplace::ProviderAnswer;
     get "/api/marketplace-public-offerings/" => marketplace::list_offerings, "marketplace", "Published agents: search, category and provider filters, paging";
     get "/api/marketplace-public-offerings/{uuid}/" => marketplace::get_offering, "marketplace", "One published agent with its plans";
     get "/api/marketplace-orders/" => marketplace::list_orders, "marketplace", "Your organization's orders";
@@ -230,16 +230,16 @@ api! {
     delete "/api/provider-agents/{uuid}/plans/{plan}/" => agents::archive_plan, "provider", "Archive a pricing plan (existing subscriptions keep it)";
     get "/api/provider-agents/{uuid}/usage/" => usage::agent_usage, "usage", "The agent's usage over all its buyers: totals and an hourly or daily series (?from=&to=&interval=hour|day)";
 
-    get "/api/customer-agent-configs/" => configs::list_configs, "buyer", "Your agent configurations";
-    get "/api/customer-agent-configs/{uuid}/" => configs::get_config, "buyer", "One configuration";
-    patch "/api/customer-agent-configs/{uuid}/" => configs::update_config, "buyer", "Set name, greeting, tone and knowledge documents", configs::ConfigPatch;
-    get "/api/customer-agent-configs/{uuid}/api_keys/" => keys::list_keys, "buyer", "The configuration's API keys (never the secret)";
-    post "/api/customer-agent-configs/{uuid}/api_keys/" => keys::issue_key, "buyer", "Issue an API key; the secret is shown once", keys::NewKey;
+    get "/api/customer-agent-configs/" => configs::list_configs, "buyer", "Your agent configurations" => Paged<configs::ConfigAnswer>;
+    get "/api/customer-agent-configs/{uuid}/" => configs::get_config, "buyer", "One configuration" => configs::ConfigAnswer;
+    patch "/api/customer-agent-configs/{uuid}/" => configs::update_config, "buyer", "Set name, greeting, tone and knowledge documents", configs::ConfigPatch => configs::ConfigAnswer;
+    get "/api/customer-agent-configs/{uuid}/api_keys/" => keys::list_keys, "buyer", "The configuration's API keys (never the secret)" => Vec<keys::KeyAnswer>;
+    post "/api/customer-agent-configs/{uuid}/api_keys/" => keys::issue_key, "buyer", "Issue an API key; the secret is shown once", keys::NewKey => keys::IssuedKey;
     get "/api/customer-agent-configs/{uuid}/usage/" => usage::config_usage, "usage", "The configuration's usage: totals and an hourly or daily series (?from=&to=&interval=hour|day)";
-    post "/api/agent-api-keys/{uuid}/revoke/" => keys::revoke_key, "buyer", "Revoke an API key";
-    get "/api/training-documents/" => documents::list_documents, "buyer", "Knowledge documents";
-    post "/api/training-documents/" => documents::upload_document, "buyer", "Upload a knowledge document (the body; ?filename=&config=)";
-    get "/api/training-documents/{uuid}/" => documents::get_document, "buyer", "One knowledge document's metadata";
+    post "/api/agent-api-keys/{uuid}/revoke/" => keys::revoke_key, "buyer", "Revoke an API key" => keys::KeyAnswer;
+    get "/api/training-documents/" => documents::list_documents, "buyer", "Knowledge documents" => Paged<documents::DocumentAnswer>;
+    post "/api/training-documents/" => documents::upload_document, "buyer", "Upload a knowledge document (the body; ?filename=&config=)" => documents::DocumentAnswer;
+    get "/api/training-documents/{uuid}/" => documents::get_document, "buyer", "One knowledge document's metadata" => documents::DocumentAnswer;
     delete "/api/training-documents/{uuid}/" => documents::delete_document, "buyer", "Delete a knowledge document";
 }
 

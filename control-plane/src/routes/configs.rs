@@ -1,7 +1,6 @@
 use axum::extract::State;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
@@ -24,22 +23,53 @@ const CONFIGS: Owned = Owned {
     what: "agent config",
 };
 
-fn config_json(row: &AnyRow) -> ApiResult<Value> {
-    Ok(json!({
-        "uuid": uuid_col(row, "uuid")?,
-        "organization": uuid_col(row, "org_uuid")?,
-        "project": opt_uuid_col(row, "project_uuid")?,
-        "resource": uuid_col(row, "resource_uuid")?,
-        "resource_state": row.try_get::<String, _>("resource_state")?,
-        "plan": uuid_col(row, "plan_uuid")?,
-        "agent": uuid_col(row, "agent_uuid")?,
-        "agent_name": row.try_get::<String, _>("agent_name")?,
-        "name": row.try_get::<String, _>("name")?,
-        "greeting": row.try_get::<String, _>("greeting")?,
-        "tone": row.try_get::<String, _>("tone")?,
-        "created_at": ts(row.try_get("created_at")?),
-        "updated_at": ts(row.try_get("updated_at")?),
-    }))
+/// A buyer's configured copy of an agent.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct ConfigAnswer {
+    uuid: Uuid,
+    organization: Uuid,
+    project: Option<Uuid>,
+    resource: Uuid,
+    resource_state: String,
+    plan: Uuid,
+    agent: Uuid,
+    agent_name: String,
+    name: String,
+    greeting: String,
+    tone: String,
+    created_at: String,
+    updated_at: String,
+    /// Its knowledge documents (in the answer for one configuration).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    knowledge_documents: Option<Vec<KnowledgeDocument>>,
+}
+
+/// A knowledge document of a configuration.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct KnowledgeDocument {
+    uuid: Uuid,
+    filename: String,
+    content_type: String,
+    size_bytes: i64,
+}
+
+fn config_json(row: &AnyRow) -> ApiResult<ConfigAnswer> {
+    Ok(ConfigAnswer {
+        uuid: uuid_col(row, "uuid")?,
+        organization: uuid_col(row, "org_uuid")?,
+        project: opt_uuid_col(row, "project_uuid")?,
+        resource: uuid_col(row, "resource_uuid")?,
+        resource_state: row.try_get("resource_state")?,
+        plan: uuid_col(row, "plan_uuid")?,
+        agent: uuid_col(row, "agent_uuid")?,
+        agent_name: row.try_get("agent_name")?,
+        name: row.try_get("name")?,
+        greeting: row.try_get("greeting")?,
+        tone: row.try_get("tone")?,
+        created_at: ts(row.try_get("created_at")?),
+        updated_at: ts(row.try_get("updated_at")?),
+        knowledge_documents: None,
+    })
 }
 
 /// The caller's configuration row, or 404.
@@ -47,7 +77,7 @@ pub async fn load_config(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<AnyR
     CONFIGS.one(db, caller, uuid).await
 }
 
-async fn config_with_documents(db: &Db, row: &AnyRow) -> ApiResult<Value> {
+async fn config_with_documents(db: &Db, row: &AnyRow) -> ApiResult<ConfigAnswer> {
     let mut config = config_json(row)?;
     let docs = sqlx::query("SELECT uuid, filename, content_type, size_bytes FROM training_documents WHERE config_uuid = $1 ORDER BY created_at, uuid")
         .bind(uuid_col(row, "uuid")?.to_string())
@@ -55,15 +85,15 @@ async fn config_with_documents(db: &Db, row: &AnyRow) -> ApiResult<Value> {
         .await?
         .iter()
         .map(|d| {
-            Ok(json!({
-                "uuid": uuid_col(d, "uuid")?,
-                "filename": d.try_get::<String, _>("filename")?,
-                "content_type": d.try_get::<String, _>("content_type")?,
-                "size_bytes": d.try_get::<i64, _>("size_bytes")?,
-            }))
+            Ok(KnowledgeDocument {
+                uuid: uuid_col(d, "uuid")?,
+                filename: d.try_get("filename")?,
+                content_type: d.try_get("content_type")?,
+                size_bytes: d.try_get("size_bytes")?,
+            })
         })
-        .collect::<ApiResult<Vec<Value>>>()?;
-    config["knowledge_documents"] = Value::from(docs);
+        .collect::<ApiResult<Vec<_>>>()?;
+    config.knowledge_documents = Some(docs);
     Ok(config)
 }
 
@@ -71,7 +101,7 @@ pub async fn list_configs(
     State(app): State<AppState>,
     caller: Caller,
     ApiQuery(q): ApiQuery<PageQuery>,
-) -> ApiResult<Json<Paged<Value>>> {
+) -> ApiResult<Json<Paged<ConfigAnswer>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
     Ok(Json(
         CONFIGS
@@ -91,7 +121,7 @@ pub async fn get_config(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ConfigAnswer>> {
     let row = load_config(&app.db, &caller, uuid).await?;
     Ok(Json(config_with_documents(&app.db, &row).await?))
 }
@@ -111,7 +141,7 @@ pub async fn update_config(
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
     ApiJson(body): ApiJson<ConfigPatch>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ConfigAnswer>> {
     let row = load_config(&app.db, &caller, uuid).await?;
     let org = uuid_col(&row, "org_uuid")?;
     caller.require_admin(org)?;

@@ -1,8 +1,7 @@
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -34,17 +33,31 @@ pub const ALLOWED_TYPES: &[&str] = &[
 const DOC_COLUMNS: &str =
     "uuid, org_uuid, config_uuid, filename, content_type, size_bytes, sha256, created_at";
 
-fn document_json(row: &AnyRow) -> ApiResult<Value> {
-    Ok(json!({
-        "uuid": uuid_col(row, "uuid")?,
-        "organization": uuid_col(row, "org_uuid")?,
-        "config": opt_uuid_col(row, "config_uuid")?,
-        "filename": row.try_get::<String, _>("filename")?,
-        "content_type": row.try_get::<String, _>("content_type")?,
-        "size_bytes": row.try_get::<i64, _>("size_bytes")?,
-        "sha256": row.try_get::<String, _>("sha256")?,
-        "created_at": ts(row.try_get("created_at")?),
-    }))
+/// A knowledge document's metadata (never its bytes).
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct DocumentAnswer {
+    uuid: Uuid,
+    organization: Uuid,
+    /// The buyer configuration it belongs to, if one.
+    config: Option<Uuid>,
+    filename: String,
+    content_type: String,
+    size_bytes: i64,
+    sha256: String,
+    created_at: String,
+}
+
+fn document_json(row: &AnyRow) -> ApiResult<DocumentAnswer> {
+    Ok(DocumentAnswer {
+        uuid: uuid_col(row, "uuid")?,
+        organization: uuid_col(row, "org_uuid")?,
+        config: opt_uuid_col(row, "config_uuid")?,
+        filename: row.try_get("filename")?,
+        content_type: row.try_get("content_type")?,
+        size_bytes: row.try_get("size_bytes")?,
+        sha256: row.try_get("sha256")?,
+        created_at: ts(row.try_get("created_at")?),
+    })
 }
 
 #[derive(Deserialize)]
@@ -59,7 +72,7 @@ pub async fn list_documents(
     State(app): State<AppState>,
     caller: Caller,
     ApiQuery(q): ApiQuery<DocQuery>,
-) -> ApiResult<Json<Paged<Value>>> {
+) -> ApiResult<Json<Paged<DocumentAnswer>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
     let filter = match q.config {
         Some(config) => (" AND config_uuid = $2", vec![Arg::from(config)]),
@@ -112,7 +125,7 @@ pub async fn upload_document(
     ApiQuery(q): ApiQuery<UploadQuery>,
     headers: HeaderMap,
     ApiBytes(body): ApiBytes,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<DocumentAnswer>)> {
     check_filename(&q.filename)?;
     let content_type = headers
         .get(axum::http::header::CONTENT_TYPE)
@@ -203,7 +216,7 @@ const DOCUMENTS: Owned = Owned {
     what: "training document",
 };
 
-async fn load_document(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<Value> {
+async fn load_document(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<DocumentAnswer> {
     document_json(&DOCUMENTS.one(db, caller, uuid).await?)
 }
 
@@ -211,7 +224,7 @@ pub async fn get_document(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DocumentAnswer>> {
     Ok(Json(load_document(&app.db, &caller, uuid).await?))
 }
 
@@ -221,15 +234,13 @@ pub async fn delete_document(
     ApiPath(uuid): ApiPath<Uuid>,
 ) -> ApiResult<StatusCode> {
     let doc = load_document(&app.db, &caller, uuid).await?;
-    let org: Uuid =
-        serde_json::from_value(doc["organization"].clone()).map_err(anyhow::Error::from)?;
-    caller.require_admin(org)?;
+    caller.require_admin(doc.organization)?;
     let mut tx = app.db.pool.begin().await?;
     sqlx::query("DELETE FROM training_documents WHERE uuid = $1")
         .bind(uuid.to_string())
         .execute(&mut *tx)
         .await?;
-    if !doc["config"].is_null() {
+    if doc.config.is_some() {
         bump_revision(&mut tx).await?;
     }
     tx.commit().await?;

@@ -2,8 +2,7 @@ use agora_config::keys::{ApiKey, Claims, KeyKind, Mode, Scope};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
@@ -17,31 +16,64 @@ use crate::extract::{ApiJson, ApiPath, Caller};
 use crate::AppState;
 
 /// What a key listing shows: never the secret, only its display prefix.
-fn key_json(row: &AnyRow) -> ApiResult<Value> {
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct KeyAnswer {
+    uuid: Uuid,
+    config: Uuid,
+    name: String,
+    prefix: String,
+    /// `secret` or `publishable`.
+    kind: String,
+    /// `live` or `test`.
+    mode: String,
+    scopes: Vec<String>,
+    allowed_origins: Vec<String>,
+    /// `active` or `revoked`.
+    status: String,
+    created_at: String,
+    last_used_at: Option<String>,
+    expires_at: Option<String>,
+    revoked_at: Option<String>,
+}
+
+/// A key just issued: its listing and, this once, the key itself.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct IssuedKey {
+    #[serde(flatten)]
+    listing: KeyAnswer,
+    /// The key; it is not stored and never shown again.
+    key: String,
+}
+
+fn key_json(row: &AnyRow) -> ApiResult<KeyAnswer> {
     let scopes: String = row.try_get("scopes")?;
     let origins: String = row.try_get("allowed_origins")?;
-    Ok(json!({
-        "uuid": uuid_col(row, "uuid")?,
-        "config": uuid_col(row, "config_uuid")?,
-        "name": row.try_get::<String, _>("name")?,
-        "prefix": row.try_get::<String, _>("prefix")?,
-        "kind": row.try_get::<String, _>("kind")?,
-        "mode": row.try_get::<String, _>("mode")?,
-        "scopes": scopes.split(',').filter(|s| !s.is_empty()).collect::<Vec<_>>(),
-        "allowed_origins": serde_json::from_str::<Value>(&origins).unwrap_or_else(|_| json!([])),
-        "status": row.try_get::<String, _>("status")?,
-        "created_at": ts(row.try_get("created_at")?),
-        "last_used_at": opt_ts(row.try_get("last_used_at")?),
-        "expires_at": opt_ts(row.try_get("expires_at")?),
-        "revoked_at": opt_ts(row.try_get("revoked_at")?),
-    }))
+    Ok(KeyAnswer {
+        uuid: uuid_col(row, "uuid")?,
+        config: uuid_col(row, "config_uuid")?,
+        name: row.try_get("name")?,
+        prefix: row.try_get("prefix")?,
+        kind: row.try_get("kind")?,
+        mode: row.try_get("mode")?,
+        scopes: scopes
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        allowed_origins: serde_json::from_str(&origins).unwrap_or_default(),
+        status: row.try_get("status")?,
+        created_at: ts(row.try_get("created_at")?),
+        last_used_at: opt_ts(row.try_get("last_used_at")?),
+        expires_at: opt_ts(row.try_get("expires_at")?),
+        revoked_at: opt_ts(row.try_get("revoked_at")?),
+    })
 }
 
 pub async fn list_keys(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath(config): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Vec<KeyAnswer>>> {
     load_config(&app.db, &caller, config).await?;
     let keys =
         sqlx::query("SELECT * FROM api_keys WHERE config_uuid = $1 ORDER BY created_at, uuid")
@@ -51,7 +83,7 @@ pub async fn list_keys(
             .iter()
             .map(key_json)
             .collect::<ApiResult<Vec<_>>>()?;
-    Ok(Json(Value::from(keys)))
+    Ok(Json(keys))
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, schemars::JsonSchema)]
@@ -96,7 +128,7 @@ pub async fn issue_key(
     caller: Caller,
     ApiPath(config): ApiPath<Uuid>,
     ApiJson(body): ApiJson<NewKey>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<IssuedKey>)> {
     let row = load_config(&app.db, &caller, config).await?;
     let org = uuid_col(&row, "org_uuid")?;
     caller.require_admin(org)?;
@@ -173,8 +205,10 @@ pub async fn issue_key(
         .bind(uuid.to_string())
         .fetch_one(&app.db.pool)
         .await?;
-    let mut out = key_json(&stored)?;
-    out["key"] = Value::from(key.expose_secret());
+    let out = IssuedKey {
+        listing: key_json(&stored)?,
+        key: key.expose_secret().to_owned(),
+    };
     Ok((StatusCode::CREATED, Json(out)))
 }
 
@@ -301,7 +335,7 @@ pub async fn revoke_key(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<KeyAnswer>> {
     let row = KEYS.one(&app.db, &caller, uuid).await?;
     caller.require_admin(uuid_col(&row, "org_uuid")?)?;
     if row.try_get::<String, _>("status")? == KeyStatus::Active.as_str() {

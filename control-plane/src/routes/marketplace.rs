@@ -1,7 +1,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -18,20 +18,29 @@ use crate::AppState;
 
 // ---- categories ----
 
-fn category_json(row: &AnyRow) -> ApiResult<Value> {
-    Ok(json!({
-        "uuid": uuid_col(row, "uuid")?,
-        "slug": row.try_get::<String, _>("slug")?,
-        "title": row.try_get::<String, _>("title")?,
-        "description": row.try_get::<String, _>("description")?,
-    }))
+/// A marketplace category.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct CategoryAnswer {
+    uuid: Uuid,
+    slug: String,
+    title: String,
+    description: String,
+}
+
+fn category_json(row: &AnyRow) -> ApiResult<CategoryAnswer> {
+    Ok(CategoryAnswer {
+        uuid: uuid_col(row, "uuid")?,
+        slug: row.try_get("slug")?,
+        title: row.try_get("title")?,
+        description: row.try_get("description")?,
+    })
 }
 
 pub async fn list_categories(
     State(app): State<AppState>,
     _caller: Caller,
     ApiQuery(q): ApiQuery<PageQuery>,
-) -> ApiResult<Json<Paged<Value>>> {
+) -> ApiResult<Json<Paged<CategoryAnswer>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
     Ok(Json(
         fetch_page(
@@ -60,7 +69,7 @@ pub async fn create_category(
     State(app): State<AppState>,
     caller: Caller,
     ApiJson(body): ApiJson<NewCategory>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<CategoryAnswer>)> {
     if !caller.is_staff {
         return Err(ApiError::forbidden("only staff manage categories"));
     }
@@ -97,7 +106,12 @@ pub async fn create_category(
     }
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "uuid": uuid, "slug": slug, "title": title, "description": description })),
+        Json(CategoryAnswer {
+            uuid,
+            slug,
+            title,
+            description,
+        }),
     ))
 }
 
@@ -105,7 +119,7 @@ pub async fn get_category(
     State(app): State<AppState>,
     _caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<CategoryAnswer>> {
     let row = sqlx::query("SELECT * FROM categories WHERE uuid = $1")
         .bind(uuid.to_string())
         .fetch_optional(&app.db.pool)
@@ -118,21 +132,31 @@ pub async fn get_category(
 
 const PROVIDER_SELECT: &str = "o.uuid, o.name, o.description, o.created_at, (SELECT COUNT(*) FROM provider_agents a WHERE a.org_uuid = o.uuid AND a.status = 'published') AS published_agents";
 
-fn provider_json(row: &AnyRow) -> ApiResult<Value> {
-    Ok(json!({
-        "uuid": uuid_col(row, "uuid")?,
-        "name": row.try_get::<String, _>("name")?,
-        "description": row.try_get::<String, _>("description")?,
-        "published_agents": row.try_get::<i64, _>("published_agents")?,
-        "created_at": ts(row.try_get("created_at")?),
-    }))
+/// A service provider's public profile.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct ProviderAnswer {
+    uuid: Uuid,
+    name: String,
+    description: String,
+    published_agents: i64,
+    created_at: String,
+}
+
+fn provider_json(row: &AnyRow) -> ApiResult<ProviderAnswer> {
+    Ok(ProviderAnswer {
+        uuid: uuid_col(row, "uuid")?,
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+        published_agents: row.try_get("published_agents")?,
+        created_at: ts(row.try_get("created_at")?),
+    })
 }
 
 pub async fn list_providers(
     State(app): State<AppState>,
     _caller: Caller,
     ApiQuery(q): ApiQuery<PageQuery>,
-) -> ApiResult<Json<Paged<Value>>> {
+) -> ApiResult<Json<Paged<ProviderAnswer>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
     Ok(Json(
         fetch_page(
@@ -152,7 +176,7 @@ pub async fn get_provider(
     State(app): State<AppState>,
     _caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ProviderAnswer>> {
     let sql = format!(
         "SELECT {PROVIDER_SELECT} FROM organizations o WHERE o.kind = 'provider' AND o.uuid = $1"
     );
