@@ -210,11 +210,11 @@ api! {
     get "/api/marketplace-service-providers/{uuid}/" => marketplace::get_provider, "marketplace", "One service provider" => marketplace::ProviderAnswer;
     get "/api/marketplace-public-offerings/" => marketplace::list_offerings, "marketplace", "Published agents: search, category and provider filters, paging";
     get "/api/marketplace-public-offerings/{uuid}/" => marketplace::get_offering, "marketplace", "One published agent with its plans";
-    get "/api/marketplace-orders/" => marketplace::list_orders, "marketplace", "Your organization's orders";
-    post "/api/marketplace-orders/" => marketplace::create_order, "marketplace", "Order an offering's plan", marketplace::NewOrder;
-    get "/api/marketplace-orders/{uuid}/" => marketplace::get_order, "marketplace", "One order";
-    get "/api/marketplace-resources/" => marketplace::list_resources, "marketplace", "Your organization's subscribed resources";
-    get "/api/marketplace-resources/{uuid}/" => marketplace::get_resource, "marketplace", "One resource";
+    get "/api/marketplace-orders/" => marketplace::list_orders, "marketplace", "Your organization's orders" => Paged<marketplace::OrderAnswer>;
+    post "/api/marketplace-orders/" => marketplace::create_order, "marketplace", "Order an offering's plan", marketplace::NewOrder => marketplace::OrderAnswer;
+    get "/api/marketplace-orders/{uuid}/" => marketplace::get_order, "marketplace", "One order" => marketplace::OrderAnswer;
+    get "/api/marketplace-resources/" => marketplace::list_resources, "marketplace", "Your organization's subscribed resources" => Paged<marketplace::ResourceAnswer>;
+    get "/api/marketplace-resources/{uuid}/" => marketplace::get_resource, "marketplace", "One resource" => marketplace::ResourceAnswer;
 
     get "/api/provider-agents/" => agents::list_agents, "provider", "Your agents";
     post "/api/provider-agents/" => agents::create_agent, "provider", "Create an agent", agents::NewAgent;
@@ -225,9 +225,9 @@ api! {
     post "/api/provider-agents/{uuid}/import_flow/" => agents::import_flow, "provider", "Import a Langflow export (the body) into the agent";
     post "/api/provider-agents/{uuid}/publish/" => agents::publish, "provider", "Provision the flow to the runtime and list the agent";
     post "/api/provider-agents/{uuid}/unpublish/" => agents::unpublish, "provider", "Withdraw the agent from the marketplace";
-    get "/api/provider-agents/{uuid}/plans/" => agents::list_plans, "provider", "The agent's pricing plans";
-    post "/api/provider-agents/{uuid}/plans/" => agents::create_plan, "provider", "Add a pricing plan", agents::NewPlan;
-    delete "/api/provider-agents/{uuid}/plans/{plan}/" => agents::archive_plan, "provider", "Archive a pricing plan (existing subscriptions keep it)";
+    get "/api/provider-agents/{uuid}/plans/" => agents::list_plans, "provider", "The agent's pricing plans" => Vec<marketplace::PlanAnswer>;
+    post "/api/provider-agents/{uuid}/plans/" => agents::create_plan, "provider", "Add a pricing plan", agents::NewPlan => marketplace::PlanAnswer;
+    delete "/api/provider-agents/{uuid}/plans/{plan}/" => agents::archive_plan, "provider", "Archive a pricing plan (existing subscriptions keep it)" => marketplace::PlanAnswer;
     get "/api/provider-agents/{uuid}/usage/" => usage::agent_usage, "usage", "The agent's usage over all its buyers: totals and an hourly or daily series (?from=&to=&interval=hour|day)";
 
     get "/api/customer-agent-configs/" => configs::list_configs, "buyer", "Your agent configurations" => Paged<configs::ConfigAnswer>;

@@ -8,7 +8,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::marketplace::{plan_json, plans_json};
+use super::marketplace::{plan_json, plans_json, PlanAnswer};
 use super::{Owned, PageQuery, ALL};
 use crate::db::{bump_revision, now_ms, opt_uuid_col, uuid_col, Db};
 use crate::domain::{text_field, ts, AgentStatus, Cents, Currency, Interval, OrgKind, Page, Paged};
@@ -129,7 +129,8 @@ pub async fn get_agent(
 ) -> ApiResult<Json<Value>> {
     let row = load_agent(&app.db, &caller, uuid).await?;
     let mut agent = agent_json(&row)?;
-    agent["plans"] = Value::from(plans_json(&app.db, uuid, false).await?);
+    agent["plans"] = serde_json::to_value(plans_json(&app.db, uuid, false).await?)
+        .map_err(anyhow::Error::from)?;
     Ok(Json(agent))
 }
 
@@ -389,9 +390,9 @@ pub async fn list_plans(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Vec<PlanAnswer>>> {
     load_agent(&app.db, &caller, uuid).await?;
-    Ok(Json(Value::from(plans_json(&app.db, uuid, false).await?)))
+    Ok(Json(plans_json(&app.db, uuid, false).await?))
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -456,7 +457,7 @@ pub async fn create_plan(
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
     ApiJson(body): ApiJson<NewPlan>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<PlanAnswer>)> {
     agent_for_change(&app.db, &caller, uuid).await?;
     let plan = insert_plan(&app.db, uuid, &body).await?;
     let row = sqlx::query("SELECT * FROM pricing_plans WHERE uuid = $1")
@@ -470,7 +471,7 @@ pub async fn archive_plan(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath((uuid, plan)): ApiPath<(Uuid, Uuid)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<PlanAnswer>> {
     let agent = agent_for_change(&app.db, &caller, uuid).await?;
     let mut tx = app.db.pool.begin().await?;
     let updated =

@@ -193,7 +193,7 @@ pub async fn get_provider(
 const OFFERING_SELECT: &str = "a.uuid, a.name, a.description, a.updated_at, a.org_uuid, o.name AS provider_name, c.uuid AS category_uuid, c.slug AS category_slug";
 const OFFERING_FROM: &str = "FROM provider_agents a JOIN organizations o ON o.uuid = a.org_uuid LEFT JOIN categories c ON c.uuid = a.category_uuid WHERE a.status = 'published'";
 
-pub async fn plans_json(db: &Db, agent: Uuid, only_active: bool) -> ApiResult<Vec<Value>> {
+pub async fn plans_json(db: &Db, agent: Uuid, only_active: bool) -> ApiResult<Vec<PlanAnswer>> {
     let sql = if only_active {
         "SELECT * FROM pricing_plans WHERE agent_uuid = $1 AND active = 1 ORDER BY price_cents, created_at"
     } else {
@@ -208,21 +208,39 @@ pub async fn plans_json(db: &Db, agent: Uuid, only_active: bool) -> ApiResult<Ve
         .collect()
 }
 
-pub fn plan_json(row: &AnyRow) -> ApiResult<Value> {
-    Ok(json!({
-        "uuid": uuid_col(row, "uuid")?,
-        "agent": uuid_col(row, "agent_uuid")?,
-        "name": row.try_get::<String, _>("name")?,
-        "price_cents": row.try_get::<i64, _>("price_cents")?,
-        "currency": row.try_get::<String, _>("currency")?,
-        "interval": row.try_get::<String, _>("billing_interval")?,
-        "request_quota": row.try_get::<Option<i64>, _>("request_quota")?,
-        "token_quota": row.try_get::<Option<i64>, _>("token_quota")?,
-        "requests_per_minute": row.try_get::<Option<i64>, _>("requests_per_minute")?,
-        "burst": row.try_get::<Option<i64>, _>("burst")?,
-        "max_concurrency": row.try_get::<Option<i64>, _>("max_concurrency")?,
-        "active": row.try_get::<i64, _>("active")? != 0,
-    }))
+/// A pricing plan of an agent.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct PlanAnswer {
+    uuid: Uuid,
+    agent: Uuid,
+    name: String,
+    price_cents: i64,
+    currency: String,
+    /// `month` or `year`.
+    interval: String,
+    request_quota: Option<i64>,
+    token_quota: Option<i64>,
+    requests_per_minute: Option<i64>,
+    burst: Option<i64>,
+    max_concurrency: Option<i64>,
+    active: bool,
+}
+
+pub fn plan_json(row: &AnyRow) -> ApiResult<PlanAnswer> {
+    Ok(PlanAnswer {
+        uuid: uuid_col(row, "uuid")?,
+        agent: uuid_col(row, "agent_uuid")?,
+        name: row.try_get("name")?,
+        price_cents: row.try_get("price_cents")?,
+        currency: row.try_get("currency")?,
+        interval: row.try_get("billing_interval")?,
+        request_quota: row.try_get("request_quota")?,
+        token_quota: row.try_get("token_quota")?,
+        requests_per_minute: row.try_get("requests_per_minute")?,
+        burst: row.try_get("burst")?,
+        max_concurrency: row.try_get("max_concurrency")?,
+        active: row.try_get::<i64, _>("active")? != 0,
+    })
 }
 
 /// Adds each offering's active plans, in one query for the page.
@@ -242,7 +260,7 @@ async fn attach_plans(db: &Db, offerings: &mut [Value]) -> ApiResult<()> {
     let rows = super::bind_all(sqlx::query(&sql), &ids)
         .fetch_all(&db.pool)
         .await?;
-    let mut by_agent: std::collections::HashMap<String, Vec<Value>> =
+    let mut by_agent: std::collections::HashMap<String, Vec<PlanAnswer>> =
         std::collections::HashMap::new();
     for row in &rows {
         by_agent
@@ -254,7 +272,7 @@ async fn attach_plans(db: &Db, offerings: &mut [Value]) -> ApiResult<()> {
         let plans = by_agent
             .remove(offering["uuid"].as_str().unwrap_or_default())
             .unwrap_or_default();
-        offering["plans"] = Value::from(plans);
+        offering["plans"] = serde_json::to_value(plans).map_err(anyhow::Error::from)?;
     }
     Ok(())
 }
@@ -339,7 +357,8 @@ pub async fn get_offering(
         .await?
         .ok_or(ApiError::not_found("offering"))?;
     let mut offering = offering_json(&row)?;
-    offering["plans"] = Value::from(plans_json(&app.db, uuid, true).await?);
+    offering["plans"] = serde_json::to_value(plans_json(&app.db, uuid, true).await?)
+        .map_err(anyhow::Error::from)?;
     let summary: Option<String> = row.try_get("flow_summary")?;
     if let Some(summary) = summary.and_then(|s| serde_json::from_str::<Value>(&s).ok()) {
         offering["model_providers"] = summary["model_providers"].clone();
@@ -362,21 +381,40 @@ pub async fn get_offering(
 
 // ---- orders and resources ----
 
-fn order_json(row: &AnyRow) -> ApiResult<Value> {
-    Ok(json!({
-        "uuid": uuid_col(row, "uuid")?,
-        "organization": uuid_col(row, "org_uuid")?,
-        "project": opt_uuid_col(row, "project_uuid")?,
-        "offering": uuid_col(row, "agent_uuid")?,
-        "plan": uuid_col(row, "plan_uuid")?,
-        "state": row.try_get::<String, _>("state")?,
-        "price_cents": row.try_get::<i64, _>("price_cents")?,
-        "currency": row.try_get::<String, _>("currency")?,
-        "resource": opt_uuid_col(row, "resource_uuid")?,
-        "config": opt_uuid_col(row, "config_uuid")?,
-        "created_at": ts(row.try_get("created_at")?),
-        "completed_at": opt_ts(row.try_get("completed_at")?),
-    }))
+/// An order of an offering's plan.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct OrderAnswer {
+    uuid: Uuid,
+    organization: Uuid,
+    project: Option<Uuid>,
+    offering: Uuid,
+    plan: Uuid,
+    /// `pending_payment`, `done` or `cancelled`.
+    state: String,
+    price_cents: i64,
+    currency: String,
+    /// Once done: the subscribed resource and the buyer's configuration.
+    resource: Option<Uuid>,
+    config: Option<Uuid>,
+    created_at: String,
+    completed_at: Option<String>,
+}
+
+fn order_json(row: &AnyRow) -> ApiResult<OrderAnswer> {
+    Ok(OrderAnswer {
+        uuid: uuid_col(row, "uuid")?,
+        organization: uuid_col(row, "org_uuid")?,
+        project: opt_uuid_col(row, "project_uuid")?,
+        offering: uuid_col(row, "agent_uuid")?,
+        plan: uuid_col(row, "plan_uuid")?,
+        state: row.try_get("state")?,
+        price_cents: row.try_get("price_cents")?,
+        currency: row.try_get("currency")?,
+        resource: opt_uuid_col(row, "resource_uuid")?,
+        config: opt_uuid_col(row, "config_uuid")?,
+        created_at: ts(row.try_get("created_at")?),
+        completed_at: opt_ts(row.try_get("completed_at")?),
+    })
 }
 
 const ORDER_SELECT: &str = "o.*, r.uuid AS resource_uuid, c.uuid AS config_uuid";
@@ -386,7 +424,7 @@ pub async fn list_orders(
     State(app): State<AppState>,
     caller: Caller,
     ApiQuery(q): ApiQuery<PageQuery>,
-) -> ApiResult<Json<Paged<Value>>> {
+) -> ApiResult<Json<Paged<OrderAnswer>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
     Ok(Json(
         ORDERS
@@ -410,7 +448,7 @@ const ORDERS: Owned = Owned {
     what: "order",
 };
 
-async fn load_order(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<Value> {
+async fn load_order(db: &Db, caller: &Caller, uuid: Uuid) -> ApiResult<OrderAnswer> {
     order_json(&ORDERS.one(db, caller, uuid).await?)
 }
 
@@ -418,7 +456,7 @@ pub async fn get_order(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<OrderAnswer>> {
     Ok(Json(load_order(&app.db, &caller, uuid).await?))
 }
 
@@ -439,7 +477,7 @@ pub async fn create_order(
     State(app): State<AppState>,
     caller: Caller,
     ApiJson(body): ApiJson<NewOrder>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<OrderAnswer>)> {
     let org = caller.org_of_kind(OrgKind::Customer, body.organization)?;
     caller.require_admin(org)?;
     // Checked in the order's transaction, so a plan archived meanwhile can't be ordered.
@@ -553,18 +591,33 @@ pub async fn complete_order(
     Ok(Some(config))
 }
 
-fn resource_json(row: &AnyRow) -> ApiResult<Value> {
-    Ok(json!({
-        "uuid": uuid_col(row, "uuid")?,
-        "organization": uuid_col(row, "org_uuid")?,
-        "order": uuid_col(row, "order_uuid")?,
-        "offering": uuid_col(row, "agent_uuid")?,
-        "offering_name": row.try_get::<String, _>("agent_name")?,
-        "plan": uuid_col(row, "plan_uuid")?,
-        "state": row.try_get::<String, _>("state")?,
-        "config": opt_uuid_col(row, "config_uuid")?,
-        "created_at": ts(row.try_get("created_at")?),
-    }))
+/// A subscribed resource: what a done order gives.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct ResourceAnswer {
+    uuid: Uuid,
+    organization: Uuid,
+    order: Uuid,
+    offering: Uuid,
+    offering_name: String,
+    plan: Uuid,
+    /// `active`, `suspended` or `terminated`.
+    state: String,
+    config: Option<Uuid>,
+    created_at: String,
+}
+
+fn resource_json(row: &AnyRow) -> ApiResult<ResourceAnswer> {
+    Ok(ResourceAnswer {
+        uuid: uuid_col(row, "uuid")?,
+        organization: uuid_col(row, "org_uuid")?,
+        order: uuid_col(row, "order_uuid")?,
+        offering: uuid_col(row, "agent_uuid")?,
+        offering_name: row.try_get("agent_name")?,
+        plan: uuid_col(row, "plan_uuid")?,
+        state: row.try_get("state")?,
+        config: opt_uuid_col(row, "config_uuid")?,
+        created_at: ts(row.try_get("created_at")?),
+    })
 }
 
 const RESOURCE_SELECT: &str = "r.*, a.name AS agent_name, c.uuid AS config_uuid";
@@ -582,7 +635,7 @@ pub async fn list_resources(
     State(app): State<AppState>,
     caller: Caller,
     ApiQuery(q): ApiQuery<PageQuery>,
-) -> ApiResult<Json<Paged<Value>>> {
+) -> ApiResult<Json<Paged<ResourceAnswer>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
     Ok(Json(
         RESOURCES
@@ -602,7 +655,7 @@ pub async fn get_resource(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ResourceAnswer>> {
     Ok(Json(resource_json(
         &RESOURCES.one(&app.db, &caller, uuid).await?,
     )?))
