@@ -165,7 +165,7 @@ impl FlowDefinition {
 }
 
 /// What a flow offers and expects, as read from its export.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FlowSummary {
     /// The export's `name`; `None` when absent or blank.
     pub name: Option<String>,
@@ -200,7 +200,7 @@ pub struct FlowSummary {
 }
 
 /// A component node of the flow.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ComponentRef {
     /// The node id, as used in edges and tweaks.
     pub id: String,
@@ -211,7 +211,7 @@ pub struct ComponentRef {
 }
 
 /// A template field a caller may tweak.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TweakableField {
     pub node_id: String,
     pub component_type: String,
@@ -225,7 +225,7 @@ pub struct TweakableField {
 }
 
 /// A password field: a credential the flow expects. Its value is never copied here.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SecretField {
     pub node_id: String,
     pub field: String,

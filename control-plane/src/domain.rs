@@ -165,6 +165,7 @@ impl Page {
 
 /// A page of results.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "PageOf{T}")]
 pub struct Paged<T> {
     pub count: i64,
     pub page: u32,

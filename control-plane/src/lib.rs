@@ -216,15 +216,15 @@ api! {
     get "/api/marketplace-resources/" => marketplace::list_resources, "marketplace", "Your organization's subscribed resources" => Paged<marketplace::ResourceAnswer>;
     get "/api/marketplace-resources/{uuid}/" => marketplace::get_resource, "marketplace", "One resource" => marketplace::ResourceAnswer;
 
-    get "/api/provider-agents/" => agents::list_agents, "provider", "Your agents";
-    post "/api/provider-agents/" => agents::create_agent, "provider", "Create an agent", agents::NewAgent;
-    post "/api/provider-agents/validate_flow/" => agents::validate_flow, "provider", "Validate a Langflow export (the body) without storing it";
-    get "/api/provider-agents/{uuid}/" => agents::get_agent, "provider", "One agent";
-    patch "/api/provider-agents/{uuid}/" => agents::update_agent, "provider", "Update an agent", agents::AgentPatch;
+    get "/api/provider-agents/" => agents::list_agents, "provider", "Your agents" => Paged<agents::AgentAnswer>;
+    post "/api/provider-agents/" => agents::create_agent, "provider", "Create an agent", agents::NewAgent => agents::AgentAnswer;
+    post "/api/provider-agents/validate_flow/" => agents::validate_flow, "provider", "Validate a Langflow export (the body) without storing it" => agents::ValidatedFlow;
+    get "/api/provider-agents/{uuid}/" => agents::get_agent, "provider", "One agent" => agents::AgentAnswer;
+    patch "/api/provider-agents/{uuid}/" => agents::update_agent, "provider", "Update an agent", agents::AgentPatch => agents::AgentAnswer;
     delete "/api/provider-agents/{uuid}/" => agents::delete_agent, "provider", "Delete a draft agent nobody ordered";
-    post "/api/provider-agents/{uuid}/import_flow/" => agents::import_flow, "provider", "Import a Langflow export (the body) into the agent";
-    post "/api/provider-agents/{uuid}/publish/" => agents::publish, "provider", "Provision the flow to the runtime and list the agent";
-    post "/api/provider-agents/{uuid}/unpublish/" => agents::unpublish, "provider", "Withdraw the agent from the marketplace";
+    post "/api/provider-agents/{uuid}/import_flow/" => agents::import_flow, "provider", "Import a Langflow export (the body) into the agent" => agents::AgentAnswer;
+    post "/api/provider-agents/{uuid}/publish/" => agents::publish, "provider", "Provision the flow to the runtime and list the agent" => agents::AgentAnswer;
+    post "/api/provider-agents/{uuid}/unpublish/" => agents::unpublish, "provider", "Withdraw the agent from the marketplace" => agents::AgentAnswer;
     get "/api/provider-agents/{uuid}/plans/" => agents::list_plans, "provider", "The agent's pricing plans" => Vec<marketplace::PlanAnswer>;
     post "/api/provider-agents/{uuid}/plans/" => agents::create_plan, "provider", "Add a pricing plan", agents::NewPlan => marketplace::PlanAnswer;
     delete "/api/provider-agents/{uuid}/plans/{plan}/" => agents::archive_plan, "provider", "Archive a pricing plan (existing subscriptions keep it)" => marketplace::PlanAnswer;

@@ -32,8 +32,12 @@ pub fn build() -> Value {
             })
             .collect();
         let success = match route.answer {
-            Some(schema) => json!({ "schema": schema(&mut generator) }),
-            None => json!({}),
+            Some(schema) => {
+                json!({ "description": "Success", "content": { "application/json": { "schema": schema(&mut generator) } } })
+            }
+            // A deletion without an answer type answers 204 with no body.
+            None if route.method == "delete" => json!({ "description": "Deleted; no body" }),
+            None => json!({ "description": "Success", "content": { "application/json": {} } }),
         };
         let mut op = json!({
             "operationId": operation_id(route.method, route.path),
@@ -41,7 +45,7 @@ pub fn build() -> Value {
             "tags": [route.tag],
             "parameters": params,
             "responses": {
-                "2XX": { "description": "Success", "content": { "application/json": success } },
+                "2XX": success,
                 "4XX": { "$ref": "#/components/responses/Error" },
                 "5XX": { "$ref": "#/components/responses/Error" }
             }
@@ -49,7 +53,7 @@ pub fn build() -> Value {
         if route.is_public() {
             op["security"] = json!([]);
         }
-        if matches!(route.method, "post" | "patch") {
+        if matches!(route.method, "post" | "patch") && !NO_BODY.contains(&route.path) {
             // Routes without a body type take any object (a Langflow export) or
             // none at all.
             let media = match route.body {
@@ -98,6 +102,13 @@ pub fn build() -> Value {
         }
     })
 }
+
+/// Actions that read no request body.
+const NO_BODY: &[&str] = &[
+    "/api/provider-agents/{uuid}/publish/",
+    "/api/provider-agents/{uuid}/unpublish/",
+    "/api/agent-api-keys/{uuid}/revoke/",
+];
 
 /// `fixed` and the schemas the request bodies referred to.
 fn schemas(mut generator: schemars::SchemaGenerator, fixed: Value) -> Value {
@@ -175,10 +186,13 @@ mod tests {
             "get",
             "/responses/2XX/content/application~1json/schema",
         );
-        assert!(list["$ref"].as_str().unwrap().contains("Paged"), "{list}");
+        assert_eq!(
+            list["$ref"], "#/components/schemas/PageOfOrgAnswer",
+            "{list}"
+        );
         // Routes still answering untyped JSON say only that.
         let untyped = schema(
-            "/api/provider-agents/",
+            "/api/marketplace-public-offerings/",
             "get",
             "/responses/2XX/content/application~1json",
         );

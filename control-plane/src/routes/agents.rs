@@ -2,8 +2,8 @@ use agora_config::flow::FlowDefinition;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
@@ -18,21 +18,51 @@ use crate::flow_code::{self, CodeRefusal};
 use crate::runtime::RuntimeError;
 use crate::{identity, AppState};
 
-fn agent_json(row: &AnyRow) -> ApiResult<Value> {
+/// A provider's agent.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct AgentAnswer {
+    uuid: Uuid,
+    organization: Uuid,
+    name: String,
+    description: String,
+    category: Option<Uuid>,
+    /// `draft` or `published`.
+    status: String,
+    has_flow: bool,
+    /// What the imported flow offers and expects (as stored at import).
+    #[schemars(with = "Option<agora_config::flow::FlowSummary>")]
+    flow_summary: Option<Value>,
+    runtime_flow_id: Option<String>,
+    created_at: String,
+    updated_at: String,
+    /// Its pricing plans (in the answer for one agent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plans: Option<Vec<PlanAnswer>>,
+}
+
+/// A flow export that passed validation, and what it offers.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct ValidatedFlow {
+    valid: bool,
+    summary: agora_config::flow::FlowSummary,
+}
+
+fn agent_json(row: &AnyRow) -> ApiResult<AgentAnswer> {
     let summary: Option<String> = row.try_get("flow_summary")?;
-    Ok(json!({
-        "uuid": uuid_col(row, "uuid")?,
-        "organization": uuid_col(row, "org_uuid")?,
-        "name": row.try_get::<String, _>("name")?,
-        "description": row.try_get::<String, _>("description")?,
-        "category": opt_uuid_col(row, "category_uuid")?,
-        "status": row.try_get::<String, _>("status")?,
-        "has_flow": summary.is_some(),
-        "flow_summary": summary.and_then(|s| serde_json::from_str::<Value>(&s).ok()),
-        "runtime_flow_id": row.try_get::<Option<String>, _>("runtime_flow_id")?,
-        "created_at": ts(row.try_get("created_at")?),
-        "updated_at": ts(row.try_get("updated_at")?),
-    }))
+    Ok(AgentAnswer {
+        uuid: uuid_col(row, "uuid")?,
+        organization: uuid_col(row, "org_uuid")?,
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+        category: opt_uuid_col(row, "category_uuid")?,
+        status: row.try_get("status")?,
+        has_flow: summary.is_some(),
+        flow_summary: summary.and_then(|s| serde_json::from_str::<Value>(&s).ok()),
+        runtime_flow_id: row.try_get("runtime_flow_id")?,
+        created_at: ts(row.try_get("created_at")?),
+        updated_at: ts(row.try_get("updated_at")?),
+        plans: None,
+    })
 }
 
 /// What offering search matches: name and description, lowercased here.
@@ -77,7 +107,7 @@ pub async fn list_agents(
     State(app): State<AppState>,
     caller: Caller,
     ApiQuery(q): ApiQuery<PageQuery>,
-) -> ApiResult<Json<Paged<Value>>> {
+) -> ApiResult<Json<Paged<AgentAnswer>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
     Ok(Json(
         AGENTS
@@ -100,7 +130,7 @@ pub async fn create_agent(
     State(app): State<AppState>,
     caller: Caller,
     ApiJson(body): ApiJson<NewAgent>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<AgentAnswer>)> {
     let org = caller.org_of_kind(OrgKind::Provider, body.organization)?;
     caller.require_admin(org)?;
     let name = text_field("name", &body.name, 1, 200)?;
@@ -126,11 +156,10 @@ pub async fn get_agent(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AgentAnswer>> {
     let row = load_agent(&app.db, &caller, uuid).await?;
     let mut agent = agent_json(&row)?;
-    agent["plans"] = serde_json::to_value(plans_json(&app.db, uuid, false).await?)
-        .map_err(anyhow::Error::from)?;
+    agent.plans = Some(plans_json(&app.db, uuid, false).await?);
     Ok(Json(agent))
 }
 
@@ -147,7 +176,7 @@ pub async fn update_agent(
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
     ApiJson(body): ApiJson<AgentPatch>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AgentAnswer>> {
     let row = agent_for_change(&app.db, &caller, uuid).await?;
     let name = match &body.name {
         Some(n) => text_field("name", n, 1, 200)?,
@@ -208,9 +237,15 @@ pub async fn delete_agent(
 }
 
 /// `validate_flow/`: the body is a Langflow export; answers what import would extract.
-pub async fn validate_flow(_caller: Caller, ApiBytes(body): ApiBytes) -> ApiResult<Json<Value>> {
+pub async fn validate_flow(
+    _caller: Caller,
+    ApiBytes(body): ApiBytes,
+) -> ApiResult<Json<ValidatedFlow>> {
     let flow = FlowDefinition::parse(&body)?;
-    Ok(Json(json!({ "valid": true, "summary": flow.summary() })))
+    Ok(Json(ValidatedFlow {
+        valid: true,
+        summary: flow.summary().clone(),
+    }))
 }
 
 /// `{uuid}/import_flow/`: stores the export and what it offers buyers and the proxy.
@@ -219,7 +254,7 @@ pub async fn import_flow(
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
     ApiBytes(body): ApiBytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AgentAnswer>> {
     let row = agent_for_change(&app.db, &caller, uuid).await?;
     if row.try_get::<String, _>("status")? == AgentStatus::Published.as_str() {
         return Err(ApiError::conflict(
@@ -252,7 +287,7 @@ pub async fn publish(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AgentAnswer>> {
     let row = agent_for_change(&app.db, &caller, uuid).await?;
     if row.try_get::<String, _>("status")? == AgentStatus::Published.as_str() {
         return Ok(Json(agent_json(&row)?));
@@ -371,7 +406,7 @@ pub async fn unpublish(
     State(app): State<AppState>,
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AgentAnswer>> {
     agent_for_change(&app.db, &caller, uuid).await?;
     let mut tx = app.db.pool.begin().await?;
     sqlx::query("UPDATE provider_agents SET status = 'draft', updated_at = $2 WHERE uuid = $1")
