@@ -427,12 +427,7 @@ async fn all_components(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     state.authorize(&headers, &query_map(&uri))?;
-    let body = serde_json::to_vec(&catalog::all()).unwrap_or_default();
-    Ok(http::json_response(
-        StatusCode::OK,
-        body,
-        http::accepts_gzip(&headers),
-    ))
+    Ok(json_ok(&headers, &catalog::all()))
 }
 
 async fn messages(
@@ -446,12 +441,7 @@ async fn messages(
         query.get("session_id").map(String::as_str),
         query.get("flow_id").map(String::as_str),
     );
-    let body = serde_json::to_vec(&list).unwrap_or_default();
-    Ok(http::json_response(
-        StatusCode::OK,
-        body,
-        http::accepts_gzip(&headers),
-    ))
+    Ok(json_ok(&headers, &list))
 }
 
 async fn sessions(
@@ -460,10 +450,11 @@ async fn sessions(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     state.authorize(&headers, &query_map(&uri))?;
-    let body = serde_json::to_vec(&state.history.sessions()).unwrap_or_default();
-    Ok(http::json_response(
-        StatusCode::OK,
-        body,
-        http::accepts_gzip(&headers),
-    ))
+    Ok(json_ok(&headers, &state.history.sessions()))
+}
+
+/// A 200 with `value` as JSON, gzipped as Langflow does when the client takes it.
+fn json_ok<T: serde::Serialize>(headers: &HeaderMap, value: &T) -> Response {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    http::json_response(StatusCode::OK, body, http::accepts_gzip(headers))
 }
