@@ -140,7 +140,7 @@ pub struct RouteDoc {
     /// The JSON Schema of the request body, from the type the handler reads.
     pub body: Option<fn(&mut schemars::SchemaGenerator) -> schemars::Schema>,
     /// The JSON Schema of a successful answer, from the type the handler answers
-    /// with (routes still answering with untyped JSON have none yet).
+    /// with; `None` only for deletions, which answer 204 without a body.
     pub answer: Option<fn(&mut schemars::SchemaGenerator) -> schemars::Schema>,
 }
 
@@ -188,14 +188,14 @@ macro_rules! api {
 use routes::{agents, auth, configs, documents, keys, marketplace, orgs, usage};
 
 api! {
-    post "/api/auth/token/" => auth::obtain_token, "auth", "Exchange username and password for a user token", auth::Credentials;
-    get "/api/openapi.json" => openapi::document, "meta", "This OpenAPI document";
+    post "/api/auth/token/" => auth::obtain_token, "auth", "Exchange username and password for a user token", auth::Credentials => auth::TokenAnswer;
+    get "/api/openapi.json" => openapi::document, "meta", "This OpenAPI document" => serde_json::Map<String, serde_json::Value>;
 
     get "/api/organizations/" => orgs::list_orgs, "organizations", "Organizations you belong to" => Paged<orgs::OrgAnswer>;
     post "/api/organizations/" => orgs::create_org, "organizations", "Create an organization you own", orgs::NewOrg => orgs::OrgAnswer;
     get "/api/organizations/{uuid}/" => orgs::get_org, "organizations", "One of your organizations" => orgs::OrgAnswer;
     post "/api/organizations/{uuid}/review/" => orgs::review_org, "organizations", "Approve a provider organization and allow or refuse its custom component code (staff)", orgs::ReviewBody => orgs::OrgAnswer;
-    get "/api/organizations/{uuid}/usage/" => usage::organization_usage, "usage", "The organization's metered usage in a billing period (?from=&to=; default this calendar month, UTC)";
+    get "/api/organizations/{uuid}/usage/" => usage::organization_usage, "usage", "The organization's metered usage in a billing period (?from=&to=; default this calendar month, UTC)" => usage::OrganizationUsage;
     get "/api/organizations/{uuid}/members/" => orgs::list_members, "organizations", "The organization's members and roles" => Vec<orgs::MemberAnswer>;
     post "/api/organizations/{uuid}/members/" => orgs::put_member, "organizations", "Add a member or change a role (admins; ownership by owners)", orgs::NewMember => Vec<orgs::MemberAnswer>;
     delete "/api/organizations/{uuid}/members/{user}/" => orgs::remove_member, "organizations", "Remove a member (the last owner stays)";
@@ -208,8 +208,8 @@ api! {
     get "/api/marketplace-categories/{uuid}/" => marketplace::get_category, "marketplace", "One category" => marketplace::CategoryAnswer;
     get "/api/marketplace-service-providers/" => marketplace::list_providers, "marketplace", "Service providers (sellers)" => Paged<marketplace::ProviderAnswer>;
     get "/api/marketplace-service-providers/{uuid}/" => marketplace::get_provider, "marketplace", "One service provider" => marketplace::ProviderAnswer;
-    get "/api/marketplace-public-offerings/" => marketplace::list_offerings, "marketplace", "Published agents: search, category and provider filters, paging";
-    get "/api/marketplace-public-offerings/{uuid}/" => marketplace::get_offering, "marketplace", "One published agent with its plans";
+    get "/api/marketplace-public-offerings/" => marketplace::list_offerings, "marketplace", "Published agents: search, category and provider filters, paging" => Paged<marketplace::OfferingAnswer>;
+    get "/api/marketplace-public-offerings/{uuid}/" => marketplace::get_offering, "marketplace", "One published agent with its plans" => marketplace::OfferingAnswer;
     get "/api/marketplace-orders/" => marketplace::list_orders, "marketplace", "Your organization's orders" => Paged<marketplace::OrderAnswer>;
     post "/api/marketplace-orders/" => marketplace::create_order, "marketplace", "Order an offering's plan", marketplace::NewOrder => marketplace::OrderAnswer;
     get "/api/marketplace-orders/{uuid}/" => marketplace::get_order, "marketplace", "One order" => marketplace::OrderAnswer;
@@ -228,14 +228,14 @@ api! {
     get "/api/provider-agents/{uuid}/plans/" => agents::list_plans, "provider", "The agent's pricing plans" => Vec<marketplace::PlanAnswer>;
     post "/api/provider-agents/{uuid}/plans/" => agents::create_plan, "provider", "Add a pricing plan", agents::NewPlan => marketplace::PlanAnswer;
     delete "/api/provider-agents/{uuid}/plans/{plan}/" => agents::archive_plan, "provider", "Archive a pricing plan (existing subscriptions keep it)" => marketplace::PlanAnswer;
-    get "/api/provider-agents/{uuid}/usage/" => usage::agent_usage, "usage", "The agent's usage over all its buyers: totals and an hourly or daily series (?from=&to=&interval=hour|day)";
+    get "/api/provider-agents/{uuid}/usage/" => usage::agent_usage, "usage", "The agent's usage over all its buyers: totals and an hourly or daily series (?from=&to=&interval=hour|day)" => usage::AgentUsage;
 
     get "/api/customer-agent-configs/" => configs::list_configs, "buyer", "Your agent configurations" => Paged<configs::ConfigAnswer>;
     get "/api/customer-agent-configs/{uuid}/" => configs::get_config, "buyer", "One configuration" => configs::ConfigAnswer;
     patch "/api/customer-agent-configs/{uuid}/" => configs::update_config, "buyer", "Set name, greeting, tone and knowledge documents", configs::ConfigPatch => configs::ConfigAnswer;
     get "/api/customer-agent-configs/{uuid}/api_keys/" => keys::list_keys, "buyer", "The configuration's API keys (never the secret)" => Vec<keys::KeyAnswer>;
     post "/api/customer-agent-configs/{uuid}/api_keys/" => keys::issue_key, "buyer", "Issue an API key; the secret is shown once", keys::NewKey => keys::IssuedKey;
-    get "/api/customer-agent-configs/{uuid}/usage/" => usage::config_usage, "usage", "The configuration's usage: totals and an hourly or daily series (?from=&to=&interval=hour|day)";
+    get "/api/customer-agent-configs/{uuid}/usage/" => usage::config_usage, "usage", "The configuration's usage: totals and an hourly or daily series (?from=&to=&interval=hour|day)" => usage::ConfigUsage;
     post "/api/agent-api-keys/{uuid}/revoke/" => keys::revoke_key, "buyer", "Revoke an API key" => keys::KeyAnswer;
     get "/api/training-documents/" => documents::list_documents, "buyer", "Knowledge documents" => Paged<documents::DocumentAnswer>;
     post "/api/training-documents/" => documents::upload_document, "buyer", "Upload a knowledge document (the body; ?filename=&config=)" => documents::DocumentAnswer;

@@ -190,12 +190,33 @@ mod tests {
             list["$ref"], "#/components/schemas/PageOfOrgAnswer",
             "{list}"
         );
-        // Routes still answering untyped JSON say only that.
-        let untyped = schema(
-            "/api/marketplace-public-offerings/",
-            "get",
-            "/responses/2XX/content/application~1json",
+        let offering = &doc["components"]["schemas"]["OfferingAnswer"];
+        assert_eq!(
+            offering["properties"]["plans"]["items"]["$ref"], "#/components/schemas/PlanAnswer",
+            "{offering}"
         );
-        assert_eq!(untyped, serde_json::json!({}));
+        let usage = &doc["components"]["schemas"]["ConfigUsage"];
+        assert!(
+            usage["required"].as_array().unwrap().contains(&"series".into()),
+            "{usage}"
+        );
+    }
+
+    #[test]
+    fn every_answer_with_a_body_has_a_schema() {
+        let doc = super::build();
+        for route in crate::ROUTES {
+            let success = &doc["paths"][route.path][route.method]["responses"]["2XX"];
+            match route.answer {
+                Some(_) => assert!(
+                    success["content"]["application/json"]["schema"].is_object(),
+                    "{route:?}: {success}"
+                ),
+                None => {
+                    assert_eq!(route.method, "delete", "{route:?} answers untyped JSON");
+                    assert!(success.get("content").is_none(), "{route:?}: {success}");
+                }
+            }
+        }
     }
 }

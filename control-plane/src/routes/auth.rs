@@ -1,7 +1,6 @@
 use axum::extract::State;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::ApiJson;
@@ -14,12 +13,21 @@ pub struct Credentials {
     password: String,
 }
 
+/// A user token and whose it is.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct TokenAnswer {
+    /// Sent as `Authorization: Token <token>`.
+    token: String,
+    /// The user's id.
+    user: uuid::Uuid,
+}
+
 /// `POST /api/auth/token/`: a new user token for valid credentials. Unknown
 /// users and wrong passwords fail alike, in the same time.
 pub async fn obtain_token(
     State(app): State<AppState>,
     ApiJson(body): ApiJson<Credentials>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TokenAnswer>> {
     if body.username.len() > 150 || body.password.len() > 1024 {
         return Err(ApiError::bad_request(
             "invalid_credentials",
@@ -42,5 +50,5 @@ pub async fn obtain_token(
         ApiError::bad_request("invalid_credentials", "invalid username or password")
     })?;
     let token = identity::create_token(&app.db, user).await?;
-    Ok(Json(json!({ "token": token, "user": user })))
+    Ok(Json(TokenAnswer { token, user }))
 }

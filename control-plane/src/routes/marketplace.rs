@@ -1,8 +1,8 @@
+use agora_config::flow::FlowSummary;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use uuid::Uuid;
@@ -244,13 +244,13 @@ pub fn plan_json(row: &AnyRow) -> ApiResult<PlanAnswer> {
 }
 
 /// Adds each offering's active plans, in one query for the page.
-async fn attach_plans(db: &Db, offerings: &mut [Value]) -> ApiResult<()> {
+async fn attach_plans(db: &Db, offerings: &mut [OfferingAnswer]) -> ApiResult<()> {
     if offerings.is_empty() {
         return Ok(());
     }
     let ids: Vec<Arg> = offerings
         .iter()
-        .map(|o| Arg::Text(o["uuid"].as_str().unwrap_or_default().to_owned()))
+        .map(|o| Arg::Text(o.uuid.to_string()))
         .collect();
     let marks: Vec<String> = (1..=ids.len()).map(|n| format!("${n}")).collect();
     let sql = format!(
@@ -260,33 +260,72 @@ async fn attach_plans(db: &Db, offerings: &mut [Value]) -> ApiResult<()> {
     let rows = super::bind_all(sqlx::query(&sql), &ids)
         .fetch_all(&db.pool)
         .await?;
-    let mut by_agent: std::collections::HashMap<String, Vec<PlanAnswer>> =
+    let mut by_agent: std::collections::HashMap<Uuid, Vec<PlanAnswer>> =
         std::collections::HashMap::new();
     for row in &rows {
-        by_agent
-            .entry(row.try_get("agent_uuid")?)
-            .or_default()
-            .push(plan_json(row)?);
+        let plan = plan_json(row)?;
+        by_agent.entry(plan.agent).or_default().push(plan);
     }
     for offering in offerings {
-        let plans = by_agent
-            .remove(offering["uuid"].as_str().unwrap_or_default())
-            .unwrap_or_default();
-        offering["plans"] = serde_json::to_value(plans).map_err(anyhow::Error::from)?;
+        offering.plans = by_agent.remove(&offering.uuid).unwrap_or_default();
     }
     Ok(())
 }
 
-fn offering_json(row: &AnyRow) -> ApiResult<Value> {
-    Ok(json!({
-        "uuid": uuid_col(row, "uuid")?,
-        "name": row.try_get::<String, _>("name")?,
-        "description": row.try_get::<String, _>("description")?,
-        "provider": { "uuid": uuid_col(row, "org_uuid")?, "name": row.try_get::<String, _>("provider_name")? },
-        "category": opt_uuid_col(row, "category_uuid")?,
-        "category_slug": row.try_get::<Option<String>, _>("category_slug")?,
-        "updated_at": ts(row.try_get("updated_at")?),
-    }))
+/// The seller of an offering.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct OfferingProvider {
+    uuid: Uuid,
+    name: String,
+}
+
+/// A field of the flow a buyer may set in its configuration: its name and
+/// type, never the seller's default.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct ConfigurableField {
+    node_id: String,
+    component_type: String,
+    field: String,
+    field_type: String,
+    display_name: Option<String>,
+}
+
+/// A published agent, as buyers see it.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct OfferingAnswer {
+    uuid: Uuid,
+    name: String,
+    description: String,
+    provider: OfferingProvider,
+    category: Option<Uuid>,
+    category_slug: Option<String>,
+    updated_at: String,
+    /// The active plans, cheapest first.
+    plans: Vec<PlanAnswer>,
+    /// One offering only: the model providers its flow names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_providers: Option<Vec<String>>,
+    /// One offering only: the fields a configuration may set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    configurable_fields: Option<Vec<ConfigurableField>>,
+}
+
+fn offering_json(row: &AnyRow) -> ApiResult<OfferingAnswer> {
+    Ok(OfferingAnswer {
+        uuid: uuid_col(row, "uuid")?,
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+        provider: OfferingProvider {
+            uuid: uuid_col(row, "org_uuid")?,
+            name: row.try_get("provider_name")?,
+        },
+        category: opt_uuid_col(row, "category_uuid")?,
+        category_slug: row.try_get("category_slug")?,
+        updated_at: ts(row.try_get("updated_at")?),
+        plans: Vec::new(),
+        model_providers: None,
+        configurable_fields: None,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -304,7 +343,7 @@ pub async fn list_offerings(
     State(app): State<AppState>,
     _caller: Caller,
     ApiQuery(q): ApiQuery<OfferingQuery>,
-) -> ApiResult<Json<Paged<Value>>> {
+) -> ApiResult<Json<Paged<OfferingAnswer>>> {
     let page = Page::new(q.page, q.page_size, app.limits.max_page_size)?;
     let mut from = OFFERING_FROM.to_owned();
     let mut args: Vec<Arg> = Vec::new();
@@ -349,7 +388,7 @@ pub async fn get_offering(
     State(app): State<AppState>,
     _caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<OfferingAnswer>> {
     let sql = format!("SELECT {OFFERING_SELECT}, a.flow_summary {OFFERING_FROM} AND a.uuid = $1");
     let row = sqlx::query(&sql)
         .bind(uuid.to_string())
@@ -357,24 +396,24 @@ pub async fn get_offering(
         .await?
         .ok_or(ApiError::not_found("offering"))?;
     let mut offering = offering_json(&row)?;
-    offering["plans"] = serde_json::to_value(plans_json(&app.db, uuid, true).await?)
-        .map_err(anyhow::Error::from)?;
+    offering.plans = plans_json(&app.db, uuid, true).await?;
     let summary: Option<String> = row.try_get("flow_summary")?;
-    if let Some(summary) = summary.and_then(|s| serde_json::from_str::<Value>(&s).ok()) {
-        offering["model_providers"] = summary["model_providers"].clone();
+    if let Some(summary) = summary.and_then(|s| serde_json::from_str::<FlowSummary>(&s).ok()) {
+        offering.model_providers = Some(summary.model_providers);
         // Names and types only: defaults are the seller's (prompts, URLs, …).
-        let fields: Vec<Value> = summary["tweakable_fields"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|f| {
-                json!({
-                    "node_id": f["node_id"], "component_type": f["component_type"],
-                    "field": f["field"], "field_type": f["field_type"], "display_name": f["display_name"],
+        offering.configurable_fields = Some(
+            summary
+                .tweakable_fields
+                .into_iter()
+                .map(|f| ConfigurableField {
+                    node_id: f.node_id,
+                    component_type: f.component_type,
+                    field: f.field,
+                    field_type: f.field_type,
+                    display_name: f.display_name,
                 })
-            })
-            .collect();
-        offering["configurable_fields"] = Value::from(fields);
+                .collect(),
+        );
     }
     Ok(Json(offering))
 }

@@ -12,7 +12,6 @@ use agora_usage::{Aggregate, Scope, TimeRange, UsageStore};
 use axum::extract::State;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -195,32 +194,127 @@ fn ms_from_us(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
+/// Requests refused before the runtime, by reason.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct Refused {
+    rate_limited: u64,
+    unauthorized: u64,
+    client_error: u64,
+}
+
 /// What a buyer sees of an aggregate.
-fn buyer_point(a: &Aggregate) -> Value {
-    json!({
-        "requests": a.requests,
-        "errors": a.errors,
-        "refused": {
-            "rate_limited": a.rate_limited,
-            "unauthorized": a.unauthorized,
-            "client_error": a.client_errors,
-        },
-        "upstream_errors": a.upstream_errors,
-        "cancelled": a.cancelled,
-        "input_tokens": a.input_tokens,
-        "output_tokens": a.output_tokens,
-        "estimated_requests": a.estimated_requests,
-        "latency_p50_ms": ms_from_us(a.latency_p50_us),
-        "latency_p95_ms": ms_from_us(a.latency_p95_us),
-    })
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct BuyerPoint {
+    requests: u64,
+    errors: u64,
+    refused: Refused,
+    upstream_errors: u64,
+    cancelled: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+    /// Requests whose token counts are the gateway's estimate.
+    estimated_requests: u64,
+    latency_p50_ms: f64,
+    latency_p95_ms: f64,
 }
 
 /// What a seller sees: the buyer's view, with billable requests and buyers.
-fn seller_point(a: &Aggregate) -> Value {
-    let mut point = buyer_point(a);
-    point["billable_requests"] = json!(a.billable_requests);
-    point["buyers"] = json!(a.buyers);
-    point
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct SellerPoint {
+    #[serde(flatten)]
+    requests: BuyerPoint,
+    /// Requests the runtime ran (served, or cut short by the client).
+    billable_requests: u64,
+    /// Distinct buyer configurations.
+    buyers: u64,
+}
+
+fn buyer_point(a: &Aggregate) -> BuyerPoint {
+    BuyerPoint {
+        requests: a.requests,
+        errors: a.errors,
+        refused: Refused {
+            rate_limited: a.rate_limited,
+            unauthorized: a.unauthorized,
+            client_error: a.client_errors,
+        },
+        upstream_errors: a.upstream_errors,
+        cancelled: a.cancelled,
+        input_tokens: a.input_tokens,
+        output_tokens: a.output_tokens,
+        estimated_requests: a.estimated_requests,
+        latency_p50_ms: ms_from_us(a.latency_p50_us),
+        latency_p95_ms: ms_from_us(a.latency_p95_us),
+    }
+}
+
+fn seller_point(a: &Aggregate) -> SellerPoint {
+    SellerPoint {
+        requests: buyer_point(a),
+        billable_requests: a.billable_requests,
+        buyers: a.buyers,
+    }
+}
+
+/// One bucket of a series: its start and its counts.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "PointOf{P}")]
+pub struct Point<P> {
+    start: String,
+    #[serde(flatten)]
+    counts: P,
+}
+
+/// A range's totals and its dense series.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "SeriesOf{P}")]
+pub struct Series<P> {
+    from: String,
+    to: String,
+    /// `hour` or `day`.
+    interval: String,
+    totals: P,
+    series: Vec<Point<P>>,
+}
+
+/// A buyer configuration's usage.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct ConfigUsage {
+    config: Uuid,
+    #[serde(flatten)]
+    usage: Series<BuyerPoint>,
+}
+
+/// The last run of an agent that failed in the runtime.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct LastError {
+    at: String,
+    /// `runtime_error`, `runtime_timeout`, `runtime_unreachable` or `stream_error`.
+    code: String,
+    /// The runtime's own word on it, trimmed.
+    message: String,
+    config: Uuid,
+    request_id: Uuid,
+}
+
+/// An agent's usage over all its buyers.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct AgentUsage {
+    agent: Uuid,
+    #[serde(flatten)]
+    usage: Series<SellerPoint>,
+    /// The last run that failed in the runtime, whenever it was; `null` if none.
+    last_error: Option<LastError>,
+}
+
+/// An organisation's metered usage in a billing period.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct OrganizationUsage {
+    organization: Uuid,
+    from: String,
+    to: String,
+    #[serde(flatten)]
+    totals: PeriodTotals,
 }
 
 /// The store, or 503 when it could not be opened at start.
@@ -255,33 +349,28 @@ async fn totals_and_series(
     Ok((totals, window.dense(rows)))
 }
 
-/// The body of a series route: `{<what>: id, from, to, interval, totals, series}`.
-async fn series_body(
+/// Totals and series of `scope` over the window `q` asks for, as `view` shows them.
+async fn series_of<P>(
     app: &AppState,
-    (what, id): (&str, Uuid),
-    scope: fn(Uuid) -> Scope,
+    scope: Scope,
     q: &SeriesQuery,
-    view: fn(&Aggregate) -> Value,
-) -> ApiResult<Json<Value>> {
+    view: fn(&Aggregate) -> P,
+) -> ApiResult<Series<P>> {
     let window = Window::parse(q, OffsetDateTime::now_utc())?;
-    let (totals, series) = totals_and_series(store(app)?, scope(id), window).await?;
-    let series: Vec<Value> = series
-        .iter()
-        .map(|a| {
-            let mut point = view(a);
-            point["start"] = json!(ts(a.start_ms));
-            point
-        })
-        .collect();
-    let mut body = json!({
-        "from": ts(window.range.from_ms),
-        "to": ts(window.range.to_ms),
-        "interval": window.interval.as_str(),
-        "totals": view(&totals),
-        "series": series,
-    });
-    body[what] = json!(id);
-    Ok(Json(body))
+    let (totals, series) = totals_and_series(store(app)?, scope, window).await?;
+    Ok(Series {
+        from: ts(window.range.from_ms),
+        to: ts(window.range.to_ms),
+        interval: window.interval.as_str().to_owned(),
+        totals: view(&totals),
+        series: series
+            .iter()
+            .map(|a| Point {
+                start: ts(a.start_ms),
+                counts: view(a),
+            })
+            .collect(),
+    })
 }
 
 pub async fn config_usage(
@@ -289,9 +378,12 @@ pub async fn config_usage(
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
     ApiQuery(q): ApiQuery<SeriesQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ConfigUsage>> {
     configs::load_config(&app.db, &caller, uuid).await?;
-    series_body(&app, ("config", uuid), Scope::Config, &q, buyer_point).await
+    Ok(Json(ConfigUsage {
+        config: uuid,
+        usage: series_of(&app, Scope::Config(uuid), &q, buyer_point).await?,
+    }))
 }
 
 pub async fn agent_usage(
@@ -299,23 +391,23 @@ pub async fn agent_usage(
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
     ApiQuery(q): ApiQuery<SeriesQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AgentUsage>> {
     agents::load_agent(&app.db, &caller, uuid).await?;
-    let Json(mut body) = series_body(&app, ("agent", uuid), Scope::Agent, &q, seller_point).await?;
+    let usage = series_of(&app, Scope::Agent(uuid), &q, seller_point).await?;
     // The last run that failed in the runtime, whenever it was: what the seller
     // needs to mend the flow.
     let last = store(&app)?.last_failure(uuid).await.map_err(read_failed)?;
-    body["last_error"] = match last {
-        Some(f) => json!({
-            "at": ts(f.time_ms),
-            "code": f.code,
-            "message": f.detail,
-            "config": f.config,
-            "request_id": f.event_id,
+    Ok(Json(AgentUsage {
+        agent: uuid,
+        usage,
+        last_error: last.map(|f| LastError {
+            at: ts(f.time_ms),
+            code: f.code,
+            message: f.detail,
+            config: f.config,
+            request_id: f.event_id,
         }),
-        None => Value::Null,
-    };
-    Ok(Json(body))
+    }))
 }
 
 pub async fn organization_usage(
@@ -323,26 +415,22 @@ pub async fn organization_usage(
     caller: Caller,
     ApiPath(uuid): ApiPath<Uuid>,
     ApiQuery(q): ApiQuery<PeriodQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<OrganizationUsage>> {
     orgs::load_org(&app.db, &caller, uuid).await?;
     let range = period(&q, OffsetDateTime::now_utc())?;
     let totals = tenant_period_totals(store(&app)?, uuid, range.from_ms, range.to_ms)
         .await
         .map_err(read_failed)?;
-    Ok(Json(json!({
-        "organization": uuid,
-        "from": ts(range.from_ms),
-        "to": ts(range.to_ms),
-        "requests": totals.requests,
-        "billable_requests": totals.billable_requests,
-        "input_tokens": totals.input_tokens,
-        "output_tokens": totals.output_tokens,
-        "estimated_requests": totals.estimated_requests,
-    })))
+    Ok(Json(OrganizationUsage {
+        organization: uuid,
+        from: ts(range.from_ms),
+        to: ts(range.to_ms),
+        totals,
+    }))
 }
 
 /// What billing charges for: an organisation's metered requests in a period.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct PeriodTotals {
     pub requests: u64,
     /// Requests the runtime ran (served, or cut short by the client).
@@ -375,6 +463,7 @@ pub async fn tenant_period_totals(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use time::macros::datetime;
 
     fn series(from: Option<&str>, to: Option<&str>, interval: Interval) -> SeriesQuery {
@@ -554,8 +643,11 @@ mod tests {
             buyers: 2,
             ..Aggregate::default()
         };
-        assert_eq!(buyer_point(&a)["latency_p50_ms"], json!(1.5));
-        assert!(buyer_point(&a).get("buyers").is_none());
-        assert_eq!(seller_point(&a)["buyers"], json!(2));
+        let buyer = serde_json::to_value(buyer_point(&a)).unwrap();
+        assert_eq!(buyer["latency_p50_ms"], json!(1.5));
+        assert!(buyer.get("buyers").is_none());
+        let seller = serde_json::to_value(seller_point(&a)).unwrap();
+        assert_eq!(seller["buyers"], json!(2));
+        assert_eq!(seller["latency_p50_ms"], json!(1.5));
     }
 }
