@@ -80,6 +80,9 @@ fn main() {
         read_timeout: Duration::from_secs(30),
         grace_period: Duration::from_secs(1),
         upstream_pool_size: 1024,
+        // The defaults, as a user runs it.
+        max_connections: 0,
+        max_connections_per_client: 256,
         tenant_requests_per_second: 100_000_000,
         tenant_burst: 1_000_000,
         usage_queue_capacity: 1 << 20,

@@ -115,11 +115,48 @@ fn load_settings(config: Option<&PathBuf>, common: &Common) -> anyhow::Result<Se
         listen: common.listen.clone(),
         database_url: common.database_url.clone(),
     };
-    Ok(Settings::load(
-        config.map(PathBuf::as_path),
-        std::env::vars(),
-        &overrides,
-    )?)
+    let settings = Settings::load(config.map(PathBuf::as_path), std::env::vars(), &overrides)?;
+    keep_files_private(&settings)?;
+    Ok(settings)
+}
+
+/// The data directory holds password hashes, signing keys, usage and the
+/// snapshot: it is the owner's alone (0700, files 0600), whatever it was
+/// before, and everything this process creates is made so (umask 077).
+fn keep_files_private(settings: &Settings) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let dir = &settings.data_dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let private = |path: &std::path::Path, mode: u32| -> anyhow::Result<()> {
+            let meta = std::fs::symlink_metadata(path)?;
+            if !meta.file_type().is_symlink() && meta.permissions().mode() & 0o777 != mode {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                    .with_context(|| format!("making {} private", path.display()))?;
+            }
+            Ok(())
+        };
+        private(dir, 0o700)?;
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if std::fs::symlink_metadata(&path)?.is_file() {
+                private(&path, 0o600)?;
+            }
+        }
+        // Files configured outside the data directory.
+        for path in [
+            settings.proxy_snapshot_path(),
+            settings.usage_embedded_path(),
+            settings.usage_spill_path(),
+        ] {
+            if path.is_file() {
+                private(&path, 0o600)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn init_logging(settings: &Settings) {

@@ -170,3 +170,75 @@ fn settings_typos_stop_start_up() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn the_data_directory_is_made_private_whatever_its_modes_were() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let old = data.join("proxy-snapshot.json");
+    std::fs::write(&old, "{}").unwrap();
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let out = agora()
+        .args(["migrate", "--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&old), 0o600, "an existing file is fixed");
+    let db = data.join("agora.db");
+    assert!(db.is_file());
+    assert_eq!(mode(&db), 0o600, "a new database is the owner's alone");
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
+}
+
+#[test]
+fn weak_passwords_and_odd_usernames_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}?mode=rwc", dir.path().join("ops.db").display());
+    for (username, password) in [
+        ("ops", "12345678"),
+        ("ops", "        "),
+        ("ops", "Password123"),
+        ("ops\u{200b}", "a-long-password"),
+        ("o\nps", "a-long-password"),
+    ] {
+        let mut create = agora()
+            .args([
+                "users",
+                "create",
+                "--database-url",
+                &db,
+                "--username",
+                username,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        create
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{password}\n").as_bytes())
+            .unwrap();
+        let out = create.wait_with_output().unwrap();
+        assert!(
+            !out.status.success(),
+            "{username:?} / {password:?} was accepted"
+        );
+    }
+}

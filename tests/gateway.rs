@@ -1043,6 +1043,43 @@ async fn http1_framing_over_raw_sockets() {
     w.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_rfc_9112_refuses_is_answered_400_and_reaches_no_runtime() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::start(Duration::from_millis(1)).await;
+    let key = w.info.api_key.clone();
+    let addr = w.proxy().addr;
+    let runs_before = w.stats.started();
+    let line = "POST /api/agent-gateway/invoke/ HTTP/1.1\r\n";
+    let auth = format!("Authorization: Bearer {key}\r\n");
+    let chunked_body = "14\r\n{\"input_value\":\"hi\"}\r\n0\r\n\r\n";
+    let cases = [
+        format!("{line}Host: x\r\n{auth}Transfer-Encoding: gzip, chunked\r\n\r\n{chunked_body}"),
+        format!("{line}Host: x\r\n{auth}Transfer-Encoding: identity, chunked\r\n\r\n{chunked_body}"),
+        format!("{line}Host: x\r\n{auth}Transfer-Encoding: chunked\r\n\r\n14 xyz\r\n{{\"input_value\":\"hi\"}}\r\n0\r\n\r\n"),
+        format!("{line}{auth}Content-Length: 20\r\n\r\n{{\"input_value\":\"hi\"}}"),
+        format!("{line}Host: x\r\nHost: y\r\n{auth}Content-Length: 20\r\n\r\n{{\"input_value\":\"hi\"}}"),
+    ];
+    for raw in cases {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(raw.as_bytes()).await.unwrap();
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
+            .await
+            .expect("the gateway answers and closes")
+            .unwrap();
+        let text = String::from_utf8_lossy(&all);
+        assert!(text.starts_with("HTTP/1.1 400 "), "{raw:?} got {text}");
+        assert!(text.contains("\"malformed_request\""), "{raw:?} got {text}");
+    }
+    assert_eq!(
+        w.stats.started(),
+        runs_before,
+        "no refused request reached the runtime"
+    );
+    w.finish().await;
+}
+
 /// Keeps every usage event it is given.
 #[derive(Default)]
 struct Recorder(std::sync::Mutex<Vec<agora_config::usage::UsageEvent>>);
@@ -1112,4 +1149,104 @@ async fn a_stream_still_running_when_the_grace_period_ends_is_metered_as_cancell
     assert_eq!(invokes[0].http_status, 200);
     assert!(invokes[0].bytes_out > 0);
     w.finish().await;
+}
+
+/// Reads what the server sends until it closes (or 5 s pass).
+async fn read_until_closed(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all)).await;
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_a_cap_are_answered_at_once_and_the_rest_keep_working() {
+    use agora_config::snapshot::Snapshot;
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = proxy_config(dir.path(), "http://127.0.0.1:1", "runtime-key");
+    let mut snapshot = Snapshot::empty();
+    snapshot.revision = 1;
+    agora_proxy::sync::save(&config.snapshot_path, &snapshot).unwrap();
+    config.max_connections = 6;
+    config.max_connections_per_client = 4;
+    let proxy = tokio::task::spawn_blocking(move || {
+        agora_proxy::start(config, Metering::Sink(Arc::new(LogSink::default()))).unwrap()
+    })
+    .await
+    .unwrap();
+    let addr = proxy.addr;
+    let health = format!(
+        "GET {} HTTP/1.1\r\nHost: x\r\n\r\n",
+        agora_proxy::proxy::HEALTH
+    );
+
+    // Four idle connections from this address take its share ...
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(health.as_bytes()).await.unwrap();
+        let mut head = [0u8; 12];
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut head)
+            .await
+            .unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200", "an admitted connection is served");
+        idle.push(s);
+    }
+    // ... so a fifth is answered 429 without being read, and closed.
+    let mut fifth = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let text = read_until_closed(&mut fifth).await;
+    assert!(text.starts_with("HTTP/1.1 429 "), "{text}");
+    assert!(text.contains("\"too_many_connections\""), "{text}");
+    // A freed place is taken again.
+    drop(idle.pop());
+    let ok = eventually("a freed place is taken again", || async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(health.as_bytes()).await.ok()?;
+        let mut head = [0u8; 12];
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut head)
+            .await
+            .ok()?;
+        (&head == b"HTTP/1.1 200").then_some(s)
+    })
+    .await;
+    idle.push(ok);
+    // Two from another address fill the listener; a third address gets 503.
+    let from = |ip: &str| {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(std::net::SocketAddr::new(ip, 0)).unwrap();
+            socket.connect(addr).await.unwrap()
+        }
+    };
+    for _ in 0..2 {
+        let mut s = from("127.0.0.2").await;
+        s.write_all(health.as_bytes()).await.unwrap();
+        let mut head = [0u8; 12];
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut head)
+            .await
+            .unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        idle.push(s);
+    }
+    let mut over = from("127.0.0.3").await;
+    let text = read_until_closed(&mut over).await;
+    assert!(text.starts_with("HTTP/1.1 503 "), "{text}");
+    assert!(text.contains("\"too_many_connections\""), "{text}");
+    let metrics = reqwest::get(format!("http://{}/metrics", proxy.admin_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("agora_proxy_connections_refused_total{cap=\"client\"} 1")
+            && metrics.contains("agora_proxy_connections_refused_total{cap=\"listener\"} 1"),
+        "{metrics}"
+    );
+    drop(idle);
+    tokio::task::spawn_blocking(move || proxy.shutdown())
+        .await
+        .unwrap();
 }

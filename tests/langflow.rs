@@ -357,7 +357,7 @@ async fn agora_runs_its_agents_on_a_real_langflow() {
         &w.state.db,
         "mallory",
         "m@example.com",
-        "password123",
+        "correct-horse-7",
         false,
     )
     .await

@@ -2,6 +2,7 @@
 //! data-plane snapshot the control plane compiles and the proxy serves from, the
 //! usage event schema, Langflow flow definitions, and settings loading.
 
+pub mod connections;
 pub mod flow;
 pub mod keys;
 pub mod settings;

@@ -70,6 +70,17 @@ pub struct ControlPlaneSettings {
     /// stored encrypted with it (XChaCha20-Poly1305); without it they are
     /// stored as PEM and the database must be guarded as a secret.
     pub key_encryption_key: Option<SecretString>,
+    /// Open connections the API listener takes; 0 derives the cap from the
+    /// process's file-descriptor limit. Connections over it are answered 503.
+    #[serde(deserialize_with = "number")]
+    pub max_connections: usize,
+    /// Open connections one client address may have (0: no cap); more are
+    /// answered 429.
+    #[serde(deserialize_with = "number")]
+    pub max_connections_per_client: usize,
+    /// How long a client may take to send a request's head, in milliseconds.
+    #[serde(deserialize_with = "number")]
+    pub head_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -125,6 +136,15 @@ pub struct ProxySettings {
     /// The secret the runtime presents (`X-Runtime-Secret`) to report usage;
     /// unset turns the usage route off.
     pub runtime_secret: Option<SecretString>,
+    /// Open client connections the gateway takes; 0 derives the cap from the
+    /// process's file-descriptor limit (each may need a runtime connection
+    /// too). Connections over it are answered 503 at once.
+    #[serde(deserialize_with = "number")]
+    pub max_connections: usize,
+    /// Open connections one client address may have (0: no cap); more are
+    /// answered 429 at once.
+    #[serde(deserialize_with = "number")]
+    pub max_connections_per_client: usize,
 }
 
 /// Where usage events are stored, and how the proxy delivers them.
@@ -228,6 +248,9 @@ impl Default for ControlPlaneSettings {
             quota_count_ms: 15_000,
             proxy_secret: None,
             key_encryption_key: None,
+            max_connections: 0,
+            max_connections_per_client: 256,
+            head_timeout_ms: 10_000,
         }
     }
 }
@@ -256,6 +279,12 @@ impl std::fmt::Debug for ControlPlaneSettings {
             .field("quota_count_ms", &self.quota_count_ms)
             .field("proxy_secret", &self.proxy_secret)
             .field("key_encryption_key", &self.key_encryption_key)
+            .field("max_connections", &self.max_connections)
+            .field(
+                "max_connections_per_client",
+                &self.max_connections_per_client,
+            )
+            .field("head_timeout_ms", &self.head_timeout_ms)
             .finish()
     }
 }
@@ -287,6 +316,8 @@ impl Default for ProxySettings {
             tenant_burst: 200,
             usage_queue_capacity: 65_536,
             runtime_secret: None,
+            max_connections: 0,
+            max_connections_per_client: 256,
         }
     }
 }

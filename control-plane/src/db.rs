@@ -23,6 +23,22 @@ pub struct Db {
     pub url: String,
 }
 
+/// Takes the write lock of row `uuid` of `table` for the rest of `tx`: on
+/// Postgres the row's lock, on SQLite the database's (a write, so the
+/// transaction holds it from here on). Counts read after it are not raced by
+/// another transaction taking the same lock.
+pub async fn lock_row(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    table: &'static str,
+    uuid: uuid::Uuid,
+) -> sqlx::Result<()> {
+    sqlx::query(&format!("UPDATE {table} SET uuid = uuid WHERE uuid = $1"))
+        .bind(uuid.to_string())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// Migrations in order; each runs once, in a transaction.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -39,6 +55,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "provider_review",
         include_str!("../migrations/0003_provider_review.sql"),
+    ),
+    (
+        4,
+        "account_safety",
+        include_str!("../migrations/0004_account_safety.sql"),
     ),
 ];
 

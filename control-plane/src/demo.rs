@@ -221,10 +221,12 @@ fn write_demo(data_dir: &Path, info: &DemoInfo) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `token` is live for a day more (so the demo's printed token works).
 async fn token_valid(app: &AppState, token: &str) -> anyhow::Result<bool> {
     Ok(
-        sqlx::query("SELECT 1 AS one FROM user_tokens WHERE token_hash = $1")
+        sqlx::query("SELECT 1 AS one FROM user_tokens WHERE token_hash = $1 AND expires_at > $2")
             .bind(crate::extract::hash_token(token))
+            .bind(crate::db::now_ms() + 24 * 3_600_000)
             .fetch_optional(&app.db.pool)
             .await?
             .is_some(),

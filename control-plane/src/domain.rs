@@ -41,6 +41,17 @@ text_enum!(
     OrgKind { Customer = "customer", Provider = "provider" }
 );
 text_enum!(Role { Owner = "owner", Admin = "admin", Member = "member" });
+
+impl Role {
+    /// Owner above admin above member.
+    pub fn rank(self) -> u8 {
+        match self {
+            Role::Owner => 2,
+            Role::Admin => 1,
+            Role::Member => 0,
+        }
+    }
+}
 text_enum!(
     /// How a buyer's copy of an agent speaks.
     Tone { Professional = "professional", Friendly = "friendly", Casual = "casual" }

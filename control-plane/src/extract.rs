@@ -110,6 +110,8 @@ pub struct Membership {
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub user: Uuid,
+    /// The hash of the token this request came with.
+    pub token_hash: String,
     pub username: String,
     pub is_staff: bool,
     pub memberships: Vec<Membership>,
@@ -190,17 +192,30 @@ where
     }
 }
 
+/// How stale a token's `last_used_at` may be before a request refreshes it.
+const LAST_USED_GRAIN_MS: i64 = 60_000;
+
 async fn load_caller(db: &Db, token_hash: &str) -> Result<Option<Caller>, ApiError> {
+    let now = crate::db::now_ms();
     let Some(row) = sqlx::query(
-        "SELECT u.uuid, u.username, u.is_staff FROM user_tokens t JOIN users u ON u.uuid = t.user_uuid WHERE t.token_hash = $1",
+        "SELECT u.uuid, u.username, u.is_staff, t.last_used_at FROM user_tokens t JOIN users u ON u.uuid = t.user_uuid WHERE t.token_hash = $1 AND t.expires_at > $2",
     )
     .bind(token_hash)
+    .bind(now)
     .fetch_optional(&db.pool)
     .await?
     else {
         return Ok(None);
     };
     let user = uuid_col(&row, "uuid")?;
+    let last_used: Option<i64> = row.try_get("last_used_at")?;
+    if last_used.is_none_or(|t| now - t >= LAST_USED_GRAIN_MS) {
+        sqlx::query("UPDATE user_tokens SET last_used_at = $2 WHERE token_hash = $1")
+            .bind(token_hash)
+            .bind(now)
+            .execute(&db.pool)
+            .await?;
+    }
     let memberships = sqlx::query(
         "SELECT m.org_uuid, o.kind, m.role FROM memberships m JOIN organizations o ON o.uuid = m.org_uuid WHERE m.user_uuid = $1 ORDER BY o.created_at",
     )
@@ -218,8 +233,39 @@ async fn load_caller(db: &Db, token_hash: &str) -> Result<Option<Caller>, ApiErr
     .collect::<Result<Vec<_>, ApiError>>()?;
     Ok(Some(Caller {
         user,
+        token_hash: token_hash.to_owned(),
         username: row.try_get("username")?,
         is_staff: row.try_get::<i64, _>("is_staff")? != 0,
         memberships,
     }))
+}
+
+/// The client's address: the peer's, or, when the peer is the gateway on this
+/// machine (a loopback address), the last `X-Forwarded-For` entry, which the
+/// gateway's front door appends. `None` when served without peer addresses.
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        let forwarded = || {
+            parts
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .next_back()
+                .and_then(|ip| ip.trim().parse::<std::net::IpAddr>().ok())
+        };
+        Ok(ClientAddr(match peer {
+            Some(ip) if ip.is_loopback() => forwarded().or(Some(ip)),
+            other => other,
+        }))
+    }
 }

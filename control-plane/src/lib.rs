@@ -20,6 +20,7 @@ pub mod error;
 pub mod extract;
 pub mod flow_code;
 pub mod identity;
+pub mod login;
 pub mod openapi;
 pub mod quota;
 pub mod routes;
@@ -52,6 +53,13 @@ pub struct Limits {
     pub max_document_bytes: usize,
     /// Longest a request may take, body upload included.
     pub request_timeout: std::time::Duration,
+    /// Open connections taken (0: from the descriptor limit), and per client
+    /// address (0: no cap).
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    /// Longest a client may take to send a request's head (also how long an
+    /// idle connection is kept).
+    pub head_timeout: std::time::Duration,
 }
 
 #[derive(Clone)]
@@ -119,6 +127,9 @@ impl AppState {
                         .saturating_add(5_000)
                         .max(60_000),
                 ),
+                max_connections: cp.max_connections,
+                max_connections_per_client: cp.max_connections_per_client,
+                head_timeout: std::time::Duration::from_millis(cp.head_timeout_ms.max(1)),
             }),
             signer: Arc::new(signer),
             runtime,
@@ -140,7 +151,7 @@ pub struct RouteDoc {
     /// The JSON Schema of the request body, from the type the handler reads.
     pub body: Option<fn(&mut schemars::SchemaGenerator) -> schemars::Schema>,
     /// The JSON Schema of a successful answer, from the type the handler answers
-    /// with; `None` only for deletions, which answer 204 without a body.
+    /// with; `None` for routes answering 204 without a body.
     pub answer: Option<fn(&mut schemars::SchemaGenerator) -> schemars::Schema>,
 }
 
@@ -163,7 +174,10 @@ macro_rules! route_body {
 impl RouteDoc {
     /// Routes anyone may call; every other route needs `Authorization: Token`.
     pub fn is_public(&self) -> bool {
-        matches!(self.path, "/api/auth/token/" | "/api/openapi.json")
+        matches!(
+            (self.method, self.path),
+            ("post", "/api/auth/token/") | ("get", "/api/openapi.json")
+        )
     }
 }
 
@@ -189,6 +203,10 @@ use routes::{agents, auth, configs, documents, keys, marketplace, orgs, usage};
 
 api! {
     post "/api/auth/token/" => auth::obtain_token, "auth", "Exchange username and password for a user token", auth::Credentials => auth::TokenAnswer;
+    delete "/api/auth/token/" => auth::logout, "auth", "Revoke the token of this request (log out)";
+    get "/api/auth/tokens/" => auth::list_tokens, "auth", "Your live user tokens (never the tokens themselves)" => Vec<identity::TokenInfo>;
+    delete "/api/auth/tokens/{id}/" => auth::revoke_token, "auth", "Revoke one of your tokens";
+    post "/api/auth/password/" => auth::change_password, "auth", "Change your password: every token of yours is revoked and a new one answered", auth::PasswordChange => auth::TokenAnswer;
     get "/api/openapi.json" => openapi::document, "meta", "This OpenAPI document" => serde_json::Map<String, serde_json::Value>;
 
     get "/api/organizations/" => orgs::list_orgs, "organizations", "Organizations you belong to" => Paged<orgs::OrgAnswer>;
@@ -197,8 +215,14 @@ api! {
     post "/api/organizations/{uuid}/review/" => orgs::review_org, "organizations", "Approve a provider organization and allow or refuse its custom component code (staff)", orgs::ReviewBody => orgs::OrgAnswer;
     get "/api/organizations/{uuid}/usage/" => usage::organization_usage, "usage", "The organization's metered usage in a billing period (?from=&to=; default this calendar month, UTC)" => usage::OrganizationUsage;
     get "/api/organizations/{uuid}/members/" => orgs::list_members, "organizations", "The organization's members and roles" => Vec<orgs::MemberAnswer>;
-    post "/api/organizations/{uuid}/members/" => orgs::put_member, "organizations", "Add a member or change a role (admins; ownership by owners)", orgs::NewMember => Vec<orgs::MemberAnswer>;
+    post "/api/organizations/{uuid}/members/" => orgs::put_member, "organizations", "Change a member's role (admins; ownership by owners); new members are invited", orgs::NewMember => Vec<orgs::MemberAnswer>;
     delete "/api/organizations/{uuid}/members/{user}/" => orgs::remove_member, "organizations", "Remove a member (the last owner stays)";
+    get "/api/organizations/{uuid}/invitations/" => orgs::list_invitations, "organizations", "The organization's open invitations (admins)" => Vec<orgs::InvitationAnswer>;
+    post "/api/organizations/{uuid}/invitations/" => orgs::invite, "organizations", "Invite a username to join (admins; ownership by owners); the same answer whether or not the name has an account", orgs::NewInvitation => orgs::InvitationAnswer;
+    delete "/api/organizations/{uuid}/invitations/{invitation}/" => orgs::withdraw_invitation, "organizations", "Withdraw an open invitation (admins)";
+    get "/api/invitations/" => orgs::my_invitations, "organizations", "Your open invitations" => Vec<orgs::InvitationAnswer>;
+    post "/api/invitations/{uuid}/accept/" => orgs::accept_invitation, "organizations", "Accept an invitation and join the organization" => orgs::Joined;
+    post "/api/invitations/{uuid}/decline/" => orgs::decline_invitation, "organizations", "Decline an invitation";
     get "/api/projects/" => orgs::list_projects, "organizations", "Projects of your organizations" => Paged<orgs::ProjectAnswer>;
     post "/api/projects/" => orgs::create_project, "organizations", "Create a project", orgs::NewProject => orgs::ProjectAnswer;
     get "/api/projects/{uuid}/" => orgs::get_project, "organizations", "One project" => orgs::ProjectAnswer;
@@ -256,12 +280,55 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::Extension(BodyLimit(limit)))
         .layer(axum::middleware::from_fn(move |req, next| {
+            refuse_declared_oversize(limit, req, next)
+        }))
+        .layer(axum::middleware::map_response(safe_headers))
+        .layer(axum::middleware::from_fn(move |req, next| {
             time_limit(timeout, req, next)
         }))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             ApiError::Unexpected(anyhow::anyhow!("a request handler panicked")).into_response()
         }))
         .with_state(state)
+}
+
+/// A body declared larger than the limit is answered 413 before any of it is
+/// read.
+async fn refuse_declared_oversize(
+    limit: usize,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError::PayloadTooLarge { limit }.into_response();
+    }
+    next.run(req).await
+}
+
+/// Every answer: not to be sniffed as another type, and, since answers carry
+/// tokens, keys and tenants' data, never stored by a cache (the OpenAPI
+/// document excepted).
+async fn safe_headers(
+    uri: axum::http::Uri,
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    use axum::http::{header, HeaderValue};
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if uri.path() != "/api/openapi.json" {
+        headers
+            .entry(header::CACHE_CONTROL)
+            .or_insert(HeaderValue::from_static("no-store"));
+    }
+    response
 }
 
 async fn time_limit(
@@ -276,12 +343,117 @@ async fn time_limit(
 }
 
 /// Serves until `shutdown` resolves, then finishes in-flight requests.
+///
+/// Each connection must send a request's head within `head_timeout` (idle
+/// connections are closed after as long), and connections over the caps of
+/// [`Limits`] are answered at once (503, or 429 for one address over its share)
+/// and closed, so slow or idle clients cannot starve the rest.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    use agora_config::connections::ConnectionLimits;
+    let connections = ConnectionLimits::new(
+        state.limits.max_connections,
+        state.limits.max_connections_per_client,
+        1,
+    );
+    tracing::info!(
+        max = connections.max(),
+        per_client = state.limits.max_connections_per_client,
+        "connection caps"
+    );
+    let head_timeout = state.limits.head_timeout;
+    let router = app(state);
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    // Every connection task holds a sender: all are done when `recv` sees none.
+    let (done, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before accept:
+                    // keep serving the connections there are.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let slot = match connections.admit(Some(peer.ip())) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                tokio::spawn(refuse_connection(stream, refusal));
+                continue;
+            }
+        };
+        let router = router.clone();
+        let mut stopping = stopping.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    tower::ServiceExt::oneshot(router.clone(), req)
+                },
+            );
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(head_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stopping.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(slot);
+            drop(done);
+        });
+    }
+    let _ = stop.send(true);
+    drop(done);
+    let _ = all_done.recv().await;
+    Ok(())
+}
+
+/// Answers a connection over a cap without reading it, and closes it.
+async fn refuse_connection(
+    mut stream: tokio::net::TcpStream,
+    refusal: agora_config::connections::Refusal,
+) {
+    use agora_config::connections::Refusal;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (status, message) = match refusal {
+        Refusal::Full => (
+            "503 Service Unavailable",
+            "the control plane has as many connections as it takes; retry shortly",
+        ),
+        Refusal::ClientFull => (
+            "429 Too Many Requests",
+            "too many connections from this address; close some and retry",
+        ),
+    };
+    let body = serde_json::json!({"error": {"code": "too_many_connections", "message": message}})
+        .to_string();
+    let answer = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+        // What the client sent meanwhile is read and dropped, so it reads the
+        // answer rather than a reset.
+        let mut sink = [0u8; 4096];
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }

@@ -108,6 +108,12 @@ impl KeyVault {
 pub async fn active_signing_key(db: &Db, vault: &KeyVault) -> anyhow::Result<SigningKey> {
     if vault.is_sealing() {
         seal_plain_keys(db, vault).await?;
+    } else {
+        tracing::warn!(
+            "signing keys are stored UNSEALED (plain PEM in the database): anyone who reads \
+             the database can mint API keys. Set control_plane.key_encryption_key \
+             (AGORA_CONTROL_PLANE__KEY_ENCRYPTION_KEY) to seal them"
+        );
     }
     if let Some(key) = newest(db, vault).await? {
         return Ok(key);

@@ -79,6 +79,8 @@ pub enum GatewayError {
     ShuttingDown,
     /// The usage spill log is full and the policy refuses unmetered traffic.
     MeteringUnavailable,
+    /// The listener, or the client's address, has as many connections as it takes.
+    TooManyConnections(agora_config::connections::Refusal),
 }
 
 impl GatewayError {
@@ -94,6 +96,8 @@ impl GatewayError {
             NotFound | UsageReportsDisabled | UnknownConfig => 404,
             MethodNotAllowed => 405,
             AgentUnavailable | NotReady | ShuttingDown | MeteringUnavailable => 503,
+            TooManyConnections(agora_config::connections::Refusal::Full) => 503,
+            TooManyConnections(agora_config::connections::Refusal::ClientFull) => 429,
             UpstreamUnreachable | UpstreamStatus(_) | ControlPlaneUnreachable => 502,
             UpstreamTimeout => 504,
         }
@@ -125,6 +129,7 @@ impl GatewayError {
             NotReady => "not_ready",
             ShuttingDown => "shutting_down",
             MeteringUnavailable => "usage_unavailable",
+            TooManyConnections(_) => "too_many_connections",
         }
     }
 
@@ -163,6 +168,12 @@ impl GatewayError {
             MeteringUnavailable => {
                 "Usage cannot be recorded right now, so the request was not run; retry later."
                     .into()
+            }
+            TooManyConnections(agora_config::connections::Refusal::Full) => {
+                "The gateway has as many connections as it takes; retry shortly.".into()
+            }
+            TooManyConnections(agora_config::connections::Refusal::ClientFull) => {
+                "Too many connections from this address; close some and retry.".into()
             }
         }
     }
@@ -203,6 +214,7 @@ impl GatewayError {
         let mut headers = vec![
             ("content-type", "application/json".to_owned()),
             ("cache-control", "no-store".to_owned()),
+            ("x-content-type-options", "nosniff".to_owned()),
         ];
         match self {
             GatewayError::RateLimited {
@@ -237,6 +249,7 @@ impl GatewayError {
         matches!(
             self,
             GatewayError::ShuttingDown
+                | GatewayError::TooManyConnections(_)
                 | GatewayError::HeadersTooLarge { .. }
                 | GatewayError::BadRequest {
                     code: "malformed_request" | "body_unreadable",

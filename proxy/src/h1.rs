@@ -51,6 +51,9 @@ pub enum HeadError {
     /// A body framing the gateway will not guess at: conflicting lengths, a
     /// transfer coding other than chunked, or both a length and a coding.
     BadFraming,
+    /// An HTTP/1.1 request without `Host`, or any request with more than one
+    /// (RFC 9112 §3.2).
+    BadHost,
 }
 
 /// The fields of a head, as offsets into its bytes.
@@ -98,9 +101,10 @@ impl Fields {
                 }
                 length = Some(n);
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                // Only `chunked`, as the last (here: only) coding.
-                let last = value.rsplit(|b| *b == b',').next().map(<[u8]>::trim_ascii);
-                if chunked.is_some() || last.is_none_or(|c| !c.eq_ignore_ascii_case(b"chunked")) {
+                // `chunked` alone: the gateway decodes no other coding, and a
+                // list (`gzip, chunked`, `identity, chunked`) is refused rather
+                // than passed on with its other codings dropped (RFC 9112 §6.1).
+                if chunked.is_some() || !value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
                     return Err(HeadError::BadFraming);
                 }
                 chunked = Some(true);
@@ -179,6 +183,13 @@ impl RequestHead {
             None => (target, None),
         };
         let fields = Fields::parse(buf, req.headers);
+        let hosts = fields
+            .iter(buf)
+            .filter(|(n, _)| n.eq_ignore_ascii_case(b"host"))
+            .count();
+        if hosts > 1 || (http11 && hosts == 0) {
+            return Err(HeadError::BadHost);
+        }
         let (framing, keep_alive) = fields.framing(buf, http11)?;
         let expect_continue = http11
             && fields
@@ -326,7 +337,11 @@ pub struct ChunkError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ChunkState {
-    Size { digits: u8 },
+    Size {
+        digits: u8,
+    },
+    /// Whitespace after the size, before `;` or the line's end.
+    SizeSpace,
     Extension,
     SizeLf,
     Data,
@@ -392,11 +407,24 @@ impl Chunked {
                             self.size = self.size << 4 | u64::from(v);
                             self.state = ChunkState::Size { digits: digits + 1 };
                         }
-                        (None, b';' | b' ' | b'\t') if digits > 0 => {
-                            self.state = ChunkState::Extension;
-                        }
+                        (None, b';') if digits > 0 => self.state = ChunkState::Extension,
+                        // Whitespace before `;` only (RFC 9112 §7.1.1's BWS).
+                        (None, b' ' | b'\t') if digits > 0 => self.state = ChunkState::SizeSpace,
                         (None, b'\r') if digits > 0 => self.state = ChunkState::SizeLf,
                         _ => return Err(ChunkError),
+                    }
+                    i += 1;
+                }
+                ChunkState::SizeSpace => {
+                    match b {
+                        b' ' | b'\t' => {}
+                        b';' => self.state = ChunkState::Extension,
+                        b'\r' => self.state = ChunkState::SizeLf,
+                        _ => return Err(ChunkError),
+                    }
+                    self.extension += 1;
+                    if self.extension > MAX_TRAILER {
+                        return Err(ChunkError);
                     }
                     i += 1;
                 }
@@ -582,25 +610,48 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(head.keep_alive);
-        let head = request(b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n")
+        let head = request(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Close\r\n\r\n")
             .unwrap()
             .unwrap();
         assert!(!head.keep_alive);
-        let head = request(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        let head = request(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
             .unwrap()
             .unwrap();
         assert_eq!(head.framing, Framing::Chunked);
     }
 
     #[test]
+    fn host_is_required_once_in_http11() {
+        assert_eq!(
+            request(b"GET / HTTP/1.1\r\n\r\n").err(),
+            Some(HeadError::BadHost)
+        );
+        assert_eq!(
+            request(b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n").err(),
+            Some(HeadError::BadHost)
+        );
+        assert_eq!(
+            request(b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n").err(),
+            Some(HeadError::BadHost)
+        );
+        assert!(request(b"GET / HTTP/1.0\r\n\r\n").unwrap().is_some());
+        assert!(request(b"GET / HTTP/1.1\r\nHOST: a\r\n\r\n")
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
     fn ambiguous_framing_is_refused() {
         for raw in [
-            &b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
-            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             assert_eq!(
@@ -616,7 +667,7 @@ mod tests {
         );
         let many: String = (0..=MAX_HEADERS).map(|i| format!("h{i}: v\r\n")).collect();
         assert_eq!(
-            request(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes()).err(),
+            request(format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes()).err(),
             Some(HeadError::TooManyHeaders)
         );
     }
@@ -675,6 +726,9 @@ mod tests {
         let (data, _, done) = dechunk(b"A\r\n0123456789\r\n0\r\n\r\n", 3).unwrap();
         assert_eq!(data, b"0123456789");
         assert!(done);
+        let (data, _, done) = dechunk(b"5 \t; a=b\r\nhello\r\n3 \r\nabc\r\n0\r\n\r\n", 1).unwrap();
+        assert_eq!(data, b"helloabc");
+        assert!(done);
         let (_, _, done) = dechunk(b"5\r\nhel", 2).unwrap();
         assert!(!done);
         for bad in [
@@ -688,6 +742,9 @@ mod tests {
             b"5\r\nhello\r\n0\r\n\nGET / HTTP/1.1\r\n\r\n",
             b"0\r\nx-trailer: 1\n\r\n",
             b"5;ext\nhello\r\n",
+            // After the size, only whitespace then `;` or the line's end.
+            b"14 xyz\r\n",
+            b"5 5\r\nhello\r\n",
         ] {
             assert!(dechunk(bad, 1).is_err(), "{}", String::from_utf8_lossy(bad));
         }

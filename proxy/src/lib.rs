@@ -69,6 +69,10 @@ pub struct ProxyConfig {
     pub read_timeout: Duration,
     pub grace_period: Duration,
     pub upstream_pool_size: usize,
+    /// Client connections taken at once (0: from the descriptor limit), and
+    /// per client address (0: no cap).
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
     pub tenant_requests_per_second: u32,
     pub tenant_burst: u32,
     pub usage_queue_capacity: usize,
@@ -105,6 +109,8 @@ impl ProxyConfig {
             read_timeout: Duration::from_millis(p.read_timeout_ms),
             grace_period: Duration::from_millis(p.grace_period_ms),
             upstream_pool_size: p.upstream_pool_size,
+            max_connections: p.max_connections,
+            max_connections_per_client: p.max_connections_per_client,
             tenant_requests_per_second: p.tenant_requests_per_second,
             tenant_burst: p.tenant_burst,
             usage_queue_capacity: p.usage_queue_capacity,
@@ -241,7 +247,18 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
         life: life.clone(),
         upstreams: forward::Upstreams::new(config.upstream_pool_size),
         control_plane,
+        // A client connection may hold a runtime connection too.
+        connections: agora_config::connections::ConnectionLimits::new(
+            config.max_connections,
+            config.max_connections_per_client,
+            2,
+        ),
     };
+    tracing::info!(
+        max = gateway.connections.max(),
+        per_client = config.max_connections_per_client,
+        "client connection caps"
+    );
     let handle = Arc::new(GatewayHandle {
         shared: shared.clone(),
         metrics: metrics.clone(),

@@ -78,6 +78,7 @@ pub struct Metrics {
     store_errors: IntGauge,
     spill_dropped: IntGauge,
     pub upstream_errors: IntCounterVec,
+    connections_refused: IntCounterVec,
 }
 
 const BUCKETS: [f64; 16] = [
@@ -129,6 +130,14 @@ impl Metrics {
             &["kind"],
         )
         .expect("metric");
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "connections_refused_total",
+                "Client connections answered and closed at once for being over a cap, by cap.",
+            ),
+            &["cap"],
+        )
+        .expect("metric");
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("metric");
         let metrics = Metrics {
             by_status: RouteLabel::ALL.map(|r| {
@@ -177,6 +186,7 @@ impl Metrics {
             auth_failures,
             rate_limited,
             upstream_errors,
+            connections_refused,
             registry,
         };
         let r = &metrics.registry;
@@ -189,6 +199,8 @@ impl Metrics {
         r.register(Box::new(metrics.rate_limited.clone()))
             .expect("register");
         r.register(Box::new(metrics.upstream_errors.clone()))
+            .expect("register");
+        r.register(Box::new(metrics.connections_refused.clone()))
             .expect("register");
         for g in [
             &metrics.in_flight,
@@ -227,6 +239,10 @@ impl Metrics {
 
     pub fn auth_failure(&self, reason: &str) {
         self.auth_failures.with_label_values(&[reason]).inc();
+    }
+
+    pub fn connection_refused(&self, cap: &str) {
+        self.connections_refused.with_label_values(&[cap]).inc();
     }
 
     pub fn rate_limited(&self, limit: &str) {

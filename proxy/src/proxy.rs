@@ -51,6 +51,8 @@ pub struct Gateway {
     pub upstreams: Upstreams,
     /// Where the front door passes the control plane's API on.
     pub control_plane: Option<ControlPlane>,
+    /// Caps on open client connections.
+    pub connections: Arc<agora_config::connections::ConnectionLimits>,
 }
 
 /// What shutdown needs to see of the gateway.
@@ -644,6 +646,7 @@ impl Gateway {
         conn.start(status);
         conn.header(b"content-type", b"application/json");
         conn.header(b"cache-control", b"no-store");
+        conn.header(b"x-content-type-options", b"nosniff");
         let _ = conn.send(&body).await;
         ctx.status = status;
     }

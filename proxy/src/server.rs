@@ -178,6 +178,10 @@ impl Conn {
                 code: "malformed_request",
                 message: "The request is not valid HTTP/1.1.".into(),
             },
+            HeadError::BadHost => GatewayError::BadRequest {
+                code: "malformed_request",
+                message: "An HTTP/1.1 request carries exactly one Host field.".into(),
+            },
             HeadError::BadFraming => GatewayError::BadRequest {
                 code: "malformed_request",
                 message: "The body's length is ambiguous: use one Content-Length or Transfer-Encoding: chunked.".into(),
@@ -470,6 +474,24 @@ fn unreadable() -> GatewayError {
 impl ServerApp for Gateway {
     async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let mut conn = Conn::new(io);
+        // Over a cap, the connection is answered at once, before it is read,
+        // and closed: it never holds a descriptor for long.
+        let _slot = match self.connections.admit(conn.peer) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                self.metrics.connection_refused(refusal.as_str());
+                let reply = GatewayError::TooManyConnections(refusal).response();
+                conn.keep_alive = false;
+                conn.start(reply.status);
+                for (name, value) in &reply.headers {
+                    conn.header(name.as_bytes(), value.as_bytes());
+                }
+                let _ = within(WRITE_TIMEOUT, conn.send(&reply.body)).await;
+                conn.linger = true;
+                conn.close().await;
+                return None;
+            }
+        };
         let mut shutdown = shutdown.clone();
         loop {
             match conn.next(&mut shutdown).await {

@@ -100,19 +100,46 @@ pub struct UploadQuery {
     organization: Option<Uuid>,
 }
 
+/// Characters that make a name render as another (bidi controls, invisible
+/// marks) or read as markup.
+fn is_deceptive(c: char) -> bool {
+    matches!(c,
+        '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}'
+        | '\u{061C}' | '\u{FEFF}' | '<' | '>' | '"' | '`')
+}
+
 fn check_filename(name: &str) -> ApiResult<()> {
-    let ok = !name.is_empty()
+    let ok = !name.trim().is_empty()
         && name.chars().count() <= 255
         && !name.contains(['/', '\\'])
         && name != "."
         && name != ".."
-        && !name.chars().any(char::is_control);
+        && !name.chars().any(|c| c.is_control() || is_deceptive(c));
     if ok {
         Ok(())
     } else {
         Err(ApiError::bad_request(
             "invalid_filename",
-            "filename must be 1 to 255 characters without slashes or control characters",
+            "filename must be 1 to 255 characters without slashes, control characters, \
+             bidirectional or invisible marks, or < > \" `",
+        ))
+    }
+}
+
+/// Whether `body` is what `content_type` says: a PDF starts with `%PDF-`, text
+/// types are UTF-8, JSON parses.
+fn check_content(content_type: &str, body: &[u8]) -> ApiResult<()> {
+    let ok = match content_type {
+        "application/pdf" => body.starts_with(b"%PDF-"),
+        "application/json" => serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok(),
+        _ => std::str::from_utf8(body).is_ok(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "content_mismatch",
+            format!("the document is not {content_type}"),
         ))
     }
 }
@@ -154,6 +181,7 @@ pub async fn upload_document(
             "the document is empty",
         ));
     }
+    check_content(&content_type, &body)?;
     let org = match q.config {
         Some(config) => uuid_col(&load_config(&app.db, &caller, config).await?, "org_uuid")?,
         None => caller.org_of_kind(OrgKind::Customer, q.organization)?,
@@ -161,6 +189,9 @@ pub async fn upload_document(
     caller.require_admin(org)?;
     let uuid = Uuid::new_v4();
     let mut tx = app.db.pool.begin().await?;
+    // Counted under the organisation's row lock: concurrent uploads cannot pass
+    // the quotas together.
+    crate::db::lock_row(&mut tx, "organizations", org).await?;
     let usage = sqlx::query("SELECT COUNT(*) AS n, CAST(COALESCE(SUM(size_bytes), 0) AS BIGINT) AS bytes, CAST(COALESCE(SUM(CASE WHEN config_uuid = $2 THEN 1 ELSE 0 END), 0) AS BIGINT) AS in_config FROM training_documents WHERE org_uuid = $1")
         .bind(org.to_string())
         .bind(q.config.map(|c| c.to_string()).unwrap_or_default())
@@ -245,4 +276,39 @@ pub async fn delete_document(
     }
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filenames_that_deceive_or_mark_up_are_refused() {
+        for good in ["faq.md", "Preise 2025 (final).pdf", "наш-договор.txt"] {
+            assert!(check_filename(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "   ",
+            "a/b.txt",
+            "..",
+            "line\nbreak.txt",
+            "invoice\u{202E}fdp.exe",
+            "zero\u{200B}width.txt",
+            "<img src=x onerror=alert(1)>.txt",
+            "quote\".txt",
+        ] {
+            assert!(check_filename(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn content_must_be_what_its_type_says() {
+        assert!(check_content("application/pdf", b"%PDF-1.7\n...").is_ok());
+        assert!(check_content("application/pdf", b"MZ\x90\x00 not a pdf").is_err());
+        assert!(check_content("application/json", br#"{"a":1}"#).is_ok());
+        assert!(check_content("application/json", b"{nope").is_err());
+        assert!(check_content("text/plain", "héllo".as_bytes()).is_ok());
+        assert!(check_content("text/markdown", b"\xff\xfe binary").is_err());
+    }
 }

@@ -245,19 +245,6 @@ pub async fn store_key(
 ) -> ApiResult<(Uuid, ApiKey)> {
     let uuid = Uuid::new_v4();
     let now = now_ms();
-    let active: i64 = sqlx::query(
-        "SELECT COUNT(*) AS n FROM api_keys WHERE config_uuid = $1 AND status = 'active'",
-    )
-    .bind(config.to_string())
-    .fetch_one(&app.db.pool)
-    .await?
-    .try_get("n")?;
-    if active >= MAX_ACTIVE_KEYS {
-        return Err(ApiError::conflict(
-            "key_limit",
-            format!("a configuration has at most {MAX_ACTIVE_KEYS} active keys; revoke one first"),
-        ));
-    }
     let claims = Claims {
         jti: uuid,
         cfg: config,
@@ -280,6 +267,22 @@ pub async fn store_key(
         .collect::<Vec<_>>()
         .join(",");
     let mut tx = app.db.pool.begin().await?;
+    // Counted under the configuration's row lock, so concurrent issues cannot
+    // pass the cap together.
+    crate::db::lock_row(&mut tx, "agent_configs", config).await?;
+    let active: i64 = sqlx::query(
+        "SELECT COUNT(*) AS n FROM api_keys WHERE config_uuid = $1 AND status = 'active'",
+    )
+    .bind(config.to_string())
+    .fetch_one(&mut *tx)
+    .await?
+    .try_get("n")?;
+    if active >= MAX_ACTIVE_KEYS {
+        return Err(ApiError::conflict(
+            "key_limit",
+            format!("a configuration has at most {MAX_ACTIVE_KEYS} active keys; revoke one first"),
+        ));
+    }
     sqlx::query("INSERT INTO api_keys (uuid, org_uuid, config_uuid, name, kind, mode, scopes, allowed_origins, key_hash, prefix, kid, status, created_by, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'active', $12, $13, $14)")
         .bind(uuid.to_string())
         .bind(org.to_string())

@@ -288,8 +288,9 @@ pub struct NewMember {
     role: Role,
 }
 
-/// Adds a user to the organisation or changes their role. Admins manage
-/// members; only owners grant or take away ownership, and the last owner stays.
+/// Changes a member's role. Admins manage members; only owners grant or take
+/// away ownership, and the last owner stays. Someone not yet a member is
+/// invited instead (`invitations/`): nobody joins without consent.
 pub async fn put_member(
     State(app): State<AppState>,
     caller: Caller,
@@ -298,11 +299,17 @@ pub async fn put_member(
 ) -> ApiResult<Json<Vec<MemberAnswer>>> {
     ORGS.one(&app.db, &caller, uuid).await?;
     caller.require_admin(uuid)?;
+    // Members are listed to members, so this tells nothing new; non-members
+    // are one answer whether or not they have an account.
+    let not_member = || ApiError::not_found("member");
     let user = identity::find_user(&app.db, body.username.trim())
         .await?
-        .ok_or(ApiError::not_found("user"))?;
+        .ok_or_else(not_member)?;
     let current = caller.membership(uuid).map(|m| m.role);
-    let existing = member_role(&app, uuid, user).await?;
+    let existing = member_role(&app, uuid, user)
+        .await?
+        .ok_or_else(not_member)?;
+    let existing = Some(existing);
     let touches_owner = body.role == Role::Owner || existing == Some(Role::Owner);
     if touches_owner && current != Some(Role::Owner) {
         return Err(ApiError::forbidden(
@@ -364,4 +371,228 @@ async fn ensure_other_owner(app: &AppState, org: Uuid, user: Uuid) -> ApiResult<
         ));
     }
     Ok(())
+}
+
+// ---- invitations ----
+
+/// How long an invitation stays open.
+pub const INVITATION_TTL_MS: i64 = 7 * 24 * 3_600_000;
+/// Open invitations one organisation may have.
+pub const MAX_OPEN_INVITATIONS: i64 = 100;
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewInvitation {
+    username: String,
+    role: Role,
+}
+
+/// An invitation to join an organisation.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct InvitationAnswer {
+    uuid: Uuid,
+    organization: Uuid,
+    organization_name: String,
+    username: String,
+    role: Role,
+    /// The inviter's username.
+    invited_by: String,
+    created_at: String,
+    expires_at: String,
+}
+
+const INVITATION_SELECT: &str = "SELECT i.uuid, i.org_uuid, o.name AS org_name, i.username, i.role, u.username AS inviter, i.created_at, i.expires_at \
+     FROM invitations i JOIN organizations o ON o.uuid = i.org_uuid LEFT JOIN users u ON u.uuid = i.invited_by";
+
+fn invitation_json(row: &AnyRow) -> ApiResult<InvitationAnswer> {
+    Ok(InvitationAnswer {
+        uuid: uuid_col(row, "uuid")?,
+        organization: uuid_col(row, "org_uuid")?,
+        organization_name: row.try_get("org_name")?,
+        username: row.try_get("username")?,
+        role: crate::domain::parse_stored(&row.try_get::<String, _>("role")?)?,
+        invited_by: row
+            .try_get::<Option<String>, _>("inviter")?
+            .unwrap_or_default(),
+        created_at: ts(row.try_get("created_at")?),
+        expires_at: ts(row.try_get("expires_at")?),
+    })
+}
+
+/// Invites a username to the organisation (admins; ownership by owners). The
+/// answer is the same whether or not the name has an account; the user of that
+/// name sees it at `GET /api/invitations/` and accepts or declines. Inviting
+/// again replaces the role and restarts the week.
+pub async fn invite(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<NewInvitation>,
+) -> ApiResult<(StatusCode, Json<InvitationAnswer>)> {
+    ORGS.one(&app.db, &caller, uuid).await?;
+    caller.require_admin(uuid)?;
+    if body.role == Role::Owner && caller.membership(uuid).map(|m| m.role) != Some(Role::Owner) {
+        return Err(ApiError::forbidden("only an owner invites an owner"));
+    }
+    let username = body.username.trim().to_owned();
+    identity::check_username(&username)
+        .map_err(|m| ApiError::bad_request("invalid_username", m))?;
+    let now = now_ms();
+    let mut tx = app.db.pool.begin().await?;
+    crate::db::lock_row(&mut tx, "organizations", uuid).await?;
+    sqlx::query("DELETE FROM invitations WHERE org_uuid = $1 AND expires_at <= $2")
+        .bind(uuid.to_string())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    let open: i64 =
+        sqlx::query("SELECT COUNT(*) AS n FROM invitations WHERE org_uuid = $1 AND username <> $2")
+            .bind(uuid.to_string())
+            .bind(&username)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+    if open >= MAX_OPEN_INVITATIONS {
+        return Err(ApiError::conflict(
+            "invitation_limit",
+            format!("an organization has at most {MAX_OPEN_INVITATIONS} open invitations"),
+        ));
+    }
+    let invitation = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO invitations (uuid, org_uuid, username, role, invited_by, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT (org_uuid, username) DO UPDATE SET uuid = excluded.uuid, role = excluded.role, invited_by = excluded.invited_by, created_at = excluded.created_at, expires_at = excluded.expires_at",
+    )
+    .bind(invitation.to_string())
+    .bind(uuid.to_string())
+    .bind(&username)
+    .bind(body.role.as_str())
+    .bind(caller.user.to_string())
+    .bind(now)
+    .bind(now + INVITATION_TTL_MS)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let row = sqlx::query(&format!("{INVITATION_SELECT} WHERE i.uuid = $1"))
+        .bind(invitation.to_string())
+        .fetch_one(&app.db.pool)
+        .await?;
+    Ok((StatusCode::CREATED, Json(invitation_json(&row)?)))
+}
+
+/// The organisation's open invitations (admins).
+pub async fn list_invitations(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Vec<InvitationAnswer>>> {
+    ORGS.one(&app.db, &caller, uuid).await?;
+    caller.require_admin(uuid)?;
+    sqlx::query(&format!(
+        "{INVITATION_SELECT} WHERE i.org_uuid = $1 AND i.expires_at > $2 ORDER BY i.created_at, i.uuid"
+    ))
+    .bind(uuid.to_string())
+    .bind(now_ms())
+    .fetch_all(&app.db.pool)
+    .await?
+    .iter()
+    .map(invitation_json)
+    .collect::<ApiResult<Vec<_>>>()
+    .map(Json)
+}
+
+/// Withdraws an open invitation (admins).
+pub async fn withdraw_invitation(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath((uuid, invitation)): ApiPath<(Uuid, Uuid)>,
+) -> ApiResult<StatusCode> {
+    ORGS.one(&app.db, &caller, uuid).await?;
+    caller.require_admin(uuid)?;
+    let gone = sqlx::query("DELETE FROM invitations WHERE uuid = $1 AND org_uuid = $2")
+        .bind(invitation.to_string())
+        .bind(uuid.to_string())
+        .execute(&app.db.pool)
+        .await?;
+    if gone.rows_affected() == 0 {
+        return Err(ApiError::not_found("invitation"));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller's open invitations.
+pub async fn my_invitations(
+    State(app): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<InvitationAnswer>>> {
+    sqlx::query(&format!(
+        "{INVITATION_SELECT} WHERE i.username = $1 AND i.expires_at > $2 ORDER BY i.created_at, i.uuid"
+    ))
+    .bind(&caller.username)
+    .bind(now_ms())
+    .fetch_all(&app.db.pool)
+    .await?
+    .iter()
+    .map(invitation_json)
+    .collect::<ApiResult<Vec<_>>>()
+    .map(Json)
+}
+
+/// The caller's open invitation `uuid` (another user's is a 404), removed.
+async fn take_invitation(app: &AppState, caller: &Caller, uuid: Uuid) -> ApiResult<(Uuid, Role)> {
+    let row = sqlx::query("SELECT org_uuid, role FROM invitations WHERE uuid = $1 AND username = $2 AND expires_at > $3")
+        .bind(uuid.to_string())
+        .bind(&caller.username)
+        .bind(now_ms())
+        .fetch_optional(&app.db.pool)
+        .await?
+        .ok_or(ApiError::not_found("invitation"))?;
+    let gone = sqlx::query("DELETE FROM invitations WHERE uuid = $1")
+        .bind(uuid.to_string())
+        .execute(&app.db.pool)
+        .await?;
+    if gone.rows_affected() == 0 {
+        // Accepted or declined by a request at the same time.
+        return Err(ApiError::not_found("invitation"));
+    }
+    Ok((
+        uuid_col(&row, "org_uuid")?,
+        crate::domain::parse_stored(&row.try_get::<String, _>("role")?)?,
+    ))
+}
+
+/// Joining an organisation by invitation.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct Joined {
+    organization: Uuid,
+    role: Role,
+}
+
+/// Accepts an invitation: the caller joins with its role (an existing member
+/// keeps the higher of the two).
+pub async fn accept_invitation(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<Json<Joined>> {
+    let (org, role) = take_invitation(&app, &caller, uuid).await?;
+    let role = match member_role(&app, org, caller.user).await? {
+        Some(current) if current.rank() >= role.rank() => current,
+        _ => role,
+    };
+    identity::add_member(&app.db, org, caller.user, role).await?;
+    Ok(Json(Joined {
+        organization: org,
+        role,
+    }))
+}
+
+/// Declines an invitation.
+pub async fn decline_invitation(
+    State(app): State<AppState>,
+    caller: Caller,
+    ApiPath(uuid): ApiPath<Uuid>,
+) -> ApiResult<StatusCode> {
+    take_invitation(&app, &caller, uuid).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -144,7 +144,7 @@ impl TestApp {
             db,
             &format!("{name}-{}", Uuid::new_v4().simple()),
             "t@example.com",
-            "password123",
+            "correct-horse-7",
             false,
         )
         .await
@@ -272,7 +272,7 @@ impl TestApp {
             db,
             &format!("staff-{}", Uuid::new_v4().simple()),
             "staff@example.com",
-            "password123",
+            "correct-horse-7",
             true,
         )
         .await

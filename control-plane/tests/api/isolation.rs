@@ -46,6 +46,18 @@ async fn other_tenants_get_404(backend: Backend) {
         )
         .await;
     let doc = id(&doc);
+    // An invitation from the buyer's organisation, to a user who is not the
+    // stranger, and the buyer's own token's id.
+    let (_, invitation) = app
+        .post(
+            &buyer.token,
+            &format!("/api/organizations/{}/invitations/", buyer.org),
+            json!({"username": "someone-else", "role": "member"}),
+        )
+        .await;
+    let invitation = id(&invitation);
+    let (_, tokens) = app.get(&buyer.token, "/api/auth/tokens/").await;
+    let token_id = tokens[0]["id"].as_str().unwrap().to_owned();
 
     // The stranger owns a provider and a customer organisation of their own.
     let stranger = app.tenant("Initech", OrgKind::Customer).await;
@@ -115,6 +127,48 @@ async fn other_tenants_get_404(backend: Backend) {
             "delete",
             "/api/organizations/{uuid}/members/{user}/",
             format!("/api/organizations/{}/members/{}/", buyer.org, buyer.user),
+            None,
+            false,
+        ),
+        (
+            "get",
+            "/api/organizations/{uuid}/invitations/",
+            format!("/api/organizations/{}/invitations/", buyer.org),
+            None,
+            false,
+        ),
+        (
+            "post",
+            "/api/organizations/{uuid}/invitations/",
+            format!("/api/organizations/{}/invitations/", buyer.org),
+            Some(json!({"username": "stranger-friend", "role": "owner"})),
+            false,
+        ),
+        (
+            "delete",
+            "/api/organizations/{uuid}/invitations/{invitation}/",
+            format!("/api/organizations/{}/invitations/{invitation}/", buyer.org),
+            None,
+            false,
+        ),
+        (
+            "post",
+            "/api/invitations/{uuid}/accept/",
+            format!("/api/invitations/{invitation}/accept/"),
+            None,
+            false,
+        ),
+        (
+            "post",
+            "/api/invitations/{uuid}/decline/",
+            format!("/api/invitations/{invitation}/decline/"),
+            None,
+            false,
+        ),
+        (
+            "delete",
+            "/api/auth/tokens/{id}/",
+            format!("/api/auth/tokens/{token_id}/"),
             None,
             false,
         ),
@@ -337,6 +391,18 @@ async fn other_tenants_get_404(backend: Backend) {
         .get(&buyer.token, &format!("/api/training-documents/{doc}/"))
         .await;
     assert_eq!(s, StatusCode::OK);
+    let (_, open) = app
+        .get(
+            &buyer.token,
+            &format!("/api/organizations/{}/invitations/", buyer.org),
+        )
+        .await;
+    assert_eq!(open.as_array().unwrap().len(), 1, "{open}");
+    assert_eq!(open[0]["uuid"], invitation.to_string());
+    let (s, _) = app.get(&buyer.token, "/api/auth/tokens/").await;
+    assert_eq!(s, StatusCode::OK, "the buyer's token still works");
+    let (_, mine) = app.get(&stranger.token, "/api/invitations/").await;
+    assert_eq!(mine, json!([]), "nobody invited the stranger");
 
     // Lists show the stranger none of it.
     for list in [

@@ -17,16 +17,22 @@ use uuid::Uuid;
 async fn login_and_errors(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let db = &app.state.db;
-    agora_control_plane::identity::create_user(db, "alice", "a@example.com", "password123", false)
-        .await
-        .unwrap();
+    agora_control_plane::identity::create_user(
+        db,
+        "alice",
+        "a@example.com",
+        "correct-horse-7",
+        false,
+    )
+    .await
+    .unwrap();
 
     let (s, body) = app
         .call(
             "POST",
             None,
             "/api/auth/token/",
-            Some(json!({"username": "alice", "password": "password123"})),
+            Some(json!({"username": "alice", "password": "correct-horse-7"})),
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{body}");
@@ -39,7 +45,7 @@ async fn login_and_errors(backend: Backend) {
         .get(0);
     assert_ne!(stored, token, "tokens are stored hashed");
 
-    for (user, pass) in [("alice", "wrong-password"), ("nobody", "password123")] {
+    for (user, pass) in [("alice", "wrong-password"), ("nobody", "correct-horse-7")] {
         let (s, body) = app
             .call(
                 "POST",
@@ -121,7 +127,7 @@ async fn login_and_errors(backend: Backend) {
     let resp = app
         .http
         .post(format!("{}/api/auth/token/", app.url))
-        .json(&json!({"username": "alice", "password": "password123"}))
+        .json(&json!({"username": "alice", "password": "correct-horse-7"}))
         .send()
         .await
         .unwrap();
@@ -442,7 +448,7 @@ async fn paging_and_categories(backend: Backend) {
         db,
         "staff",
         "s@example.com",
-        "password123",
+        "correct-horse-7",
         true,
     )
     .await
@@ -767,7 +773,7 @@ async fn member_role_is_read_only(backend: Backend) {
         db,
         "intern",
         "i@example.com",
-        "password123",
+        "correct-horse-7",
         false,
     )
     .await
@@ -1404,7 +1410,7 @@ async fn organization_members(backend: Backend) {
             db,
             name,
             "x@example.com",
-            "password123",
+            "correct-horse-7",
             false,
         )
         .await
@@ -1428,36 +1434,167 @@ async fn organization_members(backend: Backend) {
             .map(|m| m["role"].as_str().unwrap().to_owned())
     };
 
-    let (s, list) = app
+    let invitations = format!("/api/organizations/{}/invitations/", owner.org);
+    let bob_token = tokens["bob"].1.clone();
+    let carol_token = tokens["carol"].1.clone();
+
+    // Nobody is made a member without consent: a non-member is invited, and
+    // the answer is the same for a name without an account.
+    for (name, role) in [("bob", "member"), ("carol", "member")] {
+        let (s, body) = app
+            .post(
+                &owner.token,
+                &members,
+                json!({"username": name, "role": role}),
+            )
+            .await;
+        assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
+    }
+    let shape = |v: &serde_json::Value| {
+        let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        (keys, v["role"].clone(), v["organization"].clone())
+    };
+    let (s, to_bob) = app
         .post(
             &owner.token,
-            &members,
+            &invitations,
             json!({"username": "bob", "role": "member"}),
         )
         .await;
-    assert_eq!(s, StatusCode::OK, "{list}");
-    assert_eq!(role_of(&list, "bob").as_deref(), Some("member"));
-    let bob_token = tokens["bob"].1.clone();
+    assert_eq!(s, StatusCode::CREATED, "{to_bob}");
+    let (s2, to_nobody) = app
+        .post(
+            &owner.token,
+            &invitations,
+            json!({"username": "nobody", "role": "member"}),
+        )
+        .await;
+    assert_eq!(s2, s, "{to_nobody}");
+    assert_eq!(shape(&to_bob), shape(&to_nobody));
+    let (s, body) = app
+        .post(
+            &owner.token,
+            &invitations,
+            json!({"username": "bad\nname", "role": "member"}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_username");
+    // Invited is not joined: bob's own calls go on as before.
+    let (s, body) = app.get(&bob_token, &members).await;
+    assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
+    let (_, mine) = app.get(&carol_token, "/api/invitations/").await;
+    assert_eq!(mine, json!([]), "carol sees nobody else's invitations");
+    let invitation = to_bob["uuid"].as_str().unwrap();
+    let (s, body) = app
+        .post(
+            &carol_token,
+            &format!("/api/invitations/{invitation}/accept/"),
+            json!({}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
+    let (_, mine) = app.get(&bob_token, "/api/invitations/").await;
+    assert_eq!(mine.as_array().unwrap().len(), 1, "{mine}");
+    assert_eq!(mine[0]["organization_name"], "Globex");
+    let (s, joined) = app
+        .post(
+            &bob_token,
+            &format!("/api/invitations/{invitation}/accept/"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{joined}");
+    assert_eq!(joined["role"], "member");
     let (s, list) = app.get(&bob_token, &members).await;
     assert_eq!(s, StatusCode::OK, "members read the member list");
     assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(role_of(&list, "bob").as_deref(), Some("member"));
     let (s, body) = app
         .post(
             &bob_token,
-            &members,
+            &format!("/api/invitations/{invitation}/accept/"),
+            json!({}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
+    let (s, body) = app
+        .post(
+            &bob_token,
+            &invitations,
             json!({"username": "carol", "role": "member"}),
         )
         .await;
     assert_error(s, &body, StatusCode::FORBIDDEN, "permission_denied");
-    let (s, body) = app
+    // A declined invitation is gone; a withdrawn one cannot be accepted.
+    let (_, to_carol) = app
         .post(
             &owner.token,
-            &members,
-            json!({"username": "nobody", "role": "member"}),
+            &invitations,
+            json!({"username": "carol", "role": "admin"}),
+        )
+        .await;
+    let to_carol = to_carol["uuid"].as_str().unwrap().to_owned();
+    let (s, _) = app
+        .post(
+            &carol_token,
+            &format!("/api/invitations/{to_carol}/decline/"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, open) = app.get(&owner.token, &invitations).await;
+    assert_eq!(
+        open.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["username"].clone())
+            .collect::<Vec<_>>(),
+        vec![json!("nobody")]
+    );
+    let (_, again) = app
+        .post(
+            &owner.token,
+            &invitations,
+            json!({"username": "carol", "role": "member"}),
+        )
+        .await;
+    let again = again["uuid"].as_str().unwrap().to_owned();
+    let (s, _) = app
+        .call(
+            "DELETE",
+            Some(&owner.token),
+            &format!("{invitations}{again}/"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, body) = app
+        .post(
+            &carol_token,
+            &format!("/api/invitations/{again}/accept/"),
+            json!({}),
         )
         .await;
     assert_error(s, &body, StatusCode::NOT_FOUND, "not_found");
-
+    let (_, again) = app
+        .post(
+            &owner.token,
+            &invitations,
+            json!({"username": "carol", "role": "member"}),
+        )
+        .await;
+    let (s, _) = app
+        .post(
+            &carol_token,
+            &format!(
+                "/api/invitations/{}/accept/",
+                again["uuid"].as_str().unwrap()
+            ),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
     // Admins manage members, but ownership is the owners' to give or take.
     app.post(
         &owner.token,
@@ -1465,6 +1602,14 @@ async fn organization_members(backend: Backend) {
         json!({"username": "bob", "role": "admin"}),
     )
     .await;
+    let (s, body) = app
+        .post(
+            &bob_token,
+            &invitations,
+            json!({"username": "dave", "role": "owner"}),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::FORBIDDEN, "permission_denied");
     let (s, _) = app
         .post(
             &bob_token,
@@ -1555,7 +1700,383 @@ async fn organization_members(backend: Backend) {
     app.finish().await;
 }
 
+async fn login(
+    app: &TestApp,
+    username: &str,
+    password: &str,
+) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+    let resp = app
+        .http
+        .post(format!("{}/api/auth/token/", app.url))
+        .json(&json!({"username": username, "password": password}))
+        .send()
+        .await
+        .unwrap();
+    let headers = resp.headers().clone();
+    let (s, body) = decode(resp).await;
+    (s, body, headers)
+}
+
+async fn failed_logins_back_off_per_account_even_for_the_right_password(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let db = &app.state.db;
+    agora_control_plane::identity::create_user(
+        db,
+        "erin",
+        "e@example.com",
+        "correct-horse-7",
+        false,
+    )
+    .await
+    .unwrap();
+    for _ in 0..agora_control_plane::login::FREE_ACCOUNT_FAILURES {
+        let (s, body, _) = login(&app, "erin", "wrong-password-1").await;
+        assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_credentials");
+    }
+    let (s, body, headers) = login(&app, "erin", "correct-horse-7").await;
+    assert_error(s, &body, StatusCode::TOO_MANY_REQUESTS, "login_throttled");
+    assert!(headers.get("retry-after").is_some(), "{headers:?}");
+    // Unknown names are slowed the same way (nothing tells them apart).
+    for _ in 0..agora_control_plane::login::FREE_ACCOUNT_FAILURES {
+        login(&app, "nobody-here", "wrong-password-1").await;
+    }
+    let (s, body, _) = login(&app, "nobody-here", "wrong-password-1").await;
+    assert_error(s, &body, StatusCode::TOO_MANY_REQUESTS, "login_throttled");
+    // Once the lock (1 s after the free failures) has passed, the right
+    // password works and clears the count.
+    let ok = eventually_ok(|| async { login(&app, "erin", "correct-horse-7").await.0 }).await;
+    assert_eq!(ok, StatusCode::OK);
+    let (s, _, _) = login(&app, "erin", "wrong-password-1").await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_REQUEST,
+        "a success starts the count again"
+    );
+    app.finish().await;
+}
+
+/// Retries `f` for up to 10 s while it answers 429.
+async fn eventually_ok<F, Fut>(f: F) -> StatusCode
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = StatusCode>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let s = f().await;
+        if s != StatusCode::TOO_MANY_REQUESTS || std::time::Instant::now() > deadline {
+            return s;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+async fn user_tokens_expire_are_listed_and_revoked(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let db = &app.state.db;
+    agora_control_plane::identity::create_user(
+        db,
+        "finn",
+        "f@example.com",
+        "correct-horse-7",
+        false,
+    )
+    .await
+    .unwrap();
+    let (s, first, headers) = login(&app, "finn", "correct-horse-7").await;
+    assert_eq!(s, StatusCode::OK, "{first}");
+    assert_eq!(
+        headers["cache-control"], "no-store",
+        "a token is never cached"
+    );
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert!(first["expires_at"].is_string(), "{first}");
+    let first = first["token"].as_str().unwrap().to_owned();
+    let (_, second, _) = login(&app, "finn", "correct-horse-7").await;
+    let second = second["token"].as_str().unwrap().to_owned();
+    let (_, third, _) = login(&app, "finn", "correct-horse-7").await;
+    let third = third["token"].as_str().unwrap().to_owned();
+
+    let (s, list) = app.get(&first, "/api/auth/tokens/").await;
+    assert_eq!(s, StatusCode::OK, "{list}");
+    let list = list.as_array().unwrap().clone();
+    assert_eq!(list.len(), 3);
+    assert_eq!(list.iter().filter(|t| t["current"] == true).count(), 1);
+    assert!(
+        !serde_json::to_string(&list).unwrap().contains(&first[4..]),
+        "never the token"
+    );
+
+    // Revoking one by id ends it; the others go on.
+    let other = list.iter().find(|t| t["current"] == false).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (s, _) = app
+        .call(
+            "DELETE",
+            Some(&first),
+            &format!("/api/auth/tokens/{other}/"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let alive: Vec<bool> = {
+        let mut alive = Vec::new();
+        for t in [&first, &second, &third] {
+            alive.push(app.get(t, "/api/organizations/").await.0 == StatusCode::OK);
+        }
+        alive
+    };
+    assert_eq!(alive.iter().filter(|a| **a).count(), 2, "{alive:?}");
+    assert!(alive[0]);
+
+    // Logging out ends the token used.
+    let (s, _) = app
+        .call("DELETE", Some(&first), "/api/auth/token/", None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, body) = app.get(&first, "/api/organizations/").await;
+    assert_error(s, &body, StatusCode::UNAUTHORIZED, "not_authenticated");
+
+    // An expired token is refused.
+    let live = if alive[1] {
+        second.clone()
+    } else {
+        third.clone()
+    };
+    sqlx::query("UPDATE user_tokens SET expires_at = 1")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (s, body) = app.get(&live, "/api/organizations/").await;
+    assert_error(s, &body, StatusCode::UNAUTHORIZED, "not_authenticated");
+    app.finish().await;
+}
+
+async fn a_password_change_revokes_every_token_and_refuses_weak_passwords(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let db = &app.state.db;
+    agora_control_plane::identity::create_user(
+        db,
+        "gwen",
+        "g@example.com",
+        "correct-horse-7",
+        false,
+    )
+    .await
+    .unwrap();
+    let (_, a, _) = login(&app, "gwen", "correct-horse-7").await;
+    let a = a["token"].as_str().unwrap().to_owned();
+    let (_, b, _) = login(&app, "gwen", "correct-horse-7").await;
+    let b = b["token"].as_str().unwrap().to_owned();
+    for (current, new, code) in [
+        (
+            "wrong-password-1",
+            "a-much-better-one",
+            "invalid_credentials",
+        ),
+        ("correct-horse-7", "12345678", "weak_password"),
+        ("correct-horse-7", "        ", "weak_password"),
+        ("correct-horse-7", "short", "weak_password"),
+    ] {
+        let (s, body) = app
+            .post(
+                &a,
+                "/api/auth/password/",
+                json!({"current_password": current, "new_password": new}),
+            )
+            .await;
+        assert_error(s, &body, StatusCode::BAD_REQUEST, code);
+    }
+    let (s, fresh) = app
+        .post(
+            &a,
+            "/api/auth/password/",
+            json!({"current_password": "correct-horse-7", "new_password": "a-much-better-one"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{fresh}");
+    for old in [&a, &b] {
+        let (s, body) = app.get(old, "/api/organizations/").await;
+        assert_error(s, &body, StatusCode::UNAUTHORIZED, "not_authenticated");
+    }
+    let (s, _) = app
+        .get(fresh["token"].as_str().unwrap(), "/api/organizations/")
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, _) = login(&app, "gwen", "correct-horse-7").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _, _) = login(&app, "gwen", "a-much-better-one").await;
+    assert_eq!(s, StatusCode::OK);
+    // The longest password that can be set can be used to log in.
+    let longest: String = "pq".repeat(agora_control_plane::identity::PASSWORD_MAX_CHARS / 2);
+    agora_control_plane::identity::set_password(db, "gwen", &longest)
+        .await
+        .unwrap();
+    let (s, _, _) = login(&app, "gwen", &longest).await;
+    assert_eq!(s, StatusCode::OK);
+    app.finish().await;
+}
+
+async fn concurrent_key_issues_never_pass_the_cap(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let provider = app.tenant("Acme", OrgKind::Provider).await;
+    let buyer = app.tenant("Globex", OrgKind::Customer).await;
+    let (agent, free, _) = app.published_agent(&provider).await;
+    let (_, config) = app.subscribed(&buyer, agent, free).await;
+    let url = format!("/api/customer-agent-configs/{config}/api_keys/");
+    let issues = (0..70).map(|_| app.post(&buyer.token, &url, json!({})));
+    let answers = futures_util::future::join_all(issues).await;
+    let created = answers
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .count();
+    for (s, body) in &answers {
+        assert!(
+            *s == StatusCode::CREATED
+                || (*s == StatusCode::CONFLICT && body["error"]["code"] == "key_limit"),
+            "{s} {body}"
+        );
+    }
+    let (_, keys) = app.get(&buyer.token, &url).await;
+    let active = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["status"] == "active")
+        .count();
+    let cap = agora_control_plane::routes::keys::MAX_ACTIVE_KEYS as usize;
+    assert_eq!(active, created);
+    assert_eq!(active, cap, "exactly the cap, never more");
+    app.finish().await;
+}
+
+async fn a_declared_oversize_body_is_refused_before_it_is_sent(backend: Backend) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn(backend).await;
+    let t = app.tenant("Big", OrgKind::Customer).await;
+    let addr = app.url.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /api/training-documents/?filename=a.txt HTTP/1.1\r\nHost: x\r\nAuthorization: Token {}\r\nContent-Type: text/plain\r\nContent-Length: 10737418240\r\n\r\n",
+        t.token
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut answer))
+        .await
+        .expect("answered without the body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("payload_too_large"), "{text}");
+    app.finish().await;
+}
+
+async fn uploads_must_be_what_they_say(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let t = app.tenant("Docs", OrgKind::Customer).await;
+    let (s, body) = app
+        .post_raw(
+            &t.token,
+            "/api/training-documents/?filename=a.pdf",
+            "application/pdf",
+            b"MZ\x90 not a pdf".to_vec(),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "content_mismatch");
+    let (s, body) = app
+        .post_raw(
+            &t.token,
+            "/api/training-documents/?filename=a.pdf",
+            "application/pdf",
+            b"%PDF-1.7\n%...".to_vec(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (s, body) = app
+        .post_raw(
+            &t.token,
+            "/api/training-documents/?filename=invoice%E2%80%AEfdp.txt",
+            "text/plain",
+            b"hello".to_vec(),
+        )
+        .await;
+    assert_error(s, &body, StatusCode::BAD_REQUEST, "invalid_filename");
+    app.finish().await;
+}
+
+async fn connection_caps_and_the_head_deadline_keep_the_api_for_everyone(backend: Backend) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(backend, None, |s| {
+        s.control_plane.max_connections = 6;
+        s.control_plane.max_connections_per_client = 4;
+        s.control_plane.head_timeout_ms = 2_000;
+    })
+    .await;
+    let addr: std::net::SocketAddr = app.url.trim_start_matches("http://").parse().unwrap();
+    async fn until_closed(s: &mut tokio::net::TcpStream) -> Option<String> {
+        let mut all = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut all))
+            .await
+            .ok()?
+            .ok()?;
+        Some(String::from_utf8_lossy(&all).into_owned())
+    }
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut fifth = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let text = until_closed(&mut fifth).await.expect("answered and closed");
+    assert!(text.starts_with("HTTP/1.1 429 "), "{text}");
+    assert!(text.contains("too_many_connections"), "{text}");
+    let other = || async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        socket.connect(addr).await.unwrap()
+    };
+    let _b1 = other().await;
+    let _b2 = other().await;
+    let mut over = other().await;
+    let text = until_closed(&mut over).await.expect("answered and closed");
+    assert!(text.starts_with("HTTP/1.1 503 "), "{text}");
+
+    // Idle connections are closed once the head deadline passes, and a head
+    // sent a byte at a time does not keep its connection.
+    let text = until_closed(&mut idle[0]).await;
+    assert!(text.is_some(), "an idle connection is closed");
+    drop(idle);
+    drop((_b1, _b2));
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let trickle = async {
+        for b in b"GET /api/openapi.json HTTP/1.1\r\nHost: x\r\nX-Pad: "
+            .iter()
+            .chain(std::iter::repeat(&b'a'))
+        {
+            if slow.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(15), trickle)
+        .await
+        .expect("the slow head's connection is closed");
+    let (s, _) = app.call("GET", None, "/api/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK, "others are served");
+    app.finish().await;
+}
+
 both!(
+    connection_caps_and_the_head_deadline_keep_the_api_for_everyone,
+    failed_logins_back_off_per_account_even_for_the_right_password,
+    user_tokens_expire_are_listed_and_revoked,
+    a_password_change_revokes_every_token_and_refuses_weak_passwords,
+    concurrent_key_issues_never_pass_the_cap,
+    a_declared_oversize_body_is_refused_before_it_is_sent,
+    uploads_must_be_what_they_say,
     organization_members,
     signing_keys_at_rest,
     changes_long_poll,

@@ -291,7 +291,7 @@ async fn usage_totals_and_series(backend: Backend) {
         &app.state.db,
         &format!("member-{}", Uuid::new_v4().simple()),
         "m@example.com",
-        "password123",
+        "correct-horse-7",
         false,
     )
     .await
