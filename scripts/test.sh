@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Agora's test command: prepares what the suite needs, then runs all of it.
+# Agora's test command: prepares what the suite needs, runs all of it, then
+# fuzzes each fuzz target for a bounded time (scripts/fuzz.sh).
 #
 #   ./scripts/test.sh            # the whole suite
 #   ./scripts/test.sh -p agora-config   # extra arguments go to `cargo test`
@@ -110,3 +111,13 @@ export AGORA_SCHEMATHESIS="$venv/bin/schemathesis"
 
 log "running the suite (Postgres and SQLite)"
 cargo test --workspace --all-targets "$@"
+
+# Coverage-guided fuzzing of the parsers, a bounded time per target (their
+# corpora and found crashes were replayed above, by fuzz/tests/replay.rs).
+if [ $# -gt 0 ]; then
+  log "arguments given: the fuzz runs are left out"
+elif [ "${AGORA_SKIP_FUZZ:-}" = 1 ]; then
+  log "AGORA_SKIP_FUZZ=1: the fuzz targets will NOT run"
+else
+  AGORA_FUZZ_SECS="${AGORA_FUZZ_SECS:-20}" scripts/fuzz.sh
+fi

@@ -1240,11 +1240,17 @@ async fn connections_over_a_cap_are_answered_at_once_and_the_rest_keep_working()
         .text()
         .await
         .unwrap();
-    assert!(
-        metrics.contains("agora_proxy_connections_refused_total{cap=\"client\"} 1")
-            && metrics.contains("agora_proxy_connections_refused_total{cap=\"listener\"} 1"),
-        "{metrics}"
-    );
+    let refused = |cap: &str| -> u64 {
+        let series = format!("agora_proxy_connections_refused_total{{cap=\"{cap}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    // The retry above may have met the cap once more before the place was freed.
+    assert!(refused("client") >= 1, "{metrics}");
+    assert_eq!(refused("listener"), 1, "{metrics}");
     drop(idle);
     tokio::task::spawn_blocking(move || proxy.shutdown())
         .await
