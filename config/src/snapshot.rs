@@ -68,6 +68,17 @@ pub enum KeyStatus {
     Suspended,
 }
 
+impl KeyStatus {
+    /// As stored and shown: `active`, `revoked` or `suspended`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStatus::Active => "active",
+            KeyStatus::Revoked => "revoked",
+            KeyStatus::Suspended => "suspended",
+        }
+    }
+}
+
 /// One row of the key table. Holds no key material.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyEntry {
@@ -129,12 +140,33 @@ pub struct QuotaUsage {
     pub tokens: u64,
 }
 
-/// Billing period of a plan's quotas.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Billing period of a plan (its price and its quotas).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BillingInterval {
     Month,
     Year,
+}
+
+impl BillingInterval {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BillingInterval::Month => "month",
+            BillingInterval::Year => "year",
+        }
+    }
+}
+
+impl std::str::FromStr for BillingInterval {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "month" => Ok(BillingInterval::Month),
+            "year" => Ok(BillingInterval::Year),
+            other => Err(format!("{other:?} is not one of month, year")),
+        }
+    }
 }
 
 /// Limits of a pricing plan. `None` means unlimited.

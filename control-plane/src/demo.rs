@@ -10,9 +10,10 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use crate::db::{now_ms, uuid_col};
-use crate::domain::{Interval, OrgKind};
+use crate::domain::OrgKind;
 use crate::routes::agents::{insert_plan, set_published, NewPlan};
 use crate::{flow_code, identity, AppState};
+use agora_config::snapshot::BillingInterval;
 
 const PROVIDER: &str = "demo-provider";
 const BUYER: &str = "demo-buyer";
@@ -384,7 +385,7 @@ fn plan(
         name: name.into(),
         price_cents: price,
         currency: Some("usd".into()),
-        interval: Some(Interval::Month),
+        interval: Some(BillingInterval::Month),
         request_quota: requests,
         token_quota: None,
         requests_per_minute: rpm,

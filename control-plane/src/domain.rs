@@ -56,11 +56,9 @@ text_enum!(
     /// How a buyer's copy of an agent speaks.
     Tone { Professional = "professional", Friendly = "friendly", Casual = "casual" }
 );
-text_enum!(Interval { Month = "month", Year = "year" });
 text_enum!(AgentStatus { Draft = "draft", Published = "published" });
 text_enum!(OrderState { PendingPayment = "pending_payment", Done = "done", Cancelled = "cancelled" });
 text_enum!(ResourceState { Active = "active", Suspended = "suspended", Terminated = "terminated" });
-text_enum!(KeyStatus { Active = "active", Revoked = "revoked" });
 
 /// An amount of money in the currency's minor unit; never negative.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]

@@ -30,18 +30,77 @@ pub struct RateHeaders {
     pub reset_secs: u64,
 }
 
+/// Why a key was refused. Metrics count by it; the answer is the same for all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyRefusal {
+    /// `Authorization` present but not `Bearer`.
+    AuthorizationScheme,
+    TooLong,
+    /// Not UTF-8.
+    Malformed,
+    /// No known kind prefix, or another kind than its entry's.
+    WrongPrefix,
+    /// Well-formed but in no key table.
+    Unknown,
+    Revoked,
+    Expired,
+    /// The snapshot holds no verification key.
+    NoTrustedKeys,
+    /// Signed claims that disagree with the key's entry.
+    ClaimsMismatch,
+    /// Refused by the key parser or verifier, with its reason.
+    Key(agora_config::keys::KeyError),
+}
+
+impl KeyRefusal {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyRefusal::AuthorizationScheme => "authorization_scheme",
+            KeyRefusal::TooLong => "key_too_long",
+            KeyRefusal::Malformed => "malformed_key",
+            KeyRefusal::WrongPrefix => "wrong_key_prefix",
+            KeyRefusal::Unknown => "unknown_key",
+            KeyRefusal::Revoked => "revoked",
+            KeyRefusal::Expired => "key_expired",
+            KeyRefusal::NoTrustedKeys => "no_trusted_keys",
+            KeyRefusal::ClaimsMismatch => "claims_mismatch",
+            KeyRefusal::Key(e) => e.code(),
+        }
+    }
+}
+
+/// Which rate limit refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateLimit {
+    /// The tenant's bucket, over all its keys.
+    Tenant,
+    /// The key's plan bucket.
+    Key,
+}
+
+impl RateLimit {
+    /// The metric label, and the word in the answer.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateLimit::Tenant => "tenant",
+            RateLimit::Key => "key",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GatewayError {
     MissingKey,
     /// A key that is malformed, unknown, revoked, expired, badly signed... The
     /// reason is for metrics; the response is the same for all.
-    InvalidKey(&'static str),
+    InvalidKey(KeyRefusal),
     /// The subscription behind the key is not active.
     Suspended,
     InsufficientScope,
     OriginNotAllowed,
     RateLimited {
-        limit: &'static str,
+        limit: RateLimit,
         retry_after_secs: u64,
         headers: RateHeaders,
     },
@@ -143,7 +202,7 @@ impl GatewayError {
             Suspended => "The subscription behind this API key is not active.".into(),
             InsufficientScope => "The API key does not allow this operation.".into(),
             OriginNotAllowed => "This publishable key is not allowed from this origin.".into(),
-            RateLimited { limit, .. } => format!("Too many requests ({limit} limit)."),
+            RateLimited { limit, .. } => format!("Too many requests ({} limit).", limit.as_str()),
             QuotaExceeded { .. } => "The plan's quota for this period is used up.".into(),
             TooManyInFlight { limit } => {
                 format!("At most {limit} requests may be in flight for this key.")
@@ -307,8 +366,8 @@ mod tests {
 
     #[test]
     fn key_failures_share_one_body() {
-        let a = GatewayError::InvalidKey("expired").response();
-        let b = GatewayError::InvalidKey("unknown_kid").response();
+        let a = GatewayError::InvalidKey(KeyRefusal::Expired).response();
+        let b = GatewayError::InvalidKey(KeyRefusal::Unknown).response();
         assert_eq!(a.status, 401);
         assert_eq!(b.status, 401);
         assert_eq!(a.body, b.body);
@@ -320,7 +379,7 @@ mod tests {
     #[test]
     fn rate_limited_carries_headers() {
         let reply = GatewayError::RateLimited {
-            limit: "key",
+            limit: RateLimit::Key,
             retry_after_secs: 3,
             headers: RateHeaders {
                 limit: 10,

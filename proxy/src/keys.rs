@@ -23,7 +23,7 @@ use std::sync::Arc;
 use agora_config::keys::{ApiKey, Claims, KeyHash, KeyKind, Scope, MAX_KEY_LEN};
 use agora_config::snapshot::KeyStatus;
 
-use crate::error::GatewayError;
+use crate::error::{GatewayError, KeyRefusal};
 use crate::state::{KeyRecord, State};
 
 /// An authenticated caller.
@@ -43,7 +43,7 @@ pub fn presented<'a>(
         if bytes.len() > 7 && bytes[..7].eq_ignore_ascii_case(b"bearer ") {
             return Ok(trim(&bytes[7..]));
         }
-        return Err(GatewayError::InvalidKey("authorization_scheme"));
+        return Err(GatewayError::InvalidKey(KeyRefusal::AuthorizationScheme));
     }
     match x_api_key {
         Some(value) => Ok(trim(value)),
@@ -72,52 +72,55 @@ pub fn authenticate(
         return Err(GatewayError::MissingKey);
     }
     if raw.len() > MAX_KEY_LEN {
-        return Err(GatewayError::InvalidKey("key_too_long"));
+        return Err(GatewayError::InvalidKey(KeyRefusal::TooLong));
     }
-    let text = std::str::from_utf8(raw).map_err(|_| GatewayError::InvalidKey("malformed_key"))?;
-    let kind = KeyKind::from_key_str(text).ok_or(GatewayError::InvalidKey("wrong_key_prefix"))?;
+    let text =
+        std::str::from_utf8(raw).map_err(|_| GatewayError::InvalidKey(KeyRefusal::Malformed))?;
+    let kind =
+        KeyKind::from_key_str(text).ok_or(GatewayError::InvalidKey(KeyRefusal::WrongPrefix))?;
     let Some(record) = state.key(&KeyHash::of(text)) else {
         // Not ours; say why in metrics (a shape error, or simply unknown).
         return Err(GatewayError::InvalidKey(match ApiKey::parse(text) {
-            Err(e) => e.code(),
-            Ok(_) => "unknown_key",
+            Err(e) => KeyRefusal::Key(e),
+            Ok(_) => KeyRefusal::Unknown,
         }));
     };
     let entry = &record.entry;
     match entry.status {
         KeyStatus::Active => {}
-        KeyStatus::Revoked => return Err(GatewayError::InvalidKey("revoked")),
+        KeyStatus::Revoked => return Err(GatewayError::InvalidKey(KeyRefusal::Revoked)),
         KeyStatus::Suspended => return Err(GatewayError::Suspended),
     }
     if entry.expires_at.is_some_and(|exp| now_unix >= exp) {
-        return Err(GatewayError::InvalidKey("key_expired"));
+        return Err(GatewayError::InvalidKey(KeyRefusal::Expired));
     }
     if entry.kind != kind {
-        return Err(GatewayError::InvalidKey("wrong_key_prefix"));
+        return Err(GatewayError::InvalidKey(KeyRefusal::WrongPrefix));
     }
     let claims = match record.verified.get() {
         Some(claims) => claims.clone(),
         None => {
             // First use of this key: its shape, then its signature and claims.
-            let key = ApiKey::parse(text).map_err(|e| GatewayError::InvalidKey(e.code()))?;
+            let key =
+                ApiKey::parse(text).map_err(|e| GatewayError::InvalidKey(KeyRefusal::Key(e)))?;
             let verifier = state
                 .verifier()
-                .ok_or(GatewayError::InvalidKey("no_trusted_keys"))?;
+                .ok_or(GatewayError::InvalidKey(KeyRefusal::NoTrustedKeys))?;
             let claims = verifier
                 .verify(&key, now_unix)
-                .map_err(|e| GatewayError::InvalidKey(e.code()))?;
+                .map_err(|e| GatewayError::InvalidKey(KeyRefusal::Key(e)))?;
             if claims.jti != entry.key_id
                 || claims.cfg != entry.config
                 || claims.ten != entry.tenant
             {
-                return Err(GatewayError::InvalidKey("claims_mismatch"));
+                return Err(GatewayError::InvalidKey(KeyRefusal::ClaimsMismatch));
             }
             record.verified.get_or_init(|| Arc::new(claims)).clone()
         }
     };
     // Cached claims still expire.
     if claims.exp.is_some_and(|exp| now_unix >= exp) {
-        return Err(GatewayError::InvalidKey("key_expired"));
+        return Err(GatewayError::InvalidKey(KeyRefusal::Expired));
     }
     if let Some(scope) = scope {
         if !claims.scp.contains(&scope) || !entry.scopes.contains(&scope) {

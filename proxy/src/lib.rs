@@ -13,20 +13,20 @@
 //! grace period to finish; then the listeners close and every queued usage record is
 //! handed to the sink before the process returns.
 
-pub mod deadline;
-pub mod error;
-pub mod forward;
+mod deadline;
+mod error;
+mod forward;
 /// The gateway's own HTTP/1.x, in its own crate (so it is fuzzed alone).
 pub use agora_h1 as h1;
-pub mod invoke;
+mod invoke;
 pub mod keys;
-pub mod metrics;
+mod metrics;
 pub mod proxy;
 pub mod ratelimit;
-pub mod server;
+mod server;
 pub mod state;
 pub mod sync;
-pub mod tokens;
+mod tokens;
 pub mod usage;
 
 pub use async_trait::async_trait;

@@ -435,7 +435,7 @@ impl Gateway {
             .admit(entry, plan, &target.route.quota, ctx.started_ms)
             .inspect_err(|e| {
                 if let GatewayError::RateLimited { limit, .. } = e {
-                    self.metrics.rate_limited(limit);
+                    self.metrics.rate_limited(limit.as_str());
                 } else {
                     self.metrics.rate_limited(e.code());
                 }
@@ -616,7 +616,7 @@ impl Gateway {
         keys::presented(head.header("authorization"), head.header("x-api-key"))
             .and_then(|raw| keys::authenticate(state, raw, scope, now))
             .inspect_err(|e| match e {
-                GatewayError::InvalidKey(reason) => self.metrics.auth_failure(reason),
+                GatewayError::InvalidKey(reason) => self.metrics.auth_failure(reason.as_str()),
                 other => self.metrics.auth_failure(other.code()),
             })
     }

@@ -29,7 +29,7 @@ use governor::state::keyed::DashMapStateStore;
 use governor::{NotUntil, Quota, RateLimiter};
 use uuid::Uuid;
 
-use crate::error::{GatewayError, RateHeaders};
+use crate::error::{GatewayError, RateHeaders, RateLimit};
 
 type Keyed<C> = RateLimiter<Uuid, DashMapStateStore<Uuid>, C, StateInformationMiddleware>;
 
@@ -120,14 +120,14 @@ impl<C: Clock + Clone> Limits<C> {
         let tenant = self
             .tenants
             .check_key(&key.tenant)
-            .map_err(|not_until| self.refusal("tenant", &not_until))?;
+            .map_err(|not_until| self.refusal(RateLimit::Tenant, &not_until))?;
         let mut headers = Some(self.headers(&tenant));
         if let Some(rpm) = plan.and_then(|p| p.requests_per_minute) {
             let burst = plan.and_then(|p| p.burst).unwrap_or(rpm).max(1);
             let limiter = self.plan_limiter(rpm, burst);
             let state = limiter
                 .check_key(&key.key_id)
-                .map_err(|not_until| self.refusal("key", &not_until))?;
+                .map_err(|not_until| self.refusal(RateLimit::Key, &not_until))?;
             headers = Some(self.headers(&state));
         }
         let in_flight = match plan.and_then(|p| p.max_concurrency) {
@@ -229,7 +229,7 @@ impl<C: Clock + Clone> Limits<C> {
         }
     }
 
-    fn refusal(&self, limit: &'static str, not_until: &NotUntil<C::Instant>) -> GatewayError {
+    fn refusal(&self, limit: RateLimit, not_until: &NotUntil<C::Instant>) -> GatewayError {
         let wait = not_until.wait_time_from(self.clock.now());
         let quota = not_until.quota();
         let burst = quota.burst_size().get();
@@ -326,7 +326,7 @@ mod tests {
                 retry_after_secs,
                 headers,
             }) => {
-                assert_eq!(limit, "key");
+                assert_eq!(limit, RateLimit::Key);
                 assert_eq!(retry_after_secs, 1);
                 assert_eq!(headers.remaining, 0);
                 assert_eq!(headers.limit, 3);
@@ -347,7 +347,7 @@ mod tests {
         assert!(limits.admit(&key(1, 7), None, &q, 0).is_ok());
         assert!(limits.admit(&key(2, 7), None, &q, 0).is_ok());
         match limits.admit(&key(3, 7), None, &q, 0) {
-            Err(GatewayError::RateLimited { limit, .. }) => assert_eq!(limit, "tenant"),
+            Err(GatewayError::RateLimited { limit, .. }) => assert_eq!(limit, RateLimit::Tenant),
             _ => panic!("tenant limit should refuse"),
         }
         assert!(

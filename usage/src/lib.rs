@@ -15,7 +15,7 @@ pub mod clickhouse;
 pub mod embedded;
 pub mod local_server;
 pub mod pipeline;
-pub mod spill;
+mod spill;
 
 use std::sync::Arc;
 

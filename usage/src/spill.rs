@@ -229,12 +229,10 @@ impl SpillLog {
         self.len - self.shipped
     }
 
+    /// Bytes in the log, shipped or not.
+    #[cfg(test)]
     pub fn len(&self) -> u64 {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     pub fn max_bytes(&self) -> u64 {
@@ -242,6 +240,7 @@ impl SpillLog {
     }
 
     /// Where shipping resumes.
+    #[cfg(test)]
     pub fn shipped(&self) -> u64 {
         self.shipped
     }
@@ -378,10 +377,6 @@ pub struct Pending {
 }
 
 impl Pending {
-    pub fn is_empty(&self) -> bool {
-        self.from == self.to
-    }
-
     /// Whole frames from the start, about `max_bytes` of them (at least one),
     /// each with the logical offset just past it.
     pub fn read(&self, max_bytes: usize) -> io::Result<Vec<(u64, Vec<UsageRecord>)>> {

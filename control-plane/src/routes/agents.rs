@@ -11,12 +11,13 @@ use uuid::Uuid;
 use super::marketplace::{plan_json, plans_json, PlanAnswer};
 use super::{Owned, PageQuery, ALL};
 use crate::db::{bump_revision, now_ms, opt_uuid_col, uuid_col, Db};
-use crate::domain::{text_field, ts, AgentStatus, Cents, Currency, Interval, OrgKind, Page, Paged};
+use crate::domain::{text_field, ts, AgentStatus, Cents, Currency, OrgKind, Page, Paged};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiBytes, ApiJson, ApiPath, ApiQuery, Caller};
 use crate::flow_code::{self, CodeRefusal};
 use crate::runtime::RuntimeError;
 use crate::{identity, AppState};
+use agora_config::snapshot::BillingInterval;
 
 /// A provider's agent.
 #[derive(Serialize, schemars::JsonSchema)]
@@ -436,7 +437,7 @@ pub struct NewPlan {
     pub name: String,
     pub price_cents: i64,
     pub currency: Option<String>,
-    pub interval: Option<Interval>,
+    pub interval: Option<BillingInterval>,
     pub request_quota: Option<i64>,
     pub token_quota: Option<i64>,
     pub requests_per_minute: Option<i64>,
@@ -459,7 +460,7 @@ pub async fn insert_plan(db: &Db, agent: Uuid, plan: &NewPlan) -> ApiResult<Uuid
     let name = text_field("name", &plan.name, 1, 100)?;
     let price = Cents::new(plan.price_cents)?;
     let currency = Currency::new(plan.currency.as_deref().unwrap_or("usd"))?;
-    let interval = plan.interval.unwrap_or(Interval::Month);
+    let interval = plan.interval.unwrap_or(BillingInterval::Month);
     let request_quota = positive("request_quota", plan.request_quota, 1_000_000_000_000)?;
     let token_quota = positive("token_quota", plan.token_quota, 1_000_000_000_000_000)?;
     let rpm = positive("requests_per_minute", plan.requests_per_minute, 1_000_000)?;

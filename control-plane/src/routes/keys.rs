@@ -10,10 +10,11 @@ use uuid::Uuid;
 use super::configs::load_config;
 use super::Owned;
 use crate::db::{bump_revision, now_ms, uuid_col};
-use crate::domain::{opt_ts, text_field, ts, KeyStatus};
+use crate::domain::{opt_ts, text_field, ts};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, Caller};
 use crate::AppState;
+use agora_config::snapshot::KeyStatus;
 
 /// What a key listing shows: never the secret, only its display prefix.
 #[derive(Serialize, schemars::JsonSchema)]

@@ -30,27 +30,27 @@ pub const MAX_RANGE_MS: i64 = 366 * DAY_MS;
 /// The most points one series has.
 pub const MAX_POINTS: i64 = 2000;
 
-/// The width of a series' buckets.
+/// The width of a series' buckets (`?interval=`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Interval {
+pub enum Bucket {
     #[default]
     Hour,
     Day,
 }
 
-impl Interval {
+impl Bucket {
     pub fn as_str(self) -> &'static str {
         match self {
-            Interval::Hour => "hour",
-            Interval::Day => "day",
+            Bucket::Hour => "hour",
+            Bucket::Day => "day",
         }
     }
 
     fn ms(self) -> i64 {
         match self {
-            Interval::Hour => HOUR_MS,
-            Interval::Day => DAY_MS,
+            Bucket::Hour => HOUR_MS,
+            Bucket::Day => DAY_MS,
         }
     }
 }
@@ -62,7 +62,7 @@ pub struct SeriesQuery {
     pub from: Option<String>,
     pub to: Option<String>,
     #[serde(default)]
-    pub interval: Interval,
+    pub interval: Bucket,
 }
 
 /// `?from=&to=` of the billing-period route.
@@ -78,7 +78,7 @@ pub struct PeriodQuery {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Window {
     range: TimeRange,
-    interval: Interval,
+    interval: Bucket,
 }
 
 impl Window {
@@ -466,7 +466,7 @@ mod tests {
     use serde_json::json;
     use time::macros::datetime;
 
-    fn series(from: Option<&str>, to: Option<&str>, interval: Interval) -> SeriesQuery {
+    fn series(from: Option<&str>, to: Option<&str>, interval: Bucket) -> SeriesQuery {
         SeriesQuery {
             from: from.map(str::to_owned),
             to: to.map(str::to_owned),
@@ -492,7 +492,7 @@ mod tests {
         let w = Window::parse(&SeriesQuery::default(), NOW).unwrap();
         assert_eq!(w.range.to_ms, unix_ms(NOW));
         assert_eq!(w.range.to_ms - w.range.from_ms, DAY_MS);
-        assert_eq!(w.interval, Interval::Hour);
+        assert_eq!(w.interval, Bucket::Hour);
         // 10:30 yesterday to 10:30 today touches 25 hours.
         assert_eq!(w.points(), 25);
         let starts: Vec<i64> = w.starts().collect();
@@ -500,7 +500,7 @@ mod tests {
         assert_eq!(starts[24], unix_ms(datetime!(2025-03-10 10:00:00 UTC)));
         // Only `from`: `to` is still now.
         let w = Window::parse(
-            &series(Some("2025-03-10T00:00:00Z"), None, Interval::Day),
+            &series(Some("2025-03-10T00:00:00Z"), None, Bucket::Day),
             NOW,
         )
         .unwrap();
@@ -521,7 +521,7 @@ mod tests {
         }
         let message = rejected(
             Window::parse(
-                &series(None, Some("2025-03-10T12:00:00 02:00"), Interval::Hour),
+                &series(None, Some("2025-03-10T12:00:00 02:00"), Bucket::Hour),
                 NOW,
             ),
             "invalid_timestamp",
@@ -531,47 +531,38 @@ mod tests {
 
     #[test]
     fn ranges_are_bounded() {
-        fn q(from: &str, to: &str, interval: Interval) -> ApiResult<Window> {
+        fn q(from: &str, to: &str, interval: Bucket) -> ApiResult<Window> {
             Window::parse(&series(Some(from), Some(to), interval), NOW)
         }
         let same = "2025-03-10T00:00:00Z";
-        rejected(q(same, same, Interval::Hour), "invalid_range");
+        rejected(q(same, same, Bucket::Hour), "invalid_range");
         rejected(
-            q("2025-03-11T00:00:00Z", same, Interval::Hour),
+            q("2025-03-11T00:00:00Z", same, Bucket::Hour),
             "invalid_range",
         );
         // 366 days is the most; a leap year fits, one millisecond more does not.
-        let w = q(
-            "2024-01-01T00:00:00Z",
-            "2025-01-01T00:00:00Z",
-            Interval::Day,
-        )
-        .unwrap();
+        let w = q("2024-01-01T00:00:00Z", "2025-01-01T00:00:00Z", Bucket::Day).unwrap();
         assert_eq!(w.points(), 366);
         rejected(
             q(
                 "2024-01-01T00:00:00Z",
                 "2025-01-01T00:00:00.001Z",
-                Interval::Day,
+                Bucket::Day,
             ),
             "invalid_range",
         );
         // Exactly MAX_POINTS hours, then one more.
         let from = unix_ms(datetime!(2025-01-01 00:00:00 UTC));
         let to = ts(from + MAX_POINTS * HOUR_MS);
-        let w = q("2025-01-01T00:00:00Z", &to, Interval::Hour).unwrap();
+        let w = q("2025-01-01T00:00:00Z", &to, Bucket::Hour).unwrap();
         assert_eq!(w.points(), MAX_POINTS);
         let message = rejected(
-            q("2024-12-31T23:59:59Z", &to, Interval::Hour),
+            q("2024-12-31T23:59:59Z", &to, Bucket::Hour),
             "range_too_large",
         );
         assert!(message.contains("interval=day"), "{message}");
         let message = rejected(
-            q(
-                "2024-03-01T00:00:00Z",
-                "2025-03-01T00:00:00Z",
-                Interval::Hour,
-            ),
+            q("2024-03-01T00:00:00Z", "2025-03-01T00:00:00Z", Bucket::Hour),
             "range_too_large",
         );
         assert!(message.contains("8760 points"), "{message}");
@@ -583,7 +574,7 @@ mod tests {
             &series(
                 Some("2025-03-10T10:15:00Z"),
                 Some("2025-03-10T13:00:00Z"),
-                Interval::Hour,
+                Bucket::Hour,
             ),
             NOW,
         )
