@@ -207,11 +207,10 @@ async fn key_attacks_are_refused_before_the_runtime() {
         .fetch_one(&w.state.db.pool)
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while w.proxy().gateway.shared.load().revision() < cp_rev as u64 {
-        assert!(Instant::now() < deadline, "proxy did not catch up");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the proxy catches up with the registered keys", || async {
+        (w.proxy().gateway.shared.load().revision() >= cp_rev as u64).then_some(())
+    })
+    .await;
 
     let runs_before = w.stats.started();
     for (name, key, _, reason) in &cases {
@@ -545,17 +544,13 @@ async fn streams_pass_through_unbuffered_and_byte_identical() {
         "frames are byte-identical but for the session namespace"
     );
     // Usage from the stream's end event reached the sink.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    eventually("the stream's usage reaches the sink", || async {
         let m = w.metrics().await;
-        if m.contains("agora_proxy_usage_written_total")
-            && !m.contains("agora_proxy_usage_written_total 0")
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{m}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (m.contains("agora_proxy_usage_written_total")
+            && !m.contains("agora_proxy_usage_written_total 0"))
+        .then_some(())
+    })
+    .await;
     w.finish().await;
 }
 
@@ -567,14 +562,10 @@ async fn client_disconnect_cancels_the_run_and_sigterm_drains_streams() {
     let mut stream = r.bytes_stream();
     stream.next().await.unwrap().unwrap();
     drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while w.stats.cancelled() < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the runtime never saw the cancellation"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the runtime sees the cancellation", || async {
+        (w.stats.cancelled() >= 1).then_some(())
+    })
+    .await;
     assert_eq!(w.stats.completed(), 0);
 
     // A stream in flight when shutdown starts runs to its end.
@@ -584,11 +575,12 @@ async fn client_disconnect_cancels_the_run_and_sigterm_drains_streams() {
     let life = w.proxy().gateway.life.clone();
     let proxy = w.proxy.take().unwrap();
     let stopping = tokio::task::spawn_blocking(move || proxy.shutdown());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !life.draining.load(std::sync::atomic::Ordering::SeqCst) {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("shutdown starts draining", || async {
+        life.draining
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then_some(())
+    })
+    .await;
     // New invokes are refused while draining.
     let refused = w.invoke(&key, json!({"input_value": "too late"})).await;
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -663,11 +655,11 @@ async fn serves_from_disk_while_the_control_plane_is_down_and_catches_up() {
         )
         .await;
     assert_eq!(s, StatusCode::OK);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while w.invoke(&key, json!({"input_value": "hi"})).await.status() != StatusCode::UNAUTHORIZED {
-        assert!(Instant::now() < deadline, "the proxy never caught up");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the proxy refuses the key", || async {
+        (w.invoke(&key, json!({"input_value": "hi"})).await.status() == StatusCode::UNAUTHORIZED)
+            .then_some(())
+    })
+    .await;
     w.finish().await;
 }
 
@@ -1178,7 +1170,7 @@ async fn connections_over_a_cap_are_answered_at_once_and_the_rest_keep_working()
     let addr = proxy.addr;
     let health = format!(
         "GET {} HTTP/1.1\r\nHost: x\r\n\r\n",
-        agora_proxy::proxy::HEALTH
+        agora_proxy::gateway::HEALTH
     );
 
     // Four idle connections from this address take its share ...

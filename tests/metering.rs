@@ -200,17 +200,18 @@ async fn a_clickhouse_outage_under_load_loses_nothing() {
 
     tokio::task::block_in_place(|| server.stop());
     // While ClickHouse is away, health and metrics say so and the log grows.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let h = health(&w).await;
-        let store = &h["usage"]["store"];
-        if store["status"] == "failing" && store["spill_bytes"].as_u64().unwrap() > 0 {
-            assert_eq!(store["kind"], "clickhouse");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the outage never showed: {h}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let h = eventually_within(
+        Duration::from_secs(20),
+        "health shows the outage",
+        || async {
+            let h = health(&w).await;
+            let store = &h["usage"]["store"];
+            (store["status"] == "failing" && store["spill_bytes"].as_u64().unwrap() > 0)
+                .then_some(h)
+        },
+    )
+    .await;
+    assert_eq!(h["usage"]["store"]["kind"], "clickhouse");
     assert!(w
         .metrics()
         .await
@@ -440,19 +441,16 @@ async fn sigkill_loses_nothing_that_reached_the_spill_log() {
     tokio::task::block_in_place(|| server.resume()).unwrap();
     let mut second = spawn_proxy(&w, &server.url(), &database, data.path());
     let store = ClickHouseStore::new(&server.url(), &database, None, None);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let t = totals(&store, config).await;
-        if t.requests == n {
-            break;
-        }
-        assert!(t.requests < n, "counted twice: {t:?}");
-        assert!(
-            Instant::now() < deadline,
-            "the spilled events never arrived: {t:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually_within(
+        Duration::from_secs(20),
+        "the spilled events arrive",
+        || async {
+            let t = totals(&store, config).await;
+            assert!(t.requests <= n, "counted twice: {t:?}");
+            (t.requests == n).then_some(())
+        },
+    )
+    .await;
     let h = health_of(&w.http, &second.url).await;
     assert_eq!(
         h["usage"]["store"]["spill_damaged_bytes"],
@@ -597,18 +595,15 @@ async fn a_quota_spent_through_one_proxy_holds_on_another() {
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 
     // The control plane counts them from the store into the snapshot.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let quota = loop {
-        let (quota, _) = snapshot_quota(&w, config).await;
-        if quota["requests"] == 3 && quota["tokens"] == tokens {
-            break quota;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the count never reached the snapshot: {quota}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let quota = eventually_within(
+        Duration::from_secs(20),
+        "the count reaches the snapshot",
+        || async {
+            let (quota, _) = snapshot_quota(&w, config).await;
+            (quota["requests"] == 3 && quota["tokens"] == tokens).then_some(quota)
+        },
+    )
+    .await;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -14,16 +14,16 @@
 //! handed to the sink before the process returns.
 
 mod deadline;
+mod downstream;
 mod error;
-mod forward;
+pub mod gateway;
+mod upstream;
 /// The gateway's own HTTP/1.x, in its own crate (so it is fuzzed alone).
 pub use agora_h1 as h1;
 mod invoke;
 pub mod keys;
 mod metrics;
-pub mod proxy;
 pub mod ratelimit;
-mod server;
 pub mod state;
 pub mod sync;
 mod tokens;
@@ -45,8 +45,8 @@ use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use secrecy::SecretString;
 use tokio::sync::Notify;
 
+use crate::gateway::{Gateway, Lifecycle};
 use crate::metrics::{Admin, Metrics};
-use crate::proxy::{Gateway, Lifecycle};
 use crate::ratelimit::Limits;
 use crate::state::PeerTimeouts;
 use crate::sync::{FeedConfig, Shared};
@@ -225,7 +225,7 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
         config.tenant_requests_per_second,
         config.tenant_burst,
     ));
-    let control_plane = forward::ControlPlane::from_url(
+    let control_plane = upstream::ControlPlane::from_url(
         &config.control_plane_url,
         config.control_plane_max_body_bytes,
         config.read_timeout.max(std::time::Duration::from_secs(120)),
@@ -246,7 +246,7 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
         max_body_bytes: config.max_body_bytes,
         pipeline: pipeline.clone(),
         life: life.clone(),
-        upstreams: forward::Upstreams::new(config.upstream_pool_size),
+        upstreams: upstream::Upstreams::new(config.upstream_pool_size),
         control_plane,
         // A client connection may hold a runtime connection too.
         connections: agora_config::connections::ConnectionLimits::new(

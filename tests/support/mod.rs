@@ -18,10 +18,8 @@ use uuid::Uuid;
 
 pub const SECRET: &str = "proxy-secret-for-tests";
 
-pub fn pg_admin_url() -> String {
-    std::env::var("TEST_PG_ADMIN_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
+#[allow(unused_imports)]
+pub use agora_testkit::{eventually, eventually_within};
 
 /// Server-to-client bytes of every connection the relay carried.
 pub type Recorded = Arc<Mutex<Vec<Vec<u8>>>>;
@@ -85,7 +83,7 @@ pub struct World {
     pub http: reqwest::Client,
     pub info: demo::DemoInfo,
     pub dir: tempfile::TempDir,
-    pub database: String,
+    database: Option<agora_testkit::TestDatabase>,
     pub settings: agora_config::settings::Settings,
     pub runtime_key: String,
 }
@@ -151,22 +149,8 @@ impl World {
             .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
             .try_init();
-        let name = format!("agora_t_{}", Uuid::new_v4().simple());
-        let admin = agora_control_plane::db::Db::connect(&pg_admin_url(), 1)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "Postgres is required for the gateway tests and was not reachable at {}: {e:#}",
-                    pg_admin_url()
-                )
-            });
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&admin.pool)
-            .await
-            .unwrap();
-        admin.pool.close().await;
-        let base = pg_admin_url();
-        let url = format!("{}/{name}", &base[..base.rfind('/').unwrap()]);
+        let database = agora_testkit::TestDatabase::create().await;
+        let url = database.url.clone();
 
         let dir = tempfile::tempdir().unwrap();
         let mut settings = agora_config::settings::Settings {
@@ -258,7 +242,7 @@ impl World {
             http: reqwest::Client::new(),
             info,
             dir,
-            database: name,
+            database: Some(database),
             settings,
             runtime_key,
         };
@@ -533,13 +517,8 @@ impl World {
         self.stop_cp().await;
         self.runtime_task.abort();
         self.state.db.pool.close().await;
-        if let Ok(admin) = agora_control_plane::db::Db::connect(&pg_admin_url(), 1).await {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.database
-            ))
-            .execute(&admin.pool)
-            .await;
+        if let Some(database) = self.database.take() {
+            database.drop().await;
         }
         drop(self.dir);
     }
@@ -609,22 +588,6 @@ pub fn spawn_agora_proxy(
         }
     }
     (child, proxy.unwrap(), metrics.unwrap())
-}
-
-/// Polls `check` until it gives a value (every 20 ms, for at most 10 s).
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 impl World {

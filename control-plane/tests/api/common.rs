@@ -19,19 +19,14 @@ pub enum Backend {
     Sqlite,
 }
 
-/// Where the test Postgres server is; the test command starts it. A missing
-/// server fails the suite loudly.
-pub fn pg_admin_url() -> String {
-    std::env::var("TEST_PG_ADMIN_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
+pub use agora_testkit::eventually;
 
 pub struct TestApp {
     pub url: String,
     settings: Settings,
     pub state: AppState,
     pub http: reqwest::Client,
-    cleanup: Option<String>,
+    database: Option<agora_testkit::TestDatabase>,
     _tmp: Option<tempdir::TempDir>,
 }
 
@@ -68,23 +63,10 @@ impl TestApp {
             data_dir: dir.clone(),
             ..Settings::default()
         };
-        let (url, cleanup) = match backend {
+        let (url, database) = match backend {
             Backend::Postgres => {
-                let name = format!("agora_t_{}", Uuid::new_v4().simple());
-                let admin = agora_control_plane::db::Db::connect(&pg_admin_url(), 1)
-                    .await
-                    .unwrap_or_else(|e| panic!("Postgres is required for the test suite and was not reachable at {}: {e:#}", pg_admin_url()));
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&admin.pool)
-                    .await
-                    .expect("create test database");
-                admin.pool.close().await;
-                let base = pg_admin_url();
-                let url = match base.rfind('/') {
-                    Some(i) if i > "postgres://".len() => format!("{}/{name}", &base[..i]),
-                    _ => panic!("TEST_PG_ADMIN_URL must name a database"),
-                };
-                (url, Some(name))
+                let database = agora_testkit::TestDatabase::create().await;
+                (database.url.clone(), Some(database))
             }
             Backend::Sqlite => (
                 format!("sqlite://{}?mode=rwc", dir.join("agora.db").display()),
@@ -100,7 +82,7 @@ impl TestApp {
             settings,
             state,
             http: reqwest::Client::new(),
-            cleanup,
+            database,
             _tmp: Some(tempdir::TempDir(dir)),
         }
     }
@@ -118,7 +100,7 @@ impl TestApp {
             settings: self.settings.clone(),
             state,
             http: reqwest::Client::new(),
-            cleanup: None,
+            database: None,
             _tmp: None,
         }
     }
@@ -127,13 +109,8 @@ impl TestApp {
     /// the test command to sweep.
     pub async fn finish(self) {
         self.state.db.pool.close().await;
-        if let Some(name) = &self.cleanup {
-            if let Ok(admin) = agora_control_plane::db::Db::connect(&pg_admin_url(), 1).await {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .execute(&admin.pool)
-                    .await;
-                admin.pool.close().await;
-            }
+        if let Some(database) = self.database {
+            database.drop().await;
         }
     }
 

@@ -1744,8 +1744,13 @@ async fn failed_logins_back_off_per_account_even_for_the_right_password(backend:
     assert_error(s, &body, StatusCode::TOO_MANY_REQUESTS, "login_throttled");
     // Once the lock (1 s after the free failures) has passed, the right
     // password works and clears the count.
-    let ok = eventually_ok(|| async { login(&app, "erin", "correct-horse-7").await.0 }).await;
-    assert_eq!(ok, StatusCode::OK);
+    eventually(
+        "the right password works once the lock has passed",
+        || async {
+            (login(&app, "erin", "correct-horse-7").await.0 == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
     let (s, _, _) = login(&app, "erin", "wrong-password-1").await;
     assert_eq!(
         s,
@@ -1753,22 +1758,6 @@ async fn failed_logins_back_off_per_account_even_for_the_right_password(backend:
         "a success starts the count again"
     );
     app.finish().await;
-}
-
-/// Retries `f` for up to 10 s while it answers 429.
-async fn eventually_ok<F, Fut>(f: F) -> StatusCode
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = StatusCode>,
-{
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let s = f().await;
-        if s != StatusCode::TOO_MANY_REQUESTS || std::time::Instant::now() > deadline {
-            return s;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
 }
 
 async fn user_tokens_expire_are_listed_and_revoked(backend: Backend) {

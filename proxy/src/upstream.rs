@@ -27,10 +27,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::deadline::within;
+use crate::downstream::{Conn, PassError};
 use crate::error::{GatewayError, RateHeaders};
 use crate::h1::{self, Chunked, Framing, RequestHead, ResponseHead};
 use crate::invoke::{trimmed, RunReading, SessionScrub, UsageReader, MAX_ERROR_DETAIL};
-use crate::server::{Conn, PassError};
 use crate::state::RouteTarget;
 
 /// How long an idle runtime connection stays in the pool: under the 5 s after
@@ -49,7 +49,7 @@ const READ_CHUNK: usize = 16 * 1024;
 const TLS_READ_CHUNK: usize = 64 * 1024;
 
 /// What to send.
-pub struct Exchange<'a> {
+pub struct RunRequest<'a> {
     pub target: &'a RouteTarget,
     pub body: Bytes,
     pub stream: bool,
@@ -267,7 +267,7 @@ impl Upstreams {
     pub async fn forward(
         &self,
         conn: &mut Conn,
-        x: Exchange<'_>,
+        x: RunRequest<'_>,
         p: &mut Progress,
     ) -> Result<(), Failure> {
         let target = x.target;
@@ -280,7 +280,7 @@ impl Upstreams {
                 None => (self.connect(target).await.map_err(Failure::Refused)?, false),
             };
             p.upstream_sent = Some(Instant::now());
-            match exchange(&mut up, &request, timeout).await {
+            match send_and_read_head(&mut up, &request, timeout).await {
                 Ok(head) => break (up, head),
                 // A pooled connection that could not take the run (the runtime
                 // closed it): the run never reached the runtime, so it is sent
@@ -584,7 +584,7 @@ async fn error_detail(up: &mut UpConn, head: &ResponseHead, timeout: Duration) -
 }
 
 /// The run request, head and body in one piece.
-fn run_request(x: &Exchange<'_>) -> Vec<u8> {
+fn run_request(x: &RunRequest<'_>) -> Vec<u8> {
     let t = x.target;
     let target = if x.stream {
         t.stream_uri.as_bytes()
@@ -612,7 +612,7 @@ fn run_request(x: &Exchange<'_>) -> Vec<u8> {
 
 /// Writes the run request and reads the runtime's response head (skipping any
 /// 1xx); the head's bytes stay at the front of `up.buf`.
-async fn exchange(
+async fn send_and_read_head(
     up: &mut UpConn,
     request: &[u8],
     timeout: Duration,

@@ -9,12 +9,9 @@
 //! response is collected here and written once per flush.
 
 use std::io;
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::{Buf, Bytes, BytesMut};
-use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,7 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::deadline::within;
 use crate::error::{GatewayError, Reply};
 use crate::h1::{self, Chunked, Framing, HeadError, RequestHead};
-use crate::proxy::{Ctx, Gateway, MAX_HEADER_BYTES};
+
+/// Headers larger than this in total are refused (431).
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 
 /// How long an idle connection waits for its next request.
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
@@ -433,10 +432,23 @@ impl Conn {
         }
     }
 
+    /// Answers `reply` before reading anything, and closes the connection,
+    /// gently: what the client sent meanwhile is read and dropped for a moment.
+    pub async fn answer_and_close(mut self, reply: &Reply) {
+        self.keep_alive = false;
+        self.start(reply.status);
+        for (name, value) in &reply.headers {
+            self.header(name.as_bytes(), value.as_bytes());
+        }
+        let _ = within(WRITE_TIMEOUT, self.send(&reply.body)).await;
+        self.linger = true;
+        self.close().await;
+    }
+
     /// Closes the connection. When a request's body was left unread, the write
     /// side is shut first and the rest read and dropped for a moment, so the
     /// client reads the answer instead of a reset.
-    async fn close(mut self) {
+    pub async fn close(mut self) {
         if self.body_pending.is_none() && !self.linger && self.buf.is_empty() {
             return;
         }
@@ -467,78 +479,5 @@ fn unreadable() -> GatewayError {
     GatewayError::BadRequest {
         code: "body_unreadable",
         message: "The request body could not be read.".into(),
-    }
-}
-
-#[async_trait]
-impl ServerApp for Gateway {
-    async fn process_new(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let mut conn = Conn::new(io);
-        // Over a cap, the connection is answered at once, before it is read,
-        // and closed: it never holds a descriptor for long.
-        let _slot = match self.connections.admit(conn.peer) {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                self.metrics.connection_refused(refusal.as_str());
-                let reply = GatewayError::TooManyConnections(refusal).response();
-                conn.keep_alive = false;
-                conn.start(reply.status);
-                for (name, value) in &reply.headers {
-                    conn.header(name.as_bytes(), value.as_bytes());
-                }
-                let _ = within(WRITE_TIMEOUT, conn.send(&reply.body)).await;
-                conn.linger = true;
-                conn.close().await;
-                return None;
-            }
-        };
-        let mut shutdown = shutdown.clone();
-        loop {
-            match conn.next(&mut shutdown).await {
-                Next::Request(head) => {
-                    let mut request = Served::begin(self);
-                    self.serve(&mut conn, &head, &mut request.ctx).await;
-                    request.complete = true;
-                }
-                Next::Refused(refusal) => {
-                    let mut request = Served::begin(self);
-                    self.refuse(&mut conn, &mut request.ctx, refusal).await;
-                    request.complete = true;
-                }
-                Next::Closed => return None,
-            }
-            if !conn.keep_alive || conn.body_pending() {
-                conn.close().await;
-                return None;
-            }
-        }
-    }
-}
-
-/// A request being served. Its metrics and usage event are recorded when it
-/// ends, and also when its task is dropped before that (requests still running
-/// when shutdown's grace period ends), as cancelled.
-struct Served<'a> {
-    gateway: &'a Gateway,
-    ctx: Ctx,
-    complete: bool,
-}
-
-impl<'a> Served<'a> {
-    fn begin(gateway: &'a Gateway) -> Served<'a> {
-        Served {
-            gateway,
-            ctx: Ctx::begin(gateway),
-            complete: false,
-        }
-    }
-}
-
-impl Drop for Served<'_> {
-    fn drop(&mut self) {
-        if !self.complete {
-            self.ctx.cut();
-        }
-        self.gateway.finish(&mut self.ctx);
     }
 }

@@ -1,0 +1,79 @@
+//! An invoke's filters, in order: the key, the limits (rate, in-flight,
+//! quota), then the body.
+
+use super::*;
+
+impl Gateway {
+    /// Admits an invoke, or says why not: its key, its limits, then its body
+    /// (read, bounded and rewritten for the runtime), leaving what the upstream
+    /// request needs in `ctx`.
+    pub(super) async fn admit(
+        &self,
+        conn: &mut Conn,
+        head: &RequestHead,
+        ctx: &mut Ctx,
+    ) -> Result<(), GatewayError> {
+        ctx.set_event_id(Uuid::now_v7());
+        if head.method() != b"POST" {
+            return Err(GatewayError::MethodNotAllowed);
+        }
+        if self.life.draining.load(Ordering::Relaxed) {
+            return Err(GatewayError::ShuttingDown);
+        }
+        if self.pipeline.as_ref().is_some_and(|p| p.refusing()) {
+            return Err(GatewayError::MeteringUnavailable);
+        }
+        let state = self.shared.load();
+        if !self.shared.is_loaded() {
+            return Err(GatewayError::NotReady);
+        }
+        let caller = self.authenticate(head, &state, Some(Scope::Invoke), ctx.started_ms)?;
+        keys::check_origin(&state, &caller, head.header("origin"))?;
+        let record = caller.record.clone();
+        let entry = &record.entry;
+        // Known from here, so that any refusal is counted as the caller's.
+        ctx.caller = Some(caller);
+        let target = state
+            .route(&entry.config)
+            .filter(|t| t.peer.is_some())
+            .ok_or(GatewayError::AgentUnavailable)?
+            .clone();
+        ctx.stream = invoke::wants_stream(head.query())?;
+        let plan = entry.plan.and_then(|p| state.plan(&p));
+        ctx.target = Some(target.clone());
+        let admission = self
+            .limits
+            .admit(entry, plan, &target.route.quota, ctx.started_ms)
+            .inspect_err(|e| {
+                if let GatewayError::RateLimited { limit, .. } = e {
+                    self.metrics.rate_limited(limit.as_str());
+                } else {
+                    self.metrics.rate_limited(e.code());
+                }
+            })?;
+        ctx.rate = admission.headers;
+        ctx._in_flight = Some(admission.in_flight);
+        let body = conn.read_body(self.max_body_bytes).await?;
+        ctx.bytes_in = body.len() as u64;
+        let run = invoke::runtime_body(&body, &target, &entry.key_id)?;
+        ctx.body = Some(run.body);
+        ctx.input = run.input;
+        Ok(())
+    }
+
+    pub(super) fn authenticate(
+        &self,
+        head: &RequestHead,
+        state: &crate::state::State,
+        scope: Option<Scope>,
+        now_ms: i64,
+    ) -> Result<Caller, GatewayError> {
+        let now = now_ms / 1000;
+        keys::presented(head.header("authorization"), head.header("x-api-key"))
+            .and_then(|raw| keys::authenticate(state, raw, scope, now))
+            .inspect_err(|e| match e {
+                GatewayError::InvalidKey(reason) => self.metrics.auth_failure(reason.as_str()),
+                other => self.metrics.auth_failure(other.code()),
+            })
+    }
+}
