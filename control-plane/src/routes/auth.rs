@@ -48,6 +48,19 @@ async fn check(app: &AppState, username: &str, password: &str) -> ApiResult<Opti
     Ok(user?)
 }
 
+/// 429 `login_throttled`, with the wait, while any of `subjects` is locked.
+async fn refuse_while_locked(app: &AppState, subjects: &[Subject]) -> ApiResult<()> {
+    let wait = login::locked_for(&app.db, subjects).await?;
+    if wait > 0 {
+        return Err(ApiError::TooManyRequests {
+            code: "login_throttled",
+            message: "too many failed logins; wait before trying again".into(),
+            retry_after_secs: (wait as u64).div_ceil(1000),
+        });
+    }
+    Ok(())
+}
+
 async fn token_answer(app: &AppState, user: Uuid) -> ApiResult<TokenAnswer> {
     let token = identity::create_token(&app.db, user).await?;
     Ok(TokenAnswer {
@@ -72,14 +85,7 @@ pub async fn obtain_token(
     }
     let mut subjects = vec![Subject::Account(body.username.clone())];
     subjects.extend(addr.map(Subject::Address));
-    let wait = login::locked_for(&app.db, &subjects).await?;
-    if wait > 0 {
-        return Err(ApiError::TooManyRequests {
-            code: "login_throttled",
-            message: "too many failed logins; wait before trying again".into(),
-            retry_after_secs: (wait as u64).div_ceil(1000),
-        });
-    }
+    refuse_while_locked(&app, &subjects).await?;
     let Some(user) = check(&app, &body.username, &body.password).await? else {
         login::failed(&app.db, &subjects).await?;
         return Err(invalid_credentials());
@@ -132,13 +138,7 @@ pub async fn change_password(
     ApiJson(body): ApiJson<PasswordChange>,
 ) -> ApiResult<Json<TokenAnswer>> {
     let subjects = [Subject::Account(caller.username.clone())];
-    if login::locked_for(&app.db, &subjects).await? > 0 {
-        return Err(ApiError::TooManyRequests {
-            code: "login_throttled",
-            message: "too many failed logins; wait before trying again".into(),
-            retry_after_secs: 1,
-        });
-    }
+    refuse_while_locked(&app, &subjects).await?;
     if body.current_password.chars().count() > identity::PASSWORD_MAX_CHARS
         || check(&app, &caller.username, &body.current_password).await? != Some(caller.user)
     {

@@ -309,14 +309,13 @@ pub async fn put_member(
     let existing = member_role(&app, uuid, user)
         .await?
         .ok_or_else(not_member)?;
-    let existing = Some(existing);
-    let touches_owner = body.role == Role::Owner || existing == Some(Role::Owner);
+    let touches_owner = body.role == Role::Owner || existing == Role::Owner;
     if touches_owner && current != Some(Role::Owner) {
         return Err(ApiError::forbidden(
             "only an owner grants or takes away ownership",
         ));
     }
-    if existing == Some(Role::Owner) && body.role != Role::Owner {
+    if existing == Role::Owner && body.role != Role::Owner {
         ensure_other_owner(&app, uuid, user).await?;
     }
     identity::add_member(&app.db, uuid, user, body.role).await?;
