@@ -75,6 +75,27 @@ enum Command {
         #[command(subcommand)]
         command: TokensCommand,
     },
+    /// Billing: compare usage, what was reported to Stripe, and Stripe's meters.
+    Billing {
+        #[command(subcommand)]
+        command: BillingCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BillingCommand {
+    /// For each metered subscription and period: usage in the store, usage
+    /// reported, and Stripe's meter event summary. Exits 1 when any differ.
+    Reconcile {
+        #[command(flatten)]
+        common: Common,
+        /// Only periods starting in this month (YYYY-MM, UTC).
+        #[arg(long)]
+        period: Option<String>,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -254,6 +275,22 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Billing {
+            command:
+                BillingCommand::Reconcile {
+                    common,
+                    period,
+                    json,
+                },
+        } => {
+            let settings = load_settings(cli.config.as_ref(), &common)?;
+            init_logging(&settings);
+            let agreed = reconcile(&settings, period.as_deref(), json).await?;
+            if !agreed {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Tokens {
             command: TokensCommand::Create { common, username },
         } => {
@@ -268,6 +305,63 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `agora billing reconcile`; `Ok(false)` when any line differs.
+async fn reconcile(settings: &Settings, period: Option<&str>, json: bool) -> anyhow::Result<bool> {
+    use agora_control_plane::billing::{meter, Billing};
+    let billing = Billing::from_settings(settings)?
+        .ok_or_else(|| anyhow::anyhow!("billing is off: set [stripe] secret_key"))?;
+    let db = agora_control_plane::db::Db::connect(&settings.database_url(), 2).await?;
+    db.migrate().await?;
+    let store = agora_usage::open(settings).await?;
+    let within = period.map(month_range).transpose()?;
+    let now = agora_control_plane::db::now_ms();
+    let lines = meter::reconcile(&billing, &db, store.as_ref(), now, within).await?;
+    let mut agreed = true;
+    if !json {
+        println!("subscription                          unit      period start              store   reported     stripe  test-mode  ok");
+    }
+    for line in &lines {
+        agreed &= line.agrees();
+        if json {
+            println!("{}", serde_json::to_string(line)?);
+        } else {
+            println!(
+                "{}  {:<8}  {:<20}  {:>9}  {:>9}  {:>9}  {:>9}  {}",
+                line.subscription,
+                line.unit,
+                agora_control_plane::domain::ts(line.period_start),
+                line.store,
+                line.reported,
+                line.stripe,
+                line.test_mode,
+                if line.agrees() { "yes" } else { "DIFFERS" }
+            );
+        }
+    }
+    if !json {
+        println!(
+            "{} line(s); {}",
+            lines.len(),
+            if agreed { "all agree" } else { "some differ" }
+        );
+    }
+    Ok(agreed)
+}
+
+/// `YYYY-MM` as a UTC month in unix ms.
+fn month_range(text: &str) -> anyhow::Result<agora_usage::TimeRange> {
+    let bad = || anyhow::anyhow!("--period must be YYYY-MM, e.g. 2026-12");
+    let (year, month) = text.split_once('-').ok_or_else(bad)?;
+    let year: i32 = year.parse().map_err(|_| bad())?;
+    let month: u8 = month.parse().map_err(|_| bad())?;
+    let month = time::Month::try_from(month).map_err(|_| bad())?;
+    let start = time::Date::from_calendar_date(year, month, 1)
+        .map_err(|_| bad())?
+        .midnight()
+        .assume_utc();
+    agora_control_plane::quota::period(agora_config::snapshot::BillingInterval::Month, start)
+}
+
 async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
     let addr: SocketAddr = addr
         .parse()
@@ -280,8 +374,41 @@ async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
 /// `agora up`: the control plane on the embedded database, seeded with a demo,
 /// the proxy in front of the agent runtime, and the demo runtime unless one is
 /// configured.
-async fn up(settings: Settings) -> anyhow::Result<()> {
+async fn up(mut settings: Settings) -> anyhow::Result<()> {
+    let listener = bind(&settings.control_plane.listen).await?;
+    let addr = listener.local_addr()?;
+    // Without a Stripe account configured, payments are local test payments:
+    // a Stripe stand-in on loopback, whose events reach this control plane.
+    let local_stripe = match settings.stripe.secret_key {
+        Some(_) => None,
+        None => {
+            let webhook = agora_stripe_local::WebhookTarget::new(format!(
+                "http://{addr}/api/stripe/webhook/"
+            ));
+            let stripe = agora_stripe_local::start(
+                bind("127.0.0.1:0").await?,
+                agora_stripe_local::Options {
+                    webhooks: vec![webhook],
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let st = &mut settings.stripe;
+            st.api_base = stripe.url();
+            st.secret_key = Some(stripe.secret_key().to_owned().into());
+            st.publishable_key = Some(stripe.publishable_key().to_owned());
+            st.webhook_secret = stripe.webhook_secret().map(|s| s.to_owned().into());
+            st.allowed_redirect_hosts
+                .extend(["127.0.0.1".to_owned(), "localhost".to_owned()]);
+            Some(stripe)
+        }
+    };
     let mut state = AppState::from_settings(&settings).await?;
+    if local_stripe.is_some() {
+        // The stand-in keeps nothing between runs: forget what an earlier run
+        // made in it, so it is made again.
+        agora_control_plane::billing::forget_catalog(&state.db).await?;
+    }
     if state.proxy_secret.is_none() {
         // The proxy runs in this process: a secret for this run is enough.
         state.proxy_secret = Some(format!("up-{}", uuid::Uuid::new_v4().simple()).into());
@@ -290,8 +417,6 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         Some(_) => None,
         None => Some(start_demo_runtime(&mut state).await?),
     };
-    let listener = bind(&settings.control_plane.listen).await?;
-    let addr = listener.local_addr()?;
     let url = settings
         .control_plane
         .public_url
@@ -333,6 +458,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     )
     .await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let state_db = state.db.clone();
     let server = tokio::spawn(agora_control_plane::serve(listener, state, async move {
         let _ = stop_rx.await;
     }));
@@ -363,6 +489,13 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         demo_file.display()
     );
     println!("  {}", info.note);
+    match &local_stripe {
+        Some(stripe) => println!(
+            "  payments:      LOCAL TEST PAYMENTS at {} (nothing leaves this machine; pay with 4242 4242 4242 4242)",
+            stripe.url()
+        ),
+        None => println!("  payments:      Stripe ({})", settings.stripe.api_base),
+    }
     println!();
     println!("Try it (the marketplace, then the buyer's agent):");
     println!(
@@ -373,6 +506,18 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
         "  curl -s -H \"Authorization: Bearer {}\" -H 'Content-Type: application/json' -d '{{\"input\": \"Hello, how can you help me?\"}}' {proxy_url}/api/agent-gateway/invoke/",
         key_of("api_key")
     );
+    if let Some((offering, plan)) = pro_plan(&state_db).await? {
+        println!();
+        println!("Buy the Pro plan (order, then pay on the checkout page it answers):");
+        println!(
+            "  curl -s -H \"Authorization: Token {}\" -H 'Content-Type: application/json' -d '{{\"offering\": \"{offering}\", \"plan\": \"{plan}\"}}' {proxy_url}/api/marketplace-orders/",
+            key_of("buyer_token")
+        );
+        println!(
+            "  curl -s -H \"Authorization: Token {}\" -H 'Content-Type: application/json' -d '{{\"order_uuid\": \"<order uuid>\", \"success_url\": \"{proxy_url}/api/marketplace-orders/\", \"cancel_url\": \"{proxy_url}/api/marketplace-orders/\"}}' {proxy_url}/api/stripe/checkout/",
+            key_of("buyer_token")
+        );
+    }
     println!();
     println!("Press Ctrl-C to stop.");
     shutdown_signal().await;
@@ -381,8 +526,26 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || proxy.shutdown()).await?;
     let _ = stop_tx.send(());
     server.await??;
+    if let Some(stripe) = local_stripe {
+        stripe.shutdown().await;
+    }
     println!("Agora stopped.");
     Ok(())
+}
+
+/// The first published agent's Pro plan, for the printed purchase commands.
+async fn pro_plan(db: &agora_control_plane::db::Db) -> anyhow::Result<Option<(String, String)>> {
+    use sqlx::Row;
+    let row = sqlx::query(
+        "SELECT p.uuid, p.agent_uuid FROM pricing_plans p JOIN provider_agents a ON a.uuid = p.agent_uuid \
+         WHERE p.name = 'Pro' AND p.active = 1 AND a.status = 'published' ORDER BY a.created_at, a.uuid",
+    )
+    .fetch_optional(&db.pool)
+    .await?;
+    Ok(match row {
+        Some(row) => Some((row.try_get("agent_uuid")?, row.try_get("uuid")?)),
+        None => None,
+    })
 }
 
 /// Starts the built-in demo runtime on a free loopback port, gives it the

@@ -279,6 +279,59 @@ fn up_seeds_serves_and_restarts() {
         .unwrap()
         .to_owned();
     assert!(run_flow(&info, &echo, "where is my parcel?").contains("where is my parcel?"));
+
+    // Local test payments: the printed commands buy the Pro plan, paid on the
+    // stand-in's checkout page with Stripe's test card.
+    assert!(
+        up.lines.iter().any(|l| l.contains("LOCAL TEST PAYMENTS")),
+        "{:#?}",
+        up.lines
+    );
+    let config = get(&info, "buyer_token", "/api/stripe/config/");
+    assert_eq!(config["mode"], "local", "{config}");
+    let run = |curl: &str| -> serde_json::Value {
+        let out = Command::new("bash").args(["-c", curl]).output().unwrap();
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {curl}: {}", String::from_utf8_lossy(&out.stdout)))
+    };
+    let order = run(&printed("\"offering\""));
+    assert_eq!(order["state"], "pending_payment", "{order}");
+    let order_uuid = order["uuid"].as_str().unwrap();
+    let session = run(&printed("/api/stripe/checkout/").replace("<order uuid>", order_uuid));
+    let pay_url = session["url"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{session}"));
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-d",
+            "card_number=4242424242424242",
+            pay_url,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "303");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let order = get(
+            &info,
+            "buyer_token",
+            &format!("/api/marketplace-orders/{order_uuid}/"),
+        );
+        if order["state"] == "done" {
+            assert!(order["config"].is_string(), "{order}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the paid order never completed: {order}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     stop(up);
 
     // A second run keeps the data: same config, same key, no second seeding.

@@ -40,6 +40,7 @@ pub struct Settings {
     pub runtime: RuntimeSettings,
     pub proxy: ProxySettings,
     pub usage: UsageSettings,
+    pub stripe: StripeSettings,
     pub log: LogSettings,
 }
 
@@ -215,6 +216,75 @@ impl Default for UsageSettings {
     }
 }
 
+/// Payments. Billing is on when `secret_key` is set: real Stripe by default, or
+/// any server speaking its API at `api_base` (the local stand-in `agora up` runs).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StripeSettings {
+    /// Stripe's API address.
+    pub api_base: String,
+    pub secret_key: Option<SecretString>,
+    /// Shown to browsers (`GET /api/stripe/config/`).
+    pub publishable_key: Option<String>,
+    /// Signs webhook deliveries (`whsec_…`); webhooks are refused without it.
+    pub webhook_secret: Option<SecretString>,
+    /// Hosts (`host` or `host:port`) checkout and portal return URLs may point
+    /// to; the control plane's public URL's host is always allowed.
+    pub allowed_redirect_hosts: Vec<String>,
+    /// How long a `past_due` subscription keeps working, seconds.
+    #[serde(deserialize_with = "number")]
+    pub past_due_grace_secs: u64,
+    /// Usage is reported to Stripe per closed window of this many seconds
+    /// (at most one meter event per subscription, unit and window).
+    #[serde(deserialize_with = "number")]
+    pub report_window_secs: u64,
+    /// How often closed windows are looked for and reported, milliseconds.
+    #[serde(deserialize_with = "number")]
+    pub report_every_ms: u64,
+    /// Longest a call to Stripe may take, milliseconds.
+    #[serde(deserialize_with = "number")]
+    pub timeout_ms: u64,
+}
+
+/// Stripe's own API address.
+pub const STRIPE_API: &str = "https://api.stripe.com";
+
+impl Default for StripeSettings {
+    fn default() -> Self {
+        StripeSettings {
+            api_base: STRIPE_API.into(),
+            secret_key: None,
+            publishable_key: None,
+            webhook_secret: None,
+            allowed_redirect_hosts: Vec::new(),
+            past_due_grace_secs: 3 * 24 * 3600,
+            report_window_secs: 3600,
+            report_every_ms: 60_000,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Keys are shown as set or not, never their value.
+impl std::fmt::Debug for StripeSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StripeSettings")
+            .field("api_base", &self.api_base)
+            .field("secret_key", &self.secret_key.as_ref().map(|_| "***"))
+            .field("publishable_key", &self.publishable_key)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "***"),
+            )
+            .field("allowed_redirect_hosts", &self.allowed_redirect_hosts)
+            .field("past_due_grace_secs", &self.past_due_grace_secs)
+            .field("report_window_secs", &self.report_window_secs)
+            .field("report_every_ms", &self.report_every_ms)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
@@ -230,6 +300,7 @@ impl Default for Settings {
             runtime: RuntimeSettings::default(),
             proxy: ProxySettings::default(),
             usage: UsageSettings::default(),
+            stripe: StripeSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -484,6 +555,28 @@ impl Settings {
                     "runtime.api_key is required when runtime.url is set".into(),
                 ));
             }
+        }
+        let st = &self.stripe;
+        if !(st.api_base.starts_with("http://") || st.api_base.starts_with("https://")) {
+            return Err(SettingsError::Invalid(
+                "stripe.api_base must start with http:// or https://".into(),
+            ));
+        }
+        if st.secret_key.is_some() && st.publishable_key.is_none() {
+            return Err(SettingsError::Invalid(
+                "stripe.publishable_key is required when stripe.secret_key is set".into(),
+            ));
+        }
+        if !(1..=86_400).contains(&st.report_window_secs) {
+            return Err(SettingsError::Invalid(
+                "stripe.report_window_secs must be between 1 and 86400".into(),
+            ));
+        }
+        if !(100..=3_600_000).contains(&st.report_every_ms) || st.timeout_ms == 0 {
+            return Err(SettingsError::Invalid(
+                "stripe.report_every_ms must be between 100 and 3600000 and stripe.timeout_ms positive"
+                    .into(),
+            ));
         }
         let px = &self.proxy;
         for (name, addr) in [("listen", &px.listen), ("admin_listen", &px.admin_listen)] {

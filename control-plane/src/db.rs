@@ -61,6 +61,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "account_safety",
         include_str!("../migrations/0004_account_safety.sql"),
     ),
+    (5, "billing", include_str!("../migrations/0005_billing.sql")),
 ];
 
 impl Db {

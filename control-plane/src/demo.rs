@@ -342,13 +342,14 @@ async fn seed(app: &AppState) -> anyhow::Result<(String, String, Uuid)> {
         let free = insert_plan(db, agent, &plan("Free", 0, Some(1_000), Some(20), Some(2)))
             .await
             .map_err(api_err)?;
-        insert_plan(
-            db,
-            agent,
-            &plan("Pro", 2_900, Some(100_000), Some(600), Some(10)),
-        )
-        .await
-        .map_err(api_err)?;
+        // Pro includes a million tokens a month and charges 2 cents per 1,000
+        // tokens over that, through Stripe's meters.
+        let pro = NewPlan {
+            token_quota: Some(1_000_000),
+            usage_cents_per_1k_tokens: Some(2),
+            ..plan("Pro", 2_900, Some(100_000), Some(600), Some(10))
+        };
+        insert_plan(db, agent, &pro).await.map_err(api_err)?;
         set_published(db, agent, flow_id.as_deref())
             .await
             .map_err(api_err)?;
@@ -391,6 +392,8 @@ fn plan(
         requests_per_minute: rpm,
         burst: None,
         max_concurrency: concurrency,
+        usage_cents_per_1k_tokens: None,
+        usage_cents_per_request: None,
     }
 }
 

@@ -13,6 +13,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::response::IntoResponse;
 use axum::Router;
 
+pub mod billing;
 pub mod db;
 pub mod demo;
 pub mod domain;
@@ -26,6 +27,7 @@ pub mod quota;
 pub mod routes;
 pub mod runtime;
 pub mod signing;
+pub mod stripe;
 pub mod sync;
 
 use db::Db;
@@ -77,6 +79,9 @@ pub struct AppState {
     /// The usage store the proxy writes; none when it could not be opened at
     /// start, and then the usage routes answer 503.
     pub usage: Option<Arc<dyn agora_usage::UsageStore>>,
+    /// Payments through Stripe; none when no Stripe key is configured, and
+    /// then paid orders cannot be checked out.
+    pub billing: Option<Arc<billing::Billing>>,
 }
 
 impl AppState {
@@ -113,7 +118,13 @@ impl AppState {
                 std::time::Duration::from_millis(cp.quota_count_ms),
             );
         }
+        let billing = billing::Billing::from_settings(settings)?.map(Arc::new);
+        if let Some(billing) = &billing {
+            tracing::info!(mode = ?billing.mode, stripe = billing.client.base_url(), "billing on");
+            billing::start(billing.clone(), db.clone(), usage.clone());
+        }
         Ok(AppState {
+            billing,
             db: db.clone(),
             limits: Arc::new(Limits {
                 max_body_bytes: cp.max_body_bytes,
@@ -176,7 +187,10 @@ impl RouteDoc {
     pub fn is_public(&self) -> bool {
         matches!(
             (self.method, self.path),
-            ("post", "/api/auth/token/") | ("get", "/api/openapi.json")
+            ("post", "/api/auth/token/")
+                | ("get", "/api/openapi.json")
+                | ("get", "/api/stripe/config/")
+                | ("post", "/api/stripe/webhook/")
         )
     }
 }
@@ -199,7 +213,7 @@ macro_rules! api {
     };
 }
 
-use routes::{agents, auth, configs, documents, keys, marketplace, orgs, usage};
+use routes::{agents, auth, billing as pay, configs, documents, keys, marketplace, orgs, usage};
 
 api! {
     post "/api/auth/token/" => auth::obtain_token, "auth", "Exchange username and password for a user token", auth::Credentials => auth::TokenAnswer;
@@ -265,6 +279,15 @@ api! {
     post "/api/training-documents/" => documents::upload_document, "buyer", "Upload a knowledge document (the body; ?filename=&config=)" => documents::DocumentAnswer;
     get "/api/training-documents/{uuid}/" => documents::get_document, "buyer", "One knowledge document's metadata" => documents::DocumentAnswer;
     delete "/api/training-documents/{uuid}/" => documents::delete_document, "buyer", "Delete a knowledge document";
+
+    get "/api/stripe/config/" => pay::stripe_config, "billing", "Stripe's publishable key and mode (test, live or local)" => pay::StripeConfig;
+    post "/api/stripe/checkout/" => pay::checkout, "billing", "A Checkout Session to pay a pending order", pay::CheckoutRequest => pay::CheckoutAnswer;
+    post "/api/stripe/webhook/" => pay::webhook, "billing", "Stripe's signed event deliveries" => pay::WebhookAnswer;
+    post "/api/stripe/portal/" => pay::portal, "billing", "A link to Stripe's customer portal", pay::PortalRequest => pay::PortalAnswer;
+    get "/api/stripe-customers/" => pay::list_customers, "billing", "Your organizations' Stripe customers" => Paged<pay::CustomerAnswer>;
+    get "/api/stripe-subscriptions/" => pay::list_subscriptions, "billing", "Your organizations' subscriptions" => Paged<pay::SubscriptionAnswer>;
+    post "/api/stripe-subscriptions/{uuid}/cancel/" => pay::cancel_subscription, "billing", "Cancel a subscription at the period's end (default) or now", pay::CancelRequest => pay::SubscriptionAnswer;
+    get "/api/stripe-payment-methods/" => pay::list_payment_methods, "billing", "Cards on file of your organizations' customers" => Vec<pay::PaymentMethodAnswer>;
 }
 
 /// The full application: API routes, JSON 404/405, body limit, a time limit
@@ -275,6 +298,7 @@ pub fn app(state: AppState) -> Router {
     api_router()
         .route("/internal/v1/snapshot", axum::routing::get(sync::snapshot))
         .route("/internal/v1/changes", axum::routing::get(sync::changes))
+        .route("/metrics", axum::routing::get(metrics))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
@@ -290,6 +314,51 @@ pub fn app(state: AppState) -> Router {
             ApiError::Unexpected(anyhow::anyhow!("a request handler panicked")).into_response()
         }))
         .with_state(state)
+}
+
+/// Prometheus exposition of the control plane's own counters (billing), on
+/// its own port only (the front door passes only `/api/*`).
+async fn metrics(axum::extract::State(app): axum::extract::State<AppState>) -> impl IntoResponse {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    if let Some(b) = &app.billing {
+        let m = &b.metrics;
+        let _ = writeln!(out, "# HELP agora_billing_webhooks_total Stripe webhook events handled, by outcome.\n# TYPE agora_billing_webhooks_total counter");
+        let _ = writeln!(
+            out,
+            "agora_billing_webhooks_total{{outcome=\"applied\"}} {}",
+            m.webhooks_handled.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "agora_billing_webhooks_total{{outcome=\"duplicate\"}} {}",
+            m.webhooks_duplicate.load(Relaxed)
+        );
+        let _ = writeln!(out, "# HELP agora_billing_webhook_failures_total Stripe webhook deliveries refused or not handled, by reason.\n# TYPE agora_billing_webhook_failures_total counter");
+        let failures = m
+            .webhook_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (reason, n) in failures {
+            let _ = writeln!(
+                out,
+                "agora_billing_webhook_failures_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        let _ = writeln!(out, "# HELP agora_billing_meter_events_total Meter events Stripe accepted.\n# TYPE agora_billing_meter_events_total counter\nagora_billing_meter_events_total {}", m.meter_events_sent.load(Relaxed));
+        let _ = writeln!(out, "# HELP agora_billing_meter_event_failures_total Meter event sends that failed (they stay pending).\n# TYPE agora_billing_meter_event_failures_total counter\nagora_billing_meter_event_failures_total {}", m.meter_event_failures.load(Relaxed));
+        let _ = writeln!(out, "# HELP agora_billing_unreported_windows Usage reports written but not yet accepted by Stripe.\n# TYPE agora_billing_unreported_windows gauge\nagora_billing_unreported_windows {}", m.unreported_windows.load(Relaxed));
+        let _ = writeln!(out, "# HELP agora_billing_report_lag_seconds Age of the oldest unsent usage report.\n# TYPE agora_billing_report_lag_seconds gauge\nagora_billing_report_lag_seconds {}", m.report_lag_secs.load(Relaxed));
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
 }
 
 /// A body declared larger than the limit is answered 413 before any of it is

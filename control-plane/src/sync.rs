@@ -178,7 +178,8 @@ pub async fn compile(db: &Db, runtime_url: Option<&str>) -> anyhow::Result<Snaps
     }
 
     let plans = sqlx::query(
-        "SELECT DISTINCT p.uuid, p.billing_interval, p.request_quota, p.token_quota, p.requests_per_minute, p.burst, p.max_concurrency \
+        "SELECT DISTINCT p.uuid, p.billing_interval, p.request_quota, p.token_quota, p.requests_per_minute, p.burst, p.max_concurrency, \
+                p.usage_cents_per_1k_tokens, p.usage_cents_per_request \
          FROM pricing_plans p JOIN resources r ON r.plan_uuid = p.uuid",
     )
     .fetch_all(&mut *tx)
@@ -197,6 +198,18 @@ pub async fn compile(db: &Db, runtime_url: Option<&str>) -> anyhow::Result<Snaps
                 .map(u64::try_from)
                 .transpose()?)
         };
+        // A quota whose overage is charged is what the plan includes, not a cap.
+        let charged = |col: &str| -> anyhow::Result<bool> {
+            Ok(row.try_get::<Option<i64>, _>(col)?.is_some())
+        };
+        let request_quota = match charged("usage_cents_per_request")? {
+            true => None,
+            false => large("request_quota")?,
+        };
+        let token_quota = match charged("usage_cents_per_1k_tokens")? {
+            true => None,
+            false => large("token_quota")?,
+        };
         snapshot.plans.insert(
             plan,
             PlanLimits {
@@ -204,8 +217,8 @@ pub async fn compile(db: &Db, runtime_url: Option<&str>) -> anyhow::Result<Snaps
                 requests_per_minute: small("requests_per_minute")?,
                 burst: small("burst")?,
                 max_concurrency: small("max_concurrency")?,
-                request_quota: large("request_quota")?,
-                token_quota: large("token_quota")?,
+                request_quota,
+                token_quota,
                 interval: match row.try_get::<String, _>("billing_interval")?.as_str() {
                     "year" => BillingInterval::Year,
                     _ => BillingInterval::Month,

@@ -147,7 +147,9 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             MissingKey | InvalidKey(_) | RuntimeSecretRequired => 401,
-            Suspended | InsufficientScope | OriginNotAllowed => 403,
+            // Payment Required: the subscription lapsed; paying makes it work again.
+            Suspended => 402,
+            InsufficientScope | OriginNotAllowed => 403,
             RateLimited { .. } | QuotaExceeded { .. } | TooManyInFlight { .. } => 429,
             BadRequest { .. } => 400,
             BodyTooLarge { .. } => 413,

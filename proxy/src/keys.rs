@@ -7,7 +7,7 @@
 //!    [`MAX_KEY_LEN`] before reading it further;
 //! 2. its kind prefix;
 //! 3. SHA-256 of the whole string, looked up in the snapshot's key table: unknown,
-//!    revoked or expired keys stop here; a suspended subscription is a 403;
+//!    revoked or expired keys stop here; a lapsed subscription is a 402;
 //! 4. the claims cached beside the table entry, or — on the key's first use — its
 //!    shape (three base64url segments) and one EdDSA verification (alg must be
 //!    EdDSA, kid trusted, exp/nbf, mode and kind bound to the prefix), whose result

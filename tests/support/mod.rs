@@ -86,6 +86,18 @@ pub struct World {
     database: Option<agora_testkit::TestDatabase>,
     pub settings: agora_config::settings::Settings,
     pub runtime_key: String,
+    /// The local Stripe, when the world bills.
+    pub stripe: Option<agora_stripe_local::LocalStripe>,
+}
+
+/// How a world bills: through a local Stripe whose events reach its control
+/// plane.
+#[derive(Clone, Debug)]
+pub struct Billed {
+    /// How long `past_due` keeps working.
+    pub grace_secs: u64,
+    pub report_window_secs: u64,
+    pub report_every_ms: u64,
 }
 
 pub async fn start_cp(
@@ -145,6 +157,23 @@ impl World {
         token_delay: Duration,
         usage: Option<agora_config::settings::UsageSettings>,
     ) -> World {
+        World::start_full(runtime, token_delay, usage, None).await
+    }
+
+    /// With billing through a local Stripe, and `usage` as [`World::start_with`].
+    pub async fn start_billed(
+        usage: Option<agora_config::settings::UsageSettings>,
+        billed: Billed,
+    ) -> World {
+        World::start_full(None, Duration::ZERO, usage, Some(billed)).await
+    }
+
+    pub async fn start_full(
+        runtime: Option<(String, String)>,
+        token_delay: Duration,
+        usage: Option<agora_config::settings::UsageSettings>,
+        billed: Option<Billed>,
+    ) -> World {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
@@ -165,6 +194,35 @@ impl World {
             // Quota counts reach the proxies within a test's patience.
             settings.control_plane.quota_count_ms = 200;
         }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cp_addr = listener.local_addr().unwrap();
+        let cp_url = format!("http://{cp_addr}");
+        let stripe = match billed {
+            Some(billed) => {
+                let webhook =
+                    agora_stripe_local::WebhookTarget::new(format!("{cp_url}/api/stripe/webhook/"));
+                let stripe = agora_stripe_local::start(
+                    tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+                    agora_stripe_local::Options {
+                        webhooks: vec![webhook],
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+                let st = &mut settings.stripe;
+                st.api_base = stripe.url();
+                st.secret_key = Some(stripe.secret_key().to_owned().into());
+                st.publishable_key = Some(stripe.publishable_key().to_owned());
+                st.webhook_secret = stripe.webhook_secret().map(|s| s.to_owned().into());
+                st.allowed_redirect_hosts = vec!["shop.example".into()];
+                st.past_due_grace_secs = billed.grace_secs;
+                st.report_window_secs = billed.report_window_secs;
+                st.report_every_ms = billed.report_every_ms;
+                Some(stripe)
+            }
+            None => None,
+        };
         let mut state = AppState::from_settings(&settings).await.unwrap();
 
         // The demo runtime, reached through a recording relay; or the one given.
@@ -200,9 +258,6 @@ impl World {
             .unwrap(),
         );
 
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let cp_addr = listener.local_addr().unwrap();
-        let cp_url = format!("http://{cp_addr}");
         let built_in = BuiltInRuntime {
             url: runtime_url.clone(),
             api_key: runtime_key.clone(),
@@ -245,6 +300,7 @@ impl World {
             database: Some(database),
             settings,
             runtime_key,
+            stripe,
         };
         world.wait_ready().await;
         world
@@ -514,6 +570,9 @@ impl World {
 
     pub async fn finish(mut self) {
         self.stop_proxy().await;
+        if let Some(stripe) = self.stripe.take() {
+            stripe.shutdown().await;
+        }
         self.stop_cp().await;
         self.runtime_task.abort();
         self.state.db.pool.close().await;

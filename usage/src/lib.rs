@@ -50,8 +50,10 @@ pub enum Scope {
     Config(Uuid),
     /// One seller's agent, over all its buyers.
     Agent(Uuid),
-    /// One organisation, over all its configs (what billing reads).
+    /// One organisation, over all its configs.
     Tenant(Uuid),
+    /// One API key (billing leaves test-mode keys out).
+    Key(Uuid),
 }
 
 impl Scope {
@@ -60,12 +62,13 @@ impl Scope {
             Scope::Config(_) => "config",
             Scope::Agent(_) => "agent",
             Scope::Tenant(_) => "tenant",
+            Scope::Key(_) => "key_id",
         }
     }
 
     pub(crate) fn id(&self) -> Uuid {
         match self {
-            Scope::Config(id) | Scope::Agent(id) | Scope::Tenant(id) => *id,
+            Scope::Config(id) | Scope::Agent(id) | Scope::Tenant(id) | Scope::Key(id) => *id,
         }
     }
 }

@@ -443,6 +443,11 @@ pub struct NewPlan {
     pub requests_per_minute: Option<i64>,
     pub burst: Option<i64>,
     pub max_concurrency: Option<i64>,
+    /// A usage charge over the included token quota, in cents per 1,000 tokens
+    /// (billed through Stripe's meters).
+    pub usage_cents_per_1k_tokens: Option<i64>,
+    /// A usage charge over the included request quota, in cents per request.
+    pub usage_cents_per_request: Option<i64>,
 }
 
 fn positive(field: &str, value: Option<i64>, max: i64) -> ApiResult<Option<i64>> {
@@ -466,9 +471,19 @@ pub async fn insert_plan(db: &Db, agent: Uuid, plan: &NewPlan) -> ApiResult<Uuid
     let rpm = positive("requests_per_minute", plan.requests_per_minute, 1_000_000)?;
     let burst = positive("burst", plan.burst, 1_000_000)?;
     let concurrency = positive("max_concurrency", plan.max_concurrency, 100_000)?;
+    let per_1k_tokens = positive(
+        "usage_cents_per_1k_tokens",
+        plan.usage_cents_per_1k_tokens,
+        1_000_000,
+    )?;
+    let per_request = positive(
+        "usage_cents_per_request",
+        plan.usage_cents_per_request,
+        100_000,
+    )?;
     let uuid = Uuid::new_v4();
     let mut tx = db.pool.begin().await?;
-    sqlx::query("INSERT INTO pricing_plans (uuid, agent_uuid, name, price_cents, currency, billing_interval, request_quota, token_quota, requests_per_minute, burst, max_concurrency, active, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 1, $12)")
+    sqlx::query("INSERT INTO pricing_plans (uuid, agent_uuid, name, price_cents, currency, billing_interval, request_quota, token_quota, requests_per_minute, burst, max_concurrency, active, created_at, usage_cents_per_1k_tokens, usage_cents_per_request) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 1, $12, $13, $14)")
         .bind(uuid.to_string())
         .bind(agent.to_string())
         .bind(name)
@@ -481,6 +496,8 @@ pub async fn insert_plan(db: &Db, agent: Uuid, plan: &NewPlan) -> ApiResult<Uuid
         .bind(burst)
         .bind(concurrency)
         .bind(now_ms())
+        .bind(per_1k_tokens)
+        .bind(per_request)
         .execute(&mut *tx)
         .await?;
     bump_revision(&mut tx).await?;

@@ -223,6 +223,9 @@ pub struct PlanAnswer {
     requests_per_minute: Option<i64>,
     burst: Option<i64>,
     max_concurrency: Option<i64>,
+    /// Charged for use over the included quotas, through Stripe's meters.
+    usage_cents_per_1k_tokens: Option<i64>,
+    usage_cents_per_request: Option<i64>,
     active: bool,
 }
 
@@ -239,6 +242,8 @@ pub fn plan_json(row: &AnyRow) -> ApiResult<PlanAnswer> {
         requests_per_minute: row.try_get("requests_per_minute")?,
         burst: row.try_get("burst")?,
         max_concurrency: row.try_get("max_concurrency")?,
+        usage_cents_per_1k_tokens: row.try_get("usage_cents_per_1k_tokens")?,
+        usage_cents_per_request: row.try_get("usage_cents_per_request")?,
         active: row.try_get::<i64, _>("active")? != 0,
     })
 }
@@ -479,7 +484,7 @@ pub async fn list_orders(
     ))
 }
 
-const ORDERS: Owned = Owned {
+pub(crate) const ORDERS: Owned = Owned {
     select: ORDER_SELECT,
     from: ORDER_FROM,
     id: "o.uuid",
@@ -529,7 +534,7 @@ pub async fn create_order(
             .await?
             .ok_or(ApiError::not_found("offering"))?;
     let agent_name: String = agent.try_get("name")?;
-    let plan = sqlx::query("SELECT price_cents, currency FROM pricing_plans WHERE uuid = $1 AND agent_uuid = $2 AND active = 1")
+    let plan = sqlx::query("SELECT price_cents, currency, usage_cents_per_1k_tokens, usage_cents_per_request FROM pricing_plans WHERE uuid = $1 AND agent_uuid = $2 AND active = 1")
         .bind(body.plan.to_string())
         .bind(body.offering.to_string())
         .fetch_optional(&mut *tx)
@@ -552,10 +557,18 @@ pub async fn create_order(
     )?;
     let price: i64 = plan.try_get("price_cents")?;
     let currency: String = plan.try_get("currency")?;
+    // A plan that charges for use needs a way to pay, even at no base price.
+    let free = price == 0
+        && plan
+            .try_get::<Option<i64>, _>("usage_cents_per_1k_tokens")?
+            .is_none()
+        && plan
+            .try_get::<Option<i64>, _>("usage_cents_per_request")?
+            .is_none();
     let uuid = Uuid::new_v4();
     let now = now_ms();
     sqlx::query(
-        "INSERT INTO orders (uuid, org_uuid, project_uuid, agent_uuid, plan_uuid, state, price_cents, currency, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        "INSERT INTO orders (uuid, org_uuid, project_uuid, agent_uuid, plan_uuid, state, price_cents, currency, created_by, created_at, config_name) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(uuid.to_string())
     .bind(org.to_string())
@@ -567,9 +580,10 @@ pub async fn create_order(
     .bind(&currency)
     .bind(caller.user.to_string())
     .bind(now)
+    .bind(&name)
     .execute(&mut *tx)
     .await?;
-    if price == 0 {
+    if free {
         complete_order(&mut tx, uuid, &name).await?;
     }
     tx.commit().await?;

@@ -4,6 +4,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod billing;
 pub mod configs;
 pub mod documents;
 pub mod keys;

@@ -58,6 +58,16 @@ async fn other_tenants_get_404(backend: Backend) {
     let invitation = id(&invitation);
     let (_, tokens) = app.get(&buyer.token, "/api/auth/tokens/").await;
     let token_id = tokens[0]["id"].as_str().unwrap().to_owned();
+    // A subscription of the buyer's, as a paid order's webhook leaves it.
+    let subscription = uuid::Uuid::new_v4();
+    sqlx::query("INSERT INTO subscriptions (uuid, org_uuid, order_uuid, plan_uuid, stripe_id, stripe_customer, status, current_period_start, current_period_end, cancel_at_period_end, created_at, updated_at) VALUES ($1, $2, $3, $4, 'sub_isolation', 'cus_isolation', 'active', 0, 1, 0, 0, 0)")
+        .bind(subscription.to_string())
+        .bind(buyer.org.to_string())
+        .bind(order.to_string())
+        .bind(free.to_string())
+        .execute(&app.state.db.pool)
+        .await
+        .unwrap();
 
     // The stranger owns a provider and a customer organisation of their own.
     let stranger = app.tenant("Initech", OrgKind::Customer).await;
@@ -296,6 +306,13 @@ async fn other_tenants_get_404(backend: Backend) {
             "/api/agent-api-keys/{uuid}/revoke/",
             format!("/api/agent-api-keys/{key}/revoke/"),
             Some(json!({})),
+            false,
+        ),
+        (
+            "post",
+            "/api/stripe-subscriptions/{uuid}/cancel/",
+            format!("/api/stripe-subscriptions/{subscription}/cancel/"),
+            Some(json!({"at_period_end": false})),
             false,
         ),
         (
