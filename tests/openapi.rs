@@ -9,7 +9,6 @@
 mod support;
 
 use std::process::Command;
-use std::time::Duration;
 
 use support::*;
 
@@ -21,7 +20,16 @@ async fn the_live_api_keeps_to_its_openapi_document() {
         panic!("AGORA_SCHEMATHESIS names no schemathesis: run ./scripts/test.sh, which installs it")
     });
     let seed = std::env::var("AGORA_SCHEMATHESIS_SEED").unwrap_or_else(|_| DEFAULT_SEED.into());
-    let w = World::start(Duration::from_millis(1)).await;
+    // With payments on (the local Stripe), so the billing routes are exercised too.
+    let w = World::start_billed(
+        None,
+        support::Billed {
+            grace_secs: 3600,
+            report_window_secs: 3600,
+            report_every_ms: 60_000,
+        },
+    )
+    .await;
     let scratch = tempfile::tempdir().unwrap();
     let document = format!("{}/api/openapi.json", w.proxy_url);
     for (who, token) in [

@@ -4,7 +4,7 @@
 //! answer, the request log and the `Request-Id` header.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
 use axum::body::{to_bytes, Body, Bytes};
 use axum::extract::{FromRequestParts, Request, State};
@@ -20,23 +20,33 @@ use subtle::ConstantTimeEq;
 use crate::error::ApiError;
 use crate::form::{self, Params};
 use crate::render;
-use crate::state::{new_id, Idempotent, Origin};
+use crate::state::{self, new_id, Idempotent, Origin};
 use crate::Shared;
 
 const BODY_LIMIT: usize = 1 << 20;
 
-/// One API request as handlers see it: its decoded parameters and what events
-/// it causes should name as their `request`.
+/// One API request as handlers see it: its decoded parameters, what events
+/// it causes should name as their `request`, and the stand-in it was made to.
 #[derive(Clone)]
 pub struct Call {
     pub request_id: String,
     pub idempotency_key: Option<String>,
     pub params: Value,
+    shared: Arc<Shared>,
 }
 
 impl Call {
     pub fn params(&self) -> Params {
         Params::new(self.params.clone())
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The stand-in's state, locked.
+    pub fn lock(&self) -> MutexGuard<'_, state::State> {
+        self.shared.lock()
     }
 
     pub fn origin(&self) -> Origin {
@@ -154,6 +164,7 @@ pub async fn api(State(shared): State<Arc<Shared>>, request: Request, next: Next
         request_id: request_id.clone(),
         idempotency_key: key.clone(),
         params: Value::Null,
+        shared: shared.clone(),
     };
     let mut response = pass(&shared, request, next, call, control, &mut seen)
         .await

@@ -14,6 +14,14 @@ pub fn escape(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
+/// Field `name` of a submitted page form; empty if absent or unreadable.
+pub fn field(body: &[u8], name: &str) -> String {
+    crate::form::decode(&String::from_utf8_lossy(body))
+        .ok()
+        .and_then(|f| f[name].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// A page: the title as heading, then `body` (already HTML).
 pub fn page(status: StatusCode, body: &str) -> Response {
     let html = format!(

@@ -526,7 +526,7 @@ pub fn invoice(inv: &Invoice) -> Value {
         "shipping_details": null,
         "starting_balance": 0,
         "statement_descriptor": null,
-        "status": if paid { "paid" } else { "open" },
+        "status": inv.status.as_str(),
         "status_transitions": {
             "finalized_at": inv.created,
             "marked_uncollectible_at": null,

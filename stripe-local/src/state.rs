@@ -221,6 +221,15 @@ pub enum InvoiceStatus {
     Paid,
 }
 
+impl InvoiceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvoiceStatus::Open => "open",
+            InvoiceStatus::Paid => "paid",
+        }
+    }
+}
+
 pub struct InvoiceLine {
     pub id: String,
     pub amount: i64,
@@ -429,6 +438,13 @@ pub fn previous_attributes(old: &Value, new: &Value) -> Option<Value> {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     (!changed.is_empty()).then_some(Value::Object(changed))
+}
+
+/// The metadata an object is made with: what was given, less empty values.
+pub fn new_metadata(given: Option<Metadata>) -> Metadata {
+    let mut metadata = Metadata::new();
+    merge_metadata(&mut metadata, given.unwrap_or_default());
+    metadata
 }
 
 /// Merges `update` into `metadata` as Stripe does: an empty value removes the key.

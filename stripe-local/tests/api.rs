@@ -41,14 +41,7 @@ async fn a_missing_parameter_is_a_400_naming_it() {
     let stand = start().await;
     let price = stand.licensed_price(1000).await;
     let answer = stand
-        .post(
-            "/v1/checkout/sessions",
-            &[
-                ("mode", "subscription"),
-                ("line_items[0][price]", &price),
-                ("success_url", "https://x.test"),
-            ],
-        )
+        .post_session(None, &[("line_items[0][price]", &price)])
         .await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
     assert_eq!(answer.body["error"]["type"], "invalid_request_error");
@@ -63,16 +56,7 @@ async fn an_unknown_id_in_the_path_is_a_404_resource_missing_and_in_a_parameter_
     assert_eq!(answer.status, StatusCode::NOT_FOUND);
     assert_eq!(answer.body["error"]["code"], "resource_missing");
     assert_eq!(answer.body["error"]["param"], "id");
-    let answer = stand
-        .post(
-            "/v1/prices",
-            &[
-                ("product", "prod_nope"),
-                ("currency", "usd"),
-                ("unit_amount", "5"),
-            ],
-        )
-        .await;
+    let answer = stand.post_price("prod_nope", &[("unit_amount", "5")]).await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
     assert_eq!(answer.body["error"]["code"], "resource_missing");
     assert_eq!(answer.body["error"]["param"], "product");
@@ -116,12 +100,8 @@ async fn a_price_amount_cannot_be_changed_after_it_is_made() {
 async fn a_repeated_idempotent_request_gets_the_first_answer_marked_replayed_and_acts_once() {
     let stand = start().await;
     let form = [("email", "ada@example.com")];
-    let first = stand
-        .send(reqwest::Method::POST, "/v1/customers", &form, Some("key-1"))
-        .await;
-    let second = stand
-        .send(reqwest::Method::POST, "/v1/customers", &form, Some("key-1"))
-        .await;
+    let first = stand.post_once("/v1/customers", &form, "key-1").await;
+    let second = stand.post_once("/v1/customers", &form, "key-1").await;
     assert_eq!(first.status, StatusCode::OK);
     assert_eq!(second.status, StatusCode::OK);
     assert_eq!(first.body, second.body);
@@ -134,22 +114,9 @@ async fn a_repeated_idempotent_request_gets_the_first_answer_marked_replayed_and
 #[tokio::test]
 async fn an_idempotency_key_used_again_with_other_parameters_is_refused() {
     let stand = start().await;
-    stand
-        .send(
-            reqwest::Method::POST,
-            "/v1/customers",
-            &[("name", "A")],
-            Some("key-2"),
-        )
-        .await;
-    let other = stand
-        .send(
-            reqwest::Method::POST,
-            "/v1/customers",
-            &[("name", "B")],
-            Some("key-2"),
-        )
-        .await;
+    let (first, then) = ([("name", "A")], [("name", "B")]);
+    stand.post_once("/v1/customers", &first, "key-2").await;
+    let other = stand.post_once("/v1/customers", &then, "key-2").await;
     assert_eq!(other.status, StatusCode::BAD_REQUEST);
     assert_eq!(other.body["error"]["type"], "idempotency_error");
     assert!(other.body["error"]["message"]
@@ -230,14 +197,8 @@ async fn nested_form_parameters_are_read_as_stripe_reads_them_and_logged_decoded
 #[tokio::test]
 async fn the_request_log_keeps_idempotency_keys_and_refused_requests() {
     let stand = start().await;
-    stand
-        .send(
-            reqwest::Method::POST,
-            "/v1/customers",
-            &[("name", "A")],
-            Some("k-log"),
-        )
-        .await;
+    let form = [("name", "A")];
+    stand.post_once("/v1/customers", &form, "k-log").await;
     stand.get("/v1/customers/cus_missing", &[]).await;
     let log = stand.local("/_local/requests").await;
     assert_eq!(log[0]["idempotency_key"], "k-log");
@@ -258,19 +219,15 @@ async fn an_injected_fault_answers_its_status_for_the_next_n_matching_requests_w
             json!({"path_prefix": "/v1/billing/meter_events", "status": 429, "count": 2}),
         )
         .await;
-    let event = [
-        ("event_name", "api_call"),
-        ("payload[stripe_customer_id]", customer.as_str()),
-        ("payload[value]", "3"),
-    ];
     for _ in 0..2 {
-        let refused = stand.post("/v1/billing/meter_events", &event).await;
+        let refused = stand.meter_event("api_call", &customer, "3", &[]).await;
         assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(refused.body["error"]["type"], "invalid_request_error");
         assert_eq!(refused.body["error"]["code"], "rate_limit");
     }
     assert!(stand.local("/_local/meter_events").await.is_empty());
-    stand.ok("/v1/billing/meter_events", &event).await;
+    let taken = stand.meter_event("api_call", &customer, "3", &[]).await;
+    taken.ok("meter event");
     assert_eq!(stand.local("/_local/meter_events").await.len(), 1);
 
     stand
@@ -293,10 +250,7 @@ async fn an_injected_fault_answers_its_status_for_the_next_n_matching_requests_w
 
 #[tokio::test]
 async fn expand_replaces_ids_with_the_objects_they_name() {
-    let stand = start().await;
-    let customer = stand.customer().await;
-    let price = stand.licensed_price(1000).await;
-    let subscription = stand.subscribe(&customer, &price, None).await;
+    let (stand, customer, subscription) = subscribed().await;
     let expanded = stand
         .fetch(
             &format!("/v1/subscriptions/{subscription}"),

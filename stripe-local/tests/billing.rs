@@ -10,6 +10,10 @@ fn data(list: &Value) -> &Vec<Value> {
     list["data"].as_array().unwrap()
 }
 
+fn status(object: &Value) -> &str {
+    object["status"].as_str().unwrap()
+}
+
 #[tokio::test]
 async fn paying_checkout_with_the_good_card_subscribes_the_customer_and_sends_them_to_success_url()
 {
@@ -31,13 +35,7 @@ async fn paying_checkout_with_the_good_card_subscribes_the_customer_and_sends_th
         format!("{}/checkout/{id}", stand.stripe.url())
     );
 
-    let page = stand
-        .http
-        .get(session["url"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap();
-    let html = page.text().await.unwrap();
+    let html = stand.page(session["url"].as_str().unwrap()).await;
     assert!(html.contains("Local test payments — nothing leaves this machine"));
     assert!(html.contains("Pro plan") && html.contains("$20.00"));
 
@@ -48,9 +46,7 @@ async fn paying_checkout_with_the_good_card_subscribes_the_customer_and_sends_th
         format!("https://agora.test/done?session={id}")
     );
 
-    let session = stand
-        .fetch(&format!("/v1/checkout/sessions/{id}"), &[])
-        .await;
+    let session = stand.fetch_session(id).await;
     assert_eq!(
         (
             session["status"].as_str(),
@@ -59,13 +55,7 @@ async fn paying_checkout_with_the_good_card_subscribes_the_customer_and_sends_th
         (Some("complete"), Some("paid"))
     );
     let sub = stand
-        .fetch(
-            &format!(
-                "/v1/subscriptions/{}",
-                session["subscription"].as_str().unwrap()
-            ),
-            &[],
-        )
+        .subscription(session["subscription"].as_str().unwrap())
         .await;
     assert_eq!(sub["status"], "active");
     assert_eq!(sub["metadata"], json!({"tenant": "t_1"}));
@@ -140,12 +130,7 @@ async fn a_declined_card_at_checkout_leaves_the_session_open_and_makes_nothing()
     let other = stand.pay(&session, "5555 5555 5555 4444").await;
     assert!(other.text().await.unwrap().contains("Use a test card"));
     let id = session["id"].as_str().unwrap();
-    assert_eq!(
-        stand
-            .fetch(&format!("/v1/checkout/sessions/{id}"), &[])
-            .await["status"],
-        "open"
-    );
+    assert_eq!(status(&stand.fetch_session(id).await), "open");
     assert!(data(&stand.fetch("/v1/subscriptions", &[("status", "all")]).await).is_empty());
     assert!(stand.event_types().await.is_empty());
 }
@@ -154,9 +139,7 @@ async fn a_declined_card_at_checkout_leaves_the_session_open_and_makes_nothing()
 async fn a_session_expires_when_asked_or_when_the_clock_passes_expires_at() {
     let stand = start().await;
     let id = expire_a_session(&stand).await;
-    let expired = stand
-        .fetch(&format!("/v1/checkout/sessions/{id}"), &[])
-        .await;
+    let expired = stand.fetch_session(&id).await;
     assert_eq!(
         (expired["status"].as_str(), expired["url"].as_str()),
         (Some("expired"), None)
@@ -168,12 +151,7 @@ async fn a_session_expires_when_asked_or_when_the_clock_passes_expires_at() {
     let (clock, now) = stand.clock().await;
     stand.advance(&clock, now + DAY + 60).await;
     let id = session["id"].as_str().unwrap();
-    assert_eq!(
-        stand
-            .fetch(&format!("/v1/checkout/sessions/{id}"), &[])
-            .await["status"],
-        "expired"
-    );
+    assert_eq!(status(&stand.fetch_session(id).await), "expired");
     assert_eq!(
         stand.pay(&session, GOOD_CARD).await.status(),
         StatusCode::GONE
@@ -186,12 +164,8 @@ async fn a_session_expires_when_asked_or_when_the_clock_passes_expires_at() {
 
 #[tokio::test]
 async fn a_renewal_with_a_good_card_is_invoiced_paid_and_starts_the_next_period() {
-    let stand = start().await;
-    let customer = stand.customer().await;
-    let price = stand.licensed_price(2000).await;
-    let sub = stand.subscribe(&customer, &price, None).await;
-    let (clock, now) = stand.clock().await;
-    stand.advance(&clock, now + 32 * DAY).await;
+    let (stand, _, sub) = subscribed().await;
+    stand.next_period().await;
     let invoices = stand.fetch("/v1/invoices", &[("subscription", &sub)]).await;
     let renewal = &data(&invoices)[0];
     assert_eq!(
@@ -202,7 +176,7 @@ async fn a_renewal_with_a_good_card_is_invoiced_paid_and_starts_the_next_period(
         ),
         (Some("subscription_cycle"), Some("paid"), Some(2000))
     );
-    let sub = stand.fetch(&format!("/v1/subscriptions/{sub}"), &[]).await;
+    let sub = stand.subscription(&sub).await;
     assert_eq!(sub["status"], "active");
     assert_eq!(
         sub["items"]["data"][0]["current_period_start"],
@@ -218,82 +192,38 @@ async fn a_renewal_with_a_good_card_is_invoiced_paid_and_starts_the_next_period(
 #[tokio::test]
 async fn a_failing_renewal_makes_the_subscription_past_due_then_unpaid_after_three_attempts_over_three_days(
 ) {
-    let stand = start().await;
-    let customer = stand.customer().await;
-    let price = stand.licensed_price(2000).await;
-    let sub = stand.subscribe(&customer, &price, None).await;
-    stand
-        .control(
-            &format!("/_local/customers/{customer}/card"),
-            json!({"number": "4000000000000341"}),
-        )
-        .await;
+    let (stand, customer, sub) = subscribed().await;
+    stand.set_card(&customer, "4000000000000341").await;
     let (clock, now) = stand.clock().await;
-    let status = |sub: Value| sub["status"].as_str().unwrap().to_string();
 
     let renewal_at = now + 32 * DAY;
     stand.advance(&clock, renewal_at).await;
-    assert_eq!(
-        status(stand.fetch(&format!("/v1/subscriptions/{sub}"), &[]).await),
-        "past_due"
-    );
-    let invoices = stand
-        .fetch(
-            "/v1/invoices",
-            &[("subscription", &sub), ("status", "open")],
-        )
-        .await;
+    assert_eq!(status(&stand.subscription(&sub).await), "past_due");
+    let invoices = stand.open_invoices(&sub).await;
     assert_eq!(data(&invoices)[0]["attempt_count"], 1);
-    let updated = stand
-        .fetch("/v1/events", &[("type", "customer.subscription.updated")])
-        .await;
+    let updated = stand.events_of("customer.subscription.updated").await;
     assert_eq!(
         data(&updated)[0]["data"]["previous_attributes"]["status"],
         "active"
     );
 
     stand.advance(&clock, renewal_at + DAY).await;
-    assert_eq!(
-        status(stand.fetch(&format!("/v1/subscriptions/{sub}"), &[]).await),
-        "past_due"
-    );
+    assert_eq!(status(&stand.subscription(&sub).await), "past_due");
     stand.advance(&clock, renewal_at + 3 * DAY).await;
-    assert_eq!(
-        status(stand.fetch(&format!("/v1/subscriptions/{sub}"), &[]).await),
-        "unpaid"
-    );
-    let invoices = stand
-        .fetch(
-            "/v1/invoices",
-            &[("subscription", &sub), ("status", "open")],
-        )
-        .await;
+    assert_eq!(status(&stand.subscription(&sub).await), "unpaid");
+    let invoices = stand.open_invoices(&sub).await;
     assert_eq!(data(&invoices)[0]["attempt_count"], 3);
-    let failures = stand
-        .fetch("/v1/events", &[("type", "invoice.payment_failed")])
-        .await;
+    let failures = stand.events_of("invoice.payment_failed").await;
     assert_eq!(data(&failures).len(), 3);
 }
 
 #[tokio::test]
 async fn paying_an_open_invoice_declines_on_a_bad_card_and_reactivates_the_subscription_on_a_good_one(
 ) {
-    let stand = start().await;
-    let customer = stand.customer().await;
-    let price = stand.licensed_price(2000).await;
-    let sub = stand.subscribe(&customer, &price, None).await;
-    let card = format!("/_local/customers/{customer}/card");
-    stand
-        .control(&card, json!({"number": "4000000000000341"}))
-        .await;
-    let (clock, now) = stand.clock().await;
-    stand.advance(&clock, now + 32 * DAY).await;
-    let invoices = stand
-        .fetch(
-            "/v1/invoices",
-            &[("subscription", &sub), ("status", "open")],
-        )
-        .await;
+    let (stand, customer, sub) = subscribed().await;
+    stand.set_card(&customer, "4000000000000341").await;
+    stand.next_period().await;
+    let invoices = stand.open_invoices(&sub).await;
     let pay = format!(
         "/v1/invoices/{}/pay",
         data(&invoices)[0]["id"].as_str().unwrap()
@@ -309,15 +239,10 @@ async fn paying_an_open_invoice_declines_on_a_bad_card_and_reactivates_the_subsc
         (Some("card_error"), Some("card_declined"))
     );
 
-    stand
-        .control(&card, json!({"number": "4242 4242 4242 4242"}))
-        .await;
+    stand.set_card(&customer, "4242 4242 4242 4242").await;
     let paid = stand.ok(&pay, &[]).await;
     assert_eq!(paid["status"], "paid");
-    assert_eq!(
-        stand.fetch(&format!("/v1/subscriptions/{sub}"), &[]).await["status"],
-        "active"
-    );
+    assert_eq!(status(&stand.subscription(&sub).await), "active");
     let events = stand.event_types().await;
     assert_eq!(
         events[events.len() - 3..],
@@ -332,10 +257,7 @@ async fn paying_an_open_invoice_declines_on_a_bad_card_and_reactivates_the_subsc
 
 #[tokio::test]
 async fn a_subscription_set_to_cancel_at_period_end_ends_with_the_period() {
-    let stand = start().await;
-    let customer = stand.customer().await;
-    let price = stand.licensed_price(2000).await;
-    let sub = stand.subscribe(&customer, &price, None).await;
+    let (stand, _, sub) = subscribed().await;
     let updated = stand
         .ok(
             &format!("/v1/subscriptions/{sub}"),
@@ -343,9 +265,7 @@ async fn a_subscription_set_to_cancel_at_period_end_ends_with_the_period() {
         )
         .await;
     assert_eq!(updated["cancel_at_period_end"], true);
-    let updates = stand
-        .fetch("/v1/events", &[("type", "customer.subscription.updated")])
-        .await;
+    let updates = stand.events_of("customer.subscription.updated").await;
     let event = &data(&updates)[0];
     assert_eq!(
         event["data"]["previous_attributes"]["cancel_at_period_end"],
@@ -353,9 +273,8 @@ async fn a_subscription_set_to_cancel_at_period_end_ends_with_the_period() {
     );
     assert!(event["request"]["id"].as_str().unwrap().starts_with("req_"));
 
-    let (clock, now) = stand.clock().await;
-    stand.advance(&clock, now + 32 * DAY).await;
-    let ended = stand.fetch(&format!("/v1/subscriptions/{sub}"), &[]).await;
+    stand.next_period().await;
+    let ended = stand.subscription(&sub).await;
     assert_eq!(ended["status"], "canceled");
     assert!(ended["ended_at"].is_i64());
     assert_eq!(
@@ -370,10 +289,7 @@ async fn a_subscription_set_to_cancel_at_period_end_ends_with_the_period() {
 
 #[tokio::test]
 async fn deleting_a_subscription_cancels_it_at_once() {
-    let stand = start().await;
-    let customer = stand.customer().await;
-    let price = stand.licensed_price(2000).await;
-    let sub = stand.subscribe(&customer, &price, None).await;
+    let (stand, customer, sub) = subscribed().await;
     let canceled = stand
         .send(
             reqwest::Method::DELETE,
@@ -406,19 +322,10 @@ async fn metered_usage_over_the_period_is_billed_at_the_price_rounded_to_cents()
     assert_eq!(session["amount_total"], 1000);
     stand.pay(&session, GOOD_CARD).await;
     for value in ["7", "3"] {
-        stand
-            .ok(
-                "/v1/billing/meter_events",
-                &[
-                    ("event_name", "tokens"),
-                    ("payload[stripe_customer_id]", &customer),
-                    ("payload[value]", value),
-                ],
-            )
-            .await;
+        let event = stand.meter_event("tokens", &customer, value, &[]).await;
+        event.ok("meter event");
     }
-    let (clock, now) = stand.clock().await;
-    stand.advance(&clock, now + 32 * DAY).await;
+    stand.next_period().await;
     let invoices = stand
         .fetch("/v1/invoices", &[("customer", &customer)])
         .await;
@@ -436,14 +343,10 @@ async fn a_meter_event_with_an_identifier_already_seen_is_answered_but_not_count
     let stand = start().await;
     let customer = stand.customer().await;
     let (meter, _) = stand.metered_price("calls", "1").await;
-    let event = [
-        ("event_name", "calls"),
-        ("payload[stripe_customer_id]", customer.as_str()),
-        ("payload[value]", "5"),
-        ("identifier", "call-1"),
-    ];
-    let first = stand.ok("/v1/billing/meter_events", &event).await;
-    let again = stand.ok("/v1/billing/meter_events", &event).await;
+    let once = [("identifier", "call-1")];
+    let first = stand.meter_event("calls", &customer, "5", &once).await;
+    let again = stand.meter_event("calls", &customer, "5", &once).await;
+    let (first, again) = (first.ok("first"), again.ok("again"));
     assert_eq!(
         (first["identifier"].as_str(), again["identifier"].as_str()),
         (Some("call-1"), Some("call-1"))
@@ -457,16 +360,8 @@ async fn a_meter_event_with_an_identifier_already_seen_is_answered_but_not_count
         (Some(true), Some(false))
     );
     let now = unix_now();
-    let (start, end) = ((now - 3600).to_string(), (now + 3600).to_string());
     let summaries = stand
-        .fetch(
-            &format!("/v1/billing/meters/{meter}/event_summaries"),
-            &[
-                ("customer", &customer),
-                ("start_time", &start),
-                ("end_time", &end),
-            ],
-        )
+        .summaries(&meter, &customer, (now - 3600, now + 3600), &[])
         .await;
     assert_eq!(data(&summaries).len(), 1);
     assert_eq!(data(&summaries)[0]["aggregated_value"], 5);
@@ -480,29 +375,14 @@ async fn meter_event_summaries_split_by_the_grouping_window() {
     let hour = unix_now() / 3600 * 3600;
     for (at, value) in [(hour - 3000, "2"), (hour - 10, "3"), (hour + 5, "4")] {
         let at = at.to_string();
-        stand
-            .ok(
-                "/v1/billing/meter_events",
-                &[
-                    ("event_name", "calls"),
-                    ("payload[stripe_customer_id]", &customer),
-                    ("payload[value]", value),
-                    ("timestamp", &at),
-                ],
-            )
+        let event = stand
+            .meter_event("calls", &customer, value, &[("timestamp", &at)])
             .await;
+        event.ok("meter event");
     }
-    let (start, end) = ((hour - 3600).to_string(), (hour + 3600).to_string());
+    let hourly = [("value_grouping_window", "hour")];
     let summaries = stand
-        .fetch(
-            &format!("/v1/billing/meters/{meter}/event_summaries"),
-            &[
-                ("customer", &customer),
-                ("start_time", &start),
-                ("end_time", &end),
-                ("value_grouping_window", "hour"),
-            ],
-        )
+        .summaries(&meter, &customer, (hour - 3600, hour + 3600), &hourly)
         .await;
     let values: Vec<_> = data(&summaries)
         .iter()
@@ -521,15 +401,7 @@ async fn meter_events_with_a_fractional_value_or_a_stale_timestamp_are_refused_n
         let stand = &stand;
         async move {
             stand
-                .post(
-                    "/v1/billing/meter_events",
-                    &[
-                        ("event_name", "calls"),
-                        ("payload[stripe_customer_id]", &customer),
-                        ("payload[value]", value),
-                        ("timestamp", &at),
-                    ],
-                )
+                .meter_event("calls", &customer, value, &[("timestamp", &at)])
                 .await
         }
     };
@@ -545,16 +417,7 @@ async fn meter_events_with_a_fractional_value_or_a_stale_timestamp_are_refused_n
 async fn a_second_active_meter_with_the_same_event_name_is_refused() {
     let stand = start().await;
     stand.metered_price("calls", "1").await;
-    let again = stand
-        .post(
-            "/v1/billing/meters",
-            &[
-                ("display_name", "Again"),
-                ("event_name", "calls"),
-                ("default_aggregation[formula]", "sum"),
-            ],
-        )
-        .await;
+    let again = stand.post_meter("Again", "calls").await;
     assert_eq!(again.status, StatusCode::BAD_REQUEST);
     assert_eq!(again.body["error"]["param"], "event_name");
 }
@@ -563,33 +426,20 @@ async fn a_second_active_meter_with_the_same_event_name_is_refused() {
 async fn a_metered_price_needs_a_meter_and_a_metered_line_takes_no_quantity() {
     let stand = start().await;
     let product = stand.product("X").await;
-    let no_meter = stand
-        .post(
-            "/v1/prices",
-            &[
-                ("product", &product),
-                ("currency", "usd"),
-                ("unit_amount", "1"),
-                ("recurring[interval]", "month"),
-                ("recurring[usage_type]", "metered"),
-            ],
-        )
-        .await;
+    let terms = [
+        ("unit_amount", "1"),
+        ("recurring[interval]", "month"),
+        ("recurring[usage_type]", "metered"),
+    ];
+    let no_meter = stand.post_price(&product, &terms).await;
     assert_eq!(no_meter.body["error"]["param"], "recurring[meter]");
     let customer = stand.customer().await;
     let (_, metered) = stand.metered_price("calls", "1").await;
-    let with_quantity = stand
-        .post(
-            "/v1/checkout/sessions",
-            &[
-                ("mode", "subscription"),
-                ("customer", &customer),
-                ("line_items[0][price]", &metered),
-                ("line_items[0][quantity]", "1"),
-                ("success_url", "https://x.test"),
-            ],
-        )
-        .await;
+    let line = [
+        ("line_items[0][price]", metered.as_str()),
+        ("line_items[0][quantity]", "1"),
+    ];
+    let with_quantity = stand.post_session(Some(&customer), &line).await;
     assert_eq!(
         with_quantity.body["error"]["param"],
         "line_items[0][quantity]"
@@ -598,30 +448,11 @@ async fn a_metered_price_needs_a_meter_and_a_metered_line_takes_no_quantity() {
 
 #[tokio::test]
 async fn the_portal_page_lists_subscriptions_and_its_button_cancels_at_period_end() {
-    let stand = start().await;
-    let customer = stand.customer().await;
-    let price = stand.licensed_price(2000).await;
-    let sub = stand.subscribe(&customer, &price, None).await;
-    let portal = stand
-        .ok(
-            "/v1/billing_portal/sessions",
-            &[
-                ("customer", &customer),
-                ("return_url", "https://agora.test/account"),
-            ],
-        )
-        .await;
+    let (stand, customer, sub) = subscribed().await;
+    let portal = stand.portal(&customer).await;
     let url = portal["url"].as_str().unwrap();
     assert!(url.starts_with(&format!("{}/portal/bps_", stand.stripe.url())));
-    let html = stand
-        .http
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = stand.page(url).await;
     assert!(html.contains("Pro plan") && html.contains("Cancel at period end"));
     let canceled = stand
         .http
@@ -631,23 +462,14 @@ async fn the_portal_page_lists_subscriptions_and_its_button_cancels_at_period_en
         .await
         .unwrap();
     assert_eq!(canceled.status(), StatusCode::SEE_OTHER);
-    assert_eq!(
-        stand.fetch(&format!("/v1/subscriptions/{sub}"), &[]).await["cancel_at_period_end"],
-        true
-    );
+    assert_eq!(stand.subscription(&sub).await["cancel_at_period_end"], true);
 }
 
 #[tokio::test]
 async fn a_test_clock_cannot_go_back() {
     let stand = start().await;
     let (clock, now) = stand.clock().await;
-    let back = (now - 10).to_string();
-    let answer = stand
-        .post(
-            &format!("/v1/test_helpers/test_clocks/{clock}/advance"),
-            &[("frozen_time", &back)],
-        )
-        .await;
+    let answer = stand.post_advance(&clock, now - 10).await;
     assert_eq!(answer.body["error"]["param"], "frozen_time");
     let moved = stand.advance(&clock, now + DAY).await;
     assert_eq!(

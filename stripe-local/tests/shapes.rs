@@ -60,13 +60,14 @@ fn differences(path: &str, ours: &Value, theirs: &Value, found: &mut Vec<String>
     }
 }
 
-struct Served {
+struct Served<'a> {
+    stand: &'a Stand,
     examples: Value,
     found: Vec<String>,
     compared: usize,
 }
 
-impl Served {
+impl Served<'_> {
     fn check(&mut self, kind: &str, what: &str, object: &Value) {
         let example = &self.examples[kind];
         assert!(example.is_object(), "no example of {kind}");
@@ -83,6 +84,17 @@ impl Served {
     fn check_first(&mut self, kind: &str, what: &str, list: &Value) {
         assert_eq!(list["object"], "list", "{what}");
         self.check(kind, what, &list["data"][0]);
+    }
+
+    /// GETs `path` (a query in it, if any) and checks the object answered,
+    /// or a list's first object.
+    async fn check_fetched(&mut self, kind: &str, what: &str, path: &str) {
+        let answer = self.stand.fetch(path, &[]).await;
+        if answer["object"] == "list" {
+            self.check_first(kind, what, &answer);
+        } else {
+            self.check(kind, what, &answer);
+        }
     }
 }
 
@@ -107,22 +119,23 @@ fn the_comparison_finds_a_missing_field_an_extra_one_and_looks_inside_arrays() {
 #[tokio::test]
 async fn every_object_served_has_the_fields_of_stripes_example_of_it() {
     let Some(examples) = examples() else { return };
+    let receiver = Receiver::start(0).await;
+    let stand = start().await;
     let mut served = Served {
+        stand: &stand,
         examples,
         found: Vec::new(),
         compared: 0,
     };
-    let receiver = Receiver::start(0).await;
-    let stand = start().await;
 
     let (clock, now) = stand.clock().await;
-    served.check(
-        "test_helpers.test_clock",
-        "created clock",
-        &stand
-            .fetch(&format!("/v1/test_helpers/test_clocks/{clock}"), &[])
-            .await,
-    );
+    served
+        .check_fetched(
+            "test_helpers.test_clock",
+            "created clock",
+            &format!("/v1/test_helpers/test_clocks/{clock}"),
+        )
+        .await;
     let customer = stand
         .ok(
             "/v1/customers",
@@ -152,70 +165,34 @@ async fn every_object_served_has_the_fields_of_stripes_example_of_it() {
             .ok(&format!("/v1/products/{product}"), &[("name", "Pro+")])
             .await,
     );
-    let licensed = stand
-        .ok(
-            "/v1/prices",
-            &[
-                ("product", &product),
-                ("currency", "usd"),
-                ("unit_amount", "2000"),
-                ("recurring[interval]", "month"),
-                ("lookup_key", "pro_monthly"),
-            ],
-        )
-        .await;
+    let terms = [
+        ("unit_amount", "2000"),
+        ("recurring[interval]", "month"),
+        ("lookup_key", "pro_monthly"),
+    ];
+    let licensed = stand.post_price(&product, &terms).await.ok("licensed");
     served.check("price", "licensed price", &licensed);
-    let meter = stand
-        .ok(
-            "/v1/billing/meters",
-            &[
-                ("display_name", "Calls"),
-                ("event_name", "calls"),
-                ("default_aggregation[formula]", "sum"),
-            ],
-        )
-        .await;
+    let meter = stand.post_meter("Calls", "calls").await.ok("meter");
     served.check("billing.meter", "new meter", &meter);
     let meter = meter["id"].as_str().unwrap().to_string();
-    served.check_first(
-        "billing.meter",
-        "listed meters",
-        &stand.fetch("/v1/billing/meters", &[]).await,
-    );
-    let metered = stand
-        .ok(
-            "/v1/prices",
-            &[
-                ("product", &product),
-                ("currency", "usd"),
-                ("unit_amount_decimal", "0.5"),
-                ("recurring[interval]", "month"),
-                ("recurring[usage_type]", "metered"),
-                ("recurring[meter]", &meter),
-            ],
-        )
-        .await;
+    let terms = [
+        ("unit_amount_decimal", "0.5"),
+        ("recurring[interval]", "month"),
+        ("recurring[usage_type]", "metered"),
+        ("recurring[meter]", &meter),
+    ];
+    let metered = stand.post_price(&product, &terms).await.ok("metered");
     served.check("price", "metered price", &metered);
     let (licensed, metered) = (
         licensed["id"].as_str().unwrap(),
         metered["id"].as_str().unwrap(),
     );
-    served.check_first(
-        "price",
-        "listed prices",
-        &stand
-            .fetch("/v1/prices", &[("product", &product), ("active", "true")])
-            .await,
-    );
 
     let made = stand
-        .ok(
-            "/v1/webhook_endpoints",
-            &[
-                ("url", &receiver.url),
-                ("enabled_events[]", "*"),
-                ("api_version", "2025-03-31.basil"),
-            ],
+        .webhook_endpoint(
+            &receiver.url,
+            &["*"],
+            &[("api_version", "2025-03-31.basil")],
         )
         .await;
     let mut without_secret = made.clone();
@@ -229,83 +206,75 @@ async fn every_object_served_has_the_fields_of_stripes_example_of_it() {
         "new webhook endpoint (less its secret)",
         &without_secret,
     );
-    served.check_first(
-        "webhook_endpoint",
-        "listed webhook endpoints",
-        &stand.fetch("/v1/webhook_endpoints", &[]).await,
-    );
 
     let session = stand.session(&customer, licensed, Some(metered)).await;
     served.check("checkout.session", "open checkout session", &session);
     let session_id = session["id"].as_str().unwrap().to_string();
     stand.pay(&session, GOOD_CARD).await;
-    let session = stand
-        .fetch(&format!("/v1/checkout/sessions/{session_id}"), &[])
-        .await;
+    let session = stand.fetch_session(&session_id).await;
     served.check("checkout.session", "paid checkout session", &session);
 
     let subscription = session["subscription"].as_str().unwrap().to_string();
-    served.check(
-        "subscription",
-        "subscription",
-        &stand
-            .fetch(&format!("/v1/subscriptions/{subscription}"), &[])
-            .await,
-    );
-    served.check_first(
-        "subscription_item",
-        "listed subscription items",
-        &stand
-            .fetch("/v1/subscription_items", &[("subscription", &subscription)])
-            .await,
-    );
     let invoice = session["invoice"].as_str().unwrap().to_string();
-    served.check(
-        "invoice",
-        "first invoice",
-        &stand.fetch(&format!("/v1/invoices/{invoice}"), &[]).await,
-    );
-    served.check_first(
-        "line_item",
-        "listed invoice lines",
-        &stand
-            .fetch(&format!("/v1/invoices/{invoice}/lines"), &[])
-            .await,
-    );
-    served.check_first(
-        "payment_method",
-        "listed payment methods",
-        &stand
-            .fetch(&format!("/v1/customers/{customer}/payment_methods"), &[])
-            .await,
-    );
-    served.check(
-        "customer",
-        "paying customer",
-        &stand.fetch(&format!("/v1/customers/{customer}"), &[]).await,
-    );
+    let fetched = [
+        (
+            "subscription",
+            "subscription",
+            format!("/v1/subscriptions/{subscription}"),
+        ),
+        (
+            "invoice",
+            "first invoice",
+            format!("/v1/invoices/{invoice}"),
+        ),
+        (
+            "customer",
+            "paying customer",
+            format!("/v1/customers/{customer}"),
+        ),
+        (
+            "billing.meter",
+            "listed meters",
+            "/v1/billing/meters".to_string(),
+        ),
+        (
+            "price",
+            "listed prices",
+            format!("/v1/prices?product={product}&active=true"),
+        ),
+        (
+            "webhook_endpoint",
+            "listed webhook endpoints",
+            "/v1/webhook_endpoints".to_string(),
+        ),
+        (
+            "subscription_item",
+            "listed subscription items",
+            format!("/v1/subscription_items?subscription={subscription}"),
+        ),
+        (
+            "line_item",
+            "listed invoice lines",
+            format!("/v1/invoices/{invoice}/lines"),
+        ),
+        (
+            "payment_method",
+            "listed payment methods",
+            format!("/v1/customers/{customer}/payment_methods"),
+        ),
+    ];
+    for (kind, what, path) in &fetched {
+        served.check_fetched(kind, what, path).await;
+    }
 
-    let event = stand
-        .ok(
-            "/v1/billing/meter_events",
-            &[
-                ("event_name", "calls"),
-                ("payload[stripe_customer_id]", &customer),
-                ("payload[value]", "7"),
-            ],
-        )
-        .await;
-    served.check("billing.meter_event", "meter event", &event);
-    let (start, end) = ((now - 3600).to_string(), (now + 3600).to_string());
+    let event = stand.meter_event("calls", &customer, "7", &[]).await;
+    served.check(
+        "billing.meter_event",
+        "meter event",
+        &event.ok("meter event"),
+    );
     let summaries = stand
-        .fetch(
-            &format!("/v1/billing/meters/{meter}/event_summaries"),
-            &[
-                ("customer", &customer),
-                ("start_time", &start),
-                ("end_time", &end),
-            ],
-        )
+        .summaries(&meter, &customer, (now - 3600, now + 3600), &[])
         .await;
     served.check_first(
         "billing.meter_event_summary",
@@ -313,34 +282,16 @@ async fn every_object_served_has_the_fields_of_stripes_example_of_it() {
         &summaries,
     );
 
-    let portal = stand
-        .ok(
-            "/v1/billing_portal/sessions",
-            &[
-                ("customer", &customer),
-                ("return_url", "https://agora.test/account"),
-            ],
-        )
-        .await;
+    let portal = stand.portal(&customer).await;
     served.check("billing_portal.session", "portal session", &portal);
 
-    stand
-        .control(
-            &format!("/_local/customers/{customer}/card"),
-            json!({"number": BAD_CARD}),
-        )
-        .await;
+    stand.set_card(&customer, BAD_CARD).await;
     served.check(
         "test_helpers.test_clock",
         "advanced clock",
         &stand.advance(&clock, now + 32 * DAY).await,
     );
-    let renewal = stand
-        .fetch(
-            "/v1/invoices",
-            &[("subscription", &subscription), ("status", "open")],
-        )
-        .await;
+    let renewal = stand.open_invoices(&subscription).await;
     served.check_first("invoice", "failed renewal invoice", &renewal);
 
     let events = stand.fetch("/v1/events", &[("limit", "100")]).await;

@@ -245,16 +245,8 @@ async fn a_flush_whose_indices_are_not_a_permutation_of_the_held_queue_is_refuse
 async fn an_endpoint_made_through_the_api_gets_its_secret_once_and_only_its_enabled_events() {
     let receiver = Receiver::start(0).await;
     let stand = start().await;
-    let made = stand
-        .ok(
-            "/v1/webhook_endpoints",
-            &[
-                ("url", &receiver.url),
-                ("enabled_events[]", "invoice.paid"),
-                ("enabled_events[]", "customer.subscription.created"),
-            ],
-        )
-        .await;
+    let enabled = ["invoice.paid", "customer.subscription.created"];
+    let made = stand.webhook_endpoint(&receiver.url, &enabled, &[]).await;
     let secret = made["secret"].as_str().unwrap().to_string();
     assert!(secret.starts_with("whsec_") && made["id"].as_str().unwrap().starts_with("we_"));
     let listed = stand.fetch("/v1/webhook_endpoints", &[]).await;
@@ -267,8 +259,6 @@ async fn an_endpoint_made_through_the_api_gets_its_secret_once_and_only_its_enab
     let types: Vec<Value> = hits.iter().map(|h| h.event()["type"].clone()).collect();
     assert_eq!(types, ["customer.subscription.created", "invoice.paid"]);
     assert!(hits.iter().all(|h| verify(&secret, &h.signature, &h.body)));
-    let completed = stand
-        .fetch("/v1/events", &[("type", "checkout.session.completed")])
-        .await;
+    let completed = stand.events_of("checkout.session.completed").await;
     assert_eq!(completed["data"][0]["pending_webhooks"], 0);
 }

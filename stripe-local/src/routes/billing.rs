@@ -8,72 +8,42 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Json;
 
-use super::Answer;
+use super::{act_on, list_where, paged, Answer, Object};
 use crate::error::ApiError;
-use crate::form;
 use crate::gate::Call;
-use crate::pages::{escape, page};
-use crate::render::{self, Page};
+use crate::pages::{escape, field, page};
+use crate::render;
 use crate::state::{
-    find, merge_metadata, new_id, InvoiceStatus, Origin, PortalSession, SubscriptionStatus,
+    find, merge_metadata, new_id, Customer, Invoice, InvoiceStatus, Origin, PortalSession,
+    Subscription, SubscriptionStatus,
 };
 use crate::Shared;
 
-fn subscription_index(st: &crate::state::State, id: &str) -> Result<usize, ApiError> {
-    st.subscriptions
-        .iter()
-        .position(|s| s.id == id)
-        .ok_or_else(|| ApiError::no_such("subscription", id))
-}
-
-pub async fn get_subscription(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    call: Call,
-) -> Answer {
-    call.params().finish()?;
-    let st = shared.lock();
-    let i = subscription_index(&st, &id)?;
-    Ok(Json(render::subscription(&st, &st.subscriptions[i])))
-}
-
-pub async fn list_subscriptions(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn list_subscriptions(call: Call) -> Answer {
     let mut p = call.params();
     let customer = p.string("customer")?;
     let status = p.choice(
         "status",
         &["active", "past_due", "unpaid", "canceled", "all", "ended"],
     )?;
-    let page = Page::take(&mut p)?;
-    p.finish()?;
-    let st = shared.lock();
     let wanted = |s: SubscriptionStatus| match status.as_deref() {
         None => s != SubscriptionStatus::Canceled,
         Some("all") => true,
         Some("ended") => s == SubscriptionStatus::Canceled,
         Some(other) => s.as_str() == other,
     };
-    let items = st
-        .subscriptions
-        .iter()
-        .rev()
-        .filter(|s| customer.as_ref().is_none_or(|c| &s.customer == c) && wanted(s.status))
-        .map(|s| render::subscription(&st, s))
-        .collect();
-    Ok(Json(page.list("/v1/subscriptions", items)?))
+    list_where(&call, p, "/v1/subscriptions", |s: &Subscription| {
+        customer.as_ref().is_none_or(|c| &s.customer == c) && wanted(s.status)
+    })
 }
 
-pub async fn update_subscription(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    call: Call,
-) -> Answer {
+pub async fn update_subscription(Path(id): Path<String>, call: Call) -> Answer {
     let mut p = call.params();
     let cancel_at_period_end = p.boolean("cancel_at_period_end")?;
     let metadata = p.metadata()?;
     p.finish()?;
-    let mut st = shared.lock();
-    let i = subscription_index(&st, &id)?;
+    let mut st = call.lock();
+    let i = Subscription::position(&st, &id)?;
     if cancel_at_period_end.is_some() && st.subscriptions[i].status == SubscriptionStatus::Canceled
     {
         return Err(ApiError::Refused(
@@ -93,14 +63,8 @@ pub async fn update_subscription(
 }
 
 /// `DELETE /v1/subscriptions/{id}`: cancels at once.
-pub async fn cancel_subscription(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    call: Call,
-) -> Answer {
-    call.params().finish()?;
-    let mut st = shared.lock();
-    let i = subscription_index(&st, &id)?;
+pub async fn cancel_subscription(Path(id): Path<String>, call: Call) -> Answer {
+    let (mut st, i) = act_on::<Subscription>(&call, &id)?;
     if st.subscriptions[i].status == SubscriptionStatus::Canceled {
         return Err(ApiError::Refused(format!(
             "The subscription {id} is already canceled."
@@ -121,30 +85,17 @@ pub async fn cancel_subscription(
     Ok(Json(body))
 }
 
-pub async fn list_subscription_items(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn list_subscription_items(call: Call) -> Answer {
     let mut p = call.params();
     let id = p.required("subscription")?;
-    let page = Page::take(&mut p)?;
-    p.finish()?;
-    let st = shared.lock();
-    let s = find(&st.subscriptions, &id)
-        .ok_or_else(|| ApiError::no_such_param("subscription", &id, "subscription"))?;
     let url = format!("/v1/subscription_items?subscription={id}");
-    Ok(Json(page.list(&url, render::subscription_items(&st, s))?))
+    paged(&call, p, &url, |st| {
+        let s = Subscription::in_param(st, &id, "subscription")?;
+        Ok(render::subscription_items(st, s))
+    })
 }
 
-pub async fn get_invoice(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    call: Call,
-) -> Answer {
-    call.params().finish()?;
-    let st = shared.lock();
-    let invoice = find(&st.invoices, &id).ok_or_else(|| ApiError::no_such("invoice", &id))?;
-    Ok(Json(render::invoice(invoice)))
-}
-
-pub async fn list_invoices(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn list_invoices(call: Call) -> Answer {
     let mut p = call.params();
     let customer = p.string("customer")?;
     let subscription = p.string("subscription")?;
@@ -152,55 +103,28 @@ pub async fn list_invoices(State(shared): State<Arc<Shared>>, call: Call) -> Ans
         "status",
         &["draft", "open", "paid", "uncollectible", "void"],
     )?;
-    let page = Page::take(&mut p)?;
-    p.finish()?;
-    let st = shared.lock();
-    let items = st
-        .invoices
-        .iter()
-        .rev()
-        .filter(|i| customer.as_ref().is_none_or(|c| &i.customer == c))
-        .filter(|i| subscription.as_ref().is_none_or(|s| &i.subscription == s))
-        .map(render::invoice)
-        .filter(|i| status.as_ref().is_none_or(|s| i["status"] == *s.as_str()))
-        .collect();
-    Ok(Json(page.list("/v1/invoices", items)?))
+    list_where(&call, p, "/v1/invoices", |i: &Invoice| {
+        customer.as_ref().is_none_or(|c| &i.customer == c)
+            && subscription.as_ref().is_none_or(|s| &i.subscription == s)
+            && status.as_ref().is_none_or(|s| i.status.as_str() == s)
+    })
 }
 
-pub async fn invoice_lines(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    call: Call,
-) -> Answer {
-    let mut p = call.params();
-    let page = Page::take(&mut p)?;
-    p.finish()?;
-    let st = shared.lock();
-    let invoice = find(&st.invoices, &id).ok_or_else(|| ApiError::no_such("invoice", &id))?;
-    Ok(Json(page.list(
-        &format!("/v1/invoices/{id}/lines"),
-        render::invoice_lines(invoice),
-    )?))
+pub async fn invoice_lines(Path(id): Path<String>, call: Call) -> Answer {
+    let url = format!("/v1/invoices/{id}/lines");
+    paged(&call, call.params(), &url, |st| {
+        Ok(render::invoice_lines(Invoice::by_id(st, &id)?))
+    })
 }
 
 /// Charges an open invoice now to the customer's default card. Paid: the
 /// subscription is active again. Declined: 402, and `invoice.payment_failed`.
-pub async fn pay_invoice(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    call: Call,
-) -> Answer {
-    call.params().finish()?;
-    let mut st = shared.lock();
-    let i = st
-        .invoices
-        .iter()
-        .position(|inv| inv.id == id)
-        .ok_or_else(|| ApiError::no_such("invoice", &id))?;
+pub async fn pay_invoice(Path(id): Path<String>, call: Call) -> Answer {
+    let (mut st, i) = act_on::<Invoice>(&call, &id)?;
     if st.invoices[i].status != InvoiceStatus::Open {
         return Err(ApiError::Refused("Invoice is already paid".into()));
     }
-    let sub = subscription_index(&st, &st.invoices[i].subscription.clone())?;
+    let sub = Subscription::position(&st, &st.invoices[i].subscription)?;
     let old = render::subscription(&st, &st.subscriptions[sub]);
     let now = st.now();
     if !st.attempt_payment(i, now, &call.origin()) {
@@ -217,23 +141,20 @@ pub async fn pay_invoice(
     Ok(Json(render::invoice(&st.invoices[i])))
 }
 
-pub async fn create_portal_session(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn create_portal_session(call: Call) -> Answer {
     let mut p = call.params();
     let customer = p.required("customer")?;
     let return_url = p.string("return_url")?;
     p.finish()?;
-    let mut st = shared.lock();
-    find(&st.customers, &customer)
-        .ok_or_else(|| ApiError::no_such_param("customer", &customer, "customer"))?;
+    let mut st = call.lock();
+    Customer::in_param(&st, &customer, "customer")?;
     let session = PortalSession {
         id: new_id("bps"),
         created: st.now(),
         customer,
         return_url,
     };
-    let body = render::portal_session(&st, &session);
-    st.portal_sessions.push(session);
-    Ok(Json(body))
+    session.save(&mut st)
 }
 
 /// `GET /portal/{id}`: the customer's subscriptions, each with a button to
@@ -297,10 +218,7 @@ pub async fn portal_cancel(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let wanted = form::decode(&String::from_utf8_lossy(&body))
-        .ok()
-        .and_then(|f| f["subscription"].as_str().map(str::to_string))
-        .unwrap_or_default();
+    let wanted = field(&body, "subscription");
     let mut st = shared.lock();
     let Some(customer) = find(&st.portal_sessions, &id).map(|s| s.customer.clone()) else {
         return page(

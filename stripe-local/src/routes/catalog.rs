@@ -1,33 +1,24 @@
 //! Products and prices. A price's amounts and recurrence never change after
 //! it is made, as in Stripe: those parameters are unknown to an update.
 
-use std::sync::Arc;
-
-use axum::extract::{Path, State};
+use axum::extract::Path;
 use axum::Json;
 
-use super::Answer;
+use super::{list_where, Answer, Object};
 use crate::billing::{Decimal, Interval};
 use crate::error::ApiError;
 use crate::gate::Call;
-use crate::render::{self, Page};
-use crate::state::{find, find_mut, merge_metadata, new_id, Metadata, Price, Product, Recurring};
-use crate::Shared;
+use crate::render;
+use crate::state::{merge_metadata, new_id, new_metadata, Meter, Price, Product, Recurring};
 
-fn fresh(metadata: Option<Metadata>) -> Metadata {
-    let mut m = Metadata::new();
-    merge_metadata(&mut m, metadata.unwrap_or_default());
-    m
-}
-
-pub async fn create_product(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn create_product(call: Call) -> Answer {
     let mut p = call.params();
     let name = p.required("name")?;
     let description = p.string("description")?;
     let active = p.boolean("active")?.unwrap_or(true);
-    let metadata = fresh(p.metadata()?);
+    let metadata = new_metadata(p.metadata()?);
     p.finish()?;
-    let mut st = shared.lock();
+    let mut st = call.lock();
     let now = st.now();
     let product = Product {
         id: new_id("prod"),
@@ -38,26 +29,19 @@ pub async fn create_product(State(shared): State<Arc<Shared>>, call: Call) -> An
         active,
         metadata,
     };
-    let body = render::product(&product);
-    st.products.push(product);
-    Ok(Json(body))
+    product.save(&mut st)
 }
 
-pub async fn update_product(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    call: Call,
-) -> Answer {
+pub async fn update_product(Path(id): Path<String>, call: Call) -> Answer {
     let mut p = call.params();
     let name = p.string("name")?;
     let description = p.string("description")?;
     let active = p.boolean("active")?;
     let metadata = p.metadata()?;
     p.finish()?;
-    let mut st = shared.lock();
+    let mut st = call.lock();
     let now = st.now();
-    let product =
-        find_mut(&mut st.products, &id).ok_or_else(|| ApiError::no_such("product", &id))?;
+    let product = Product::by_id_mut(&mut st, &id)?;
     if let Some(name) = name {
         product.name = name;
     }
@@ -72,34 +56,15 @@ pub async fn update_product(
     Ok(Json(render::product(product)))
 }
 
-pub async fn get_product(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    call: Call,
-) -> Answer {
-    call.params().finish()?;
-    let st = shared.lock();
-    let product = find(&st.products, &id).ok_or_else(|| ApiError::no_such("product", &id))?;
-    Ok(Json(render::product(product)))
-}
-
-pub async fn list_products(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn list_products(call: Call) -> Answer {
     let mut p = call.params();
     let active = p.boolean("active")?;
-    let page = Page::take(&mut p)?;
-    p.finish()?;
-    let st = shared.lock();
-    let items = st
-        .products
-        .iter()
-        .rev()
-        .filter(|pr| active.is_none_or(|a| pr.active == a))
-        .map(render::product)
-        .collect();
-    Ok(Json(page.list("/v1/products", items)?))
+    list_where(&call, p, "/v1/products", |pr: &Product| {
+        active.is_none_or(|a| pr.active == a)
+    })
 }
 
-pub async fn create_price(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn create_price(call: Call) -> Answer {
     let mut p = call.params();
     let product = p.required("product")?;
     let currency = p.required("currency")?.to_lowercase();
@@ -131,12 +96,11 @@ pub async fn create_price(State(shared): State<Arc<Shared>>, call: Call) -> Answ
     let nickname = p.string("nickname")?;
     let lookup_key = p.string("lookup_key")?;
     let active = p.boolean("active")?.unwrap_or(true);
-    let metadata = fresh(p.metadata()?);
+    let metadata = new_metadata(p.metadata()?);
     p.finish()?;
 
-    let mut st = shared.lock();
-    find(&st.products, &product)
-        .ok_or_else(|| ApiError::no_such_param("product", &product, "product"))?;
+    let mut st = call.lock();
+    Product::in_param(&st, &product, "product")?;
     let recurring = match recurring {
         None => None,
         Some(mut r) => {
@@ -153,9 +117,7 @@ pub async fn create_price(State(shared): State<Arc<Shared>>, call: Call) -> Answ
                         return Err(ApiError::Missing("recurring[meter]".into()))
                     }
                     (Some("metered"), Some(meter)) => {
-                        find(&st.meters, &meter).ok_or_else(|| {
-                            ApiError::no_such_param("billing.meter", &meter, "recurring[meter]")
-                        })?;
+                        Meter::in_param(&st, &meter, "recurring[meter]")?;
                         Some(meter)
                     }
                     (_, Some(_)) => return Err(ApiError::invalid(
@@ -191,23 +153,17 @@ pub async fn create_price(State(shared): State<Arc<Shared>>, call: Call) -> Answ
         metadata,
         active,
     };
-    let body = render::price(&price);
-    st.prices.push(price);
-    Ok(Json(body))
+    price.save(&mut st)
 }
 
-pub async fn update_price(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    call: Call,
-) -> Answer {
+pub async fn update_price(Path(id): Path<String>, call: Call) -> Answer {
     let mut p = call.params();
     let active = p.boolean("active")?;
     let nickname = p.string("nickname")?;
     let metadata = p.metadata()?;
     p.finish()?;
-    let mut st = shared.lock();
-    let price = find_mut(&mut st.prices, &id).ok_or_else(|| ApiError::no_such("price", &id))?;
+    let mut st = call.lock();
+    let price = Price::by_id_mut(&mut st, &id)?;
     if let Some(active) = active {
         price.active = active;
     }
@@ -218,39 +174,18 @@ pub async fn update_price(
     Ok(Json(render::price(price)))
 }
 
-pub async fn get_price(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    call: Call,
-) -> Answer {
-    call.params().finish()?;
-    let st = shared.lock();
-    let price = find(&st.prices, &id).ok_or_else(|| ApiError::no_such("price", &id))?;
-    Ok(Json(render::price(price)))
-}
-
-pub async fn list_prices(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn list_prices(call: Call) -> Answer {
     let mut p = call.params();
     let product = p.string("product")?;
     let active = p.boolean("active")?;
     let lookup_keys = p.strings("lookup_keys")?;
-    let page = Page::take(&mut p)?;
-    p.finish()?;
-    let st = shared.lock();
-    let items = st
-        .prices
-        .iter()
-        .rev()
-        .filter(|pr| product.as_ref().is_none_or(|id| &pr.product == id))
-        .filter(|pr| active.is_none_or(|a| pr.active == a))
-        .filter(|pr| {
-            lookup_keys.is_empty()
+    list_where(&call, p, "/v1/prices", |pr: &Price| {
+        product.as_ref().is_none_or(|id| &pr.product == id)
+            && active.is_none_or(|a| pr.active == a)
+            && (lookup_keys.is_empty()
                 || pr
                     .lookup_key
                     .as_ref()
-                    .is_some_and(|k| lookup_keys.contains(k))
-        })
-        .map(render::price)
-        .collect();
-    Ok(Json(page.list("/v1/prices", items)?))
+                    .is_some_and(|k| lookup_keys.contains(k)))
+    })
 }

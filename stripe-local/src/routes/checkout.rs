@@ -8,19 +8,19 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Json;
 
-use super::Answer;
+use super::{act_on, list_where, paged, Answer, Object};
 use crate::billing::{PayError, TestCard};
 use crate::error::ApiError;
-use crate::form;
 use crate::gate::Call;
 use crate::pages::{self, escape, money, page};
-use crate::render::{self, Page};
+use crate::render;
 use crate::state::{
-    find, merge_metadata, new_id, CheckoutSession, Metadata, SessionLine, SessionStatus,
+    find, new_id, new_metadata, CheckoutSession, Customer, Metadata, Price, SessionLine,
+    SessionStatus,
 };
 use crate::Shared;
 
-pub async fn create(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn create(call: Call) -> Answer {
     let mut p = call.params();
     match p
         .choice("mode", &["payment", "setup", "subscription"])?
@@ -40,23 +40,21 @@ pub async fn create(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
     let success_url = p.required("success_url")?;
     let cancel_url = p.string("cancel_url")?;
     let client_reference_id = p.string("client_reference_id")?;
-    let mut metadata = Metadata::new();
-    merge_metadata(&mut metadata, p.metadata()?.unwrap_or_default());
-    let mut subscription_metadata = Metadata::new();
-    if let Some(mut data) = p.object("subscription_data")? {
-        merge_metadata(
-            &mut subscription_metadata,
-            data.metadata()?.unwrap_or_default(),
-        );
-        data.finish()?;
-    }
+    let metadata = new_metadata(p.metadata()?);
+    let subscription_metadata = match p.object("subscription_data")? {
+        Some(mut data) => {
+            let metadata = new_metadata(data.metadata()?);
+            data.finish()?;
+            metadata
+        }
+        None => Metadata::new(),
+    };
     let expires_at = p.integer("expires_at")?;
     p.finish()?;
 
-    let mut st = shared.lock();
+    let mut st = call.lock();
     let now = st.now();
-    find(&st.customers, &customer)
-        .ok_or_else(|| ApiError::no_such_param("customer", &customer, "customer"))?;
+    Customer::in_param(&st, &customer, "customer")?;
     if items.is_empty() {
         return Err(ApiError::Missing("line_items".into()));
     }
@@ -67,8 +65,7 @@ pub async fn create(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
         let price_id = item.required("price")?;
         let quantity = item.integer("quantity")?;
         item.finish()?;
-        let price = find(&st.prices, &price_id)
-            .ok_or_else(|| ApiError::no_such_param("price", &price_id, &param))?;
+        let price = Price::in_param(&st, &price_id, &param)?;
         if !price.active {
             return Err(ApiError::invalid(
                 &param,
@@ -131,47 +128,19 @@ pub async fn create(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
         subscription: None,
         invoice: None,
     };
-    let body = render::checkout_session(&st, &session);
-    st.sessions.push(session);
-    Ok(Json(body))
+    session.save(&mut st)
 }
 
-pub async fn get(State(shared): State<Arc<Shared>>, Path(id): Path<String>, call: Call) -> Answer {
-    call.params().finish()?;
-    let st = shared.lock();
-    let session =
-        find(&st.sessions, &id).ok_or_else(|| ApiError::no_such("checkout.session", &id))?;
-    Ok(Json(render::checkout_session(&st, session)))
-}
-
-pub async fn list(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn list(call: Call) -> Answer {
     let mut p = call.params();
     let customer = p.string("customer")?;
-    let page = Page::take(&mut p)?;
-    p.finish()?;
-    let st = shared.lock();
-    let items = st
-        .sessions
-        .iter()
-        .rev()
-        .filter(|s| customer.as_ref().is_none_or(|c| &s.customer == c))
-        .map(|s| render::checkout_session(&st, s))
-        .collect();
-    Ok(Json(page.list("/v1/checkout/sessions", items)?))
+    list_where(&call, p, "/v1/checkout/sessions", |s: &CheckoutSession| {
+        customer.as_ref().is_none_or(|c| &s.customer == c)
+    })
 }
 
-pub async fn expire(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    call: Call,
-) -> Answer {
-    call.params().finish()?;
-    let mut st = shared.lock();
-    let i = st
-        .sessions
-        .iter()
-        .position(|s| s.id == id)
-        .ok_or_else(|| ApiError::no_such("checkout.session", &id))?;
+pub async fn expire(Path(id): Path<String>, call: Call) -> Answer {
+    let (mut st, i) = act_on::<CheckoutSession>(&call, &id)?;
     let status = st.sessions[i].status;
     if status != SessionStatus::Open {
         return Err(ApiError::Refused(format!(
@@ -184,26 +153,16 @@ pub async fn expire(
     Ok(Json(render::checkout_session(&st, &st.sessions[i])))
 }
 
-pub async fn line_items(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    call: Call,
-) -> Answer {
-    let mut p = call.params();
-    let page = Page::take(&mut p)?;
-    p.finish()?;
-    let st = shared.lock();
-    let session =
-        find(&st.sessions, &id).ok_or_else(|| ApiError::no_such("checkout.session", &id))?;
-    let items = session
-        .lines
-        .iter()
-        .map(|l| render::checkout_line(&st, session, l))
-        .collect();
-    Ok(Json(page.list(
-        &format!("/v1/checkout/sessions/{id}/line_items"),
-        items,
-    )?))
+pub async fn line_items(Path(id): Path<String>, call: Call) -> Answer {
+    let url = format!("/v1/checkout/sessions/{id}/line_items");
+    paged(&call, call.params(), &url, |st| {
+        let session = CheckoutSession::by_id(st, &id)?;
+        Ok(session
+            .lines
+            .iter()
+            .map(|l| render::checkout_line(st, session, l))
+            .collect())
+    })
 }
 
 fn card_form(id: &str, message: Option<&str>) -> String {
@@ -287,11 +246,7 @@ pub async fn pay(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let number = form::decode(&String::from_utf8_lossy(&body))
-        .ok()
-        .and_then(|f| f["card_number"].as_str().map(str::to_string))
-        .unwrap_or_default();
-    let Some(card) = TestCard::parse(&number) else {
+    let Some(card) = TestCard::parse(&pages::field(&body, "card_number")) else {
         return checkout_page(
             &shared,
             &id,

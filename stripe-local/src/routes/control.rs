@@ -10,13 +10,13 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::Answer;
+use super::{Answer, Object};
 use crate::billing::TestCard;
 use crate::delivery::{DeliveryMode, FlushOrder};
 use crate::error::ApiError;
 use crate::gate::Call;
 use crate::render;
-use crate::state::{find, Fault};
+use crate::state::{find, Customer, Fault};
 use crate::Shared;
 
 fn body<T: DeserializeOwned>(call: &Call) -> Result<T, ApiError> {
@@ -31,25 +31,21 @@ struct Card {
 }
 
 /// Replaces the customer's default card, so that later charges pay or decline.
-pub async fn set_card(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    call: Call,
-) -> Answer {
+pub async fn set_card(Path(id): Path<String>, call: Call) -> Answer {
     let card: Card = body(&call)?;
     let card = TestCard::parse(&card.number)
         .ok_or_else(|| ApiError::invalid("number", crate::pages::CARD_HINT))?;
-    let mut st = shared.lock();
-    find(&st.customers, &id).ok_or_else(|| ApiError::no_such("customer", &id))?;
+    let mut st = call.lock();
+    Customer::by_id(&st, &id)?;
     let pm = st.attach_card(&id, card);
     Ok(Json(render::payment_method(
         find(&st.payment_methods, &pm).expect("just made"),
     )))
 }
 
-pub async fn set_delivery(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn set_delivery(call: Call) -> Answer {
     let mode: DeliveryMode = body(&call)?;
-    shared.lock().delivery = mode;
+    call.lock().delivery = mode;
     Ok(Json(call.params))
 }
 
@@ -114,9 +110,9 @@ fn whole_numbers(indices: &Value) -> Result<Vec<usize>, ApiError> {
 
 /// Sends the held deliveries in the order asked for; an explicit order that
 /// does not name each held delivery once is refused and sends nothing.
-pub async fn flush(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn flush(call: Call) -> Answer {
     let order = body::<Flush>(&call)?.order()?;
-    let flushed = shared
+    let flushed = call
         .lock()
         .flush(order)
         .map_err(|e| ApiError::invalid("indices", e.to_string()))?;
@@ -131,13 +127,13 @@ struct FaultRequest {
     count: u32,
 }
 
-pub async fn add_fault(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn add_fault(call: Call) -> Answer {
     let fault: FaultRequest = body(&call)?;
     let status = StatusCode::from_u16(fault.status)
         .ok()
         .filter(|s| s.is_client_error() || s.is_server_error())
         .ok_or_else(|| ApiError::invalid("status", "status must be a 4xx or 5xx code"))?;
-    shared.lock().faults.push(Fault {
+    call.lock().faults.push(Fault {
         path_prefix: fault.path_prefix,
         status,
         count: fault.count,

@@ -2,21 +2,18 @@
 //! checks a meter event after answering, the stand-in refuses an event for
 //! no meter or no customer at once, so that a mistake shows in the test.
 
-use std::sync::Arc;
-
-use axum::extract::{Path, State};
+use axum::extract::Path;
 use axum::Json;
 use serde_json::Value;
 
-use super::Answer;
+use super::{list_where, paged, Answer, Object};
 use crate::billing::DAY;
 use crate::error::ApiError;
 use crate::gate::Call;
-use crate::render::{self, Page};
-use crate::state::{find, new_id, Formula, Meter, MeterEvent};
-use crate::Shared;
+use crate::render;
+use crate::state::{new_id, Customer, Formula, Meter, MeterEvent};
 
-pub async fn create(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn create(call: Call) -> Answer {
     let mut p = call.params();
     let display_name = p.required("display_name")?;
     let event_name = p.required("event_name")?;
@@ -41,7 +38,7 @@ pub async fn create(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
         settings.finish()?;
     }
     p.finish()?;
-    let mut st = shared.lock();
+    let mut st = call.lock();
     if st.meters.iter().any(|m| m.event_name == event_name) {
         return Err(ApiError::invalid(
             "event_name",
@@ -57,29 +54,16 @@ pub async fn create(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
         customer_key,
         value_key,
     };
-    let body = render::meter(&meter);
-    st.meters.push(meter);
-    Ok(Json(body))
+    meter.save(&mut st)
 }
 
-pub async fn get(State(shared): State<Arc<Shared>>, Path(id): Path<String>, call: Call) -> Answer {
-    call.params().finish()?;
-    let st = shared.lock();
-    let meter = find(&st.meters, &id).ok_or_else(|| ApiError::no_such("billing.meter", &id))?;
-    Ok(Json(render::meter(meter)))
-}
-
-pub async fn list(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn list(call: Call) -> Answer {
     let mut p = call.params();
+    // Every meter is active: none is ever deactivated.
     let status = p.choice("status", &["active", "inactive"])?;
-    let page = Page::take(&mut p)?;
-    p.finish()?;
-    let st = shared.lock();
-    let items = match status.as_deref() {
-        Some("inactive") => Vec::new(),
-        _ => st.meters.iter().rev().map(render::meter).collect(),
-    };
-    Ok(Json(page.list("/v1/billing/meters", items)?))
+    list_where(&call, p, "/v1/billing/meters", |_: &Meter| {
+        status.as_deref() != Some("inactive")
+    })
 }
 
 /// A payload value that must be a whole number.
@@ -95,7 +79,7 @@ fn whole(value: Option<&Value>, param: &str) -> Result<Option<i64>, ApiError> {
         })
 }
 
-pub async fn record_event(State(shared): State<Arc<Shared>>, call: Call) -> Answer {
+pub async fn record_event(call: Call) -> Answer {
     let mut p = call.params();
     let event_name = p.required("event_name")?;
     let payload = match p.raw("payload") {
@@ -117,7 +101,7 @@ pub async fn record_event(State(shared): State<Arc<Shared>>, call: Call) -> Answ
             "Invalid identifier: at most 100 characters.",
         ));
     }
-    let mut st = shared.lock();
+    let mut st = call.lock();
     let now = st.now();
     let timestamp = timestamp.unwrap_or(now);
     if timestamp < now - 35 * DAY || timestamp > now + 300 {
@@ -142,8 +126,7 @@ pub async fn record_event(State(shared): State<Arc<Shared>>, call: Call) -> Answ
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::Missing(customer_param.clone()))?
         .to_string();
-    find(&st.customers, &customer)
-        .ok_or_else(|| ApiError::no_such_param("customer", &customer, &customer_param))?;
+    Customer::in_param(&st, &customer, &customer_param)?;
     let value_param = format!("payload[{}]", meter.value_key);
     let value = match (
         whole(payload.get(&meter.value_key), &value_param)?,
@@ -170,11 +153,7 @@ pub async fn record_event(State(shared): State<Arc<Shared>>, call: Call) -> Answ
     Ok(Json(body))
 }
 
-pub async fn summaries(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    call: Call,
-) -> Answer {
+pub async fn summaries(Path(id): Path<String>, call: Call) -> Answer {
     let mut p = call.params();
     let customer = p.required("customer")?;
     let start = p
@@ -191,30 +170,25 @@ pub async fn summaries(
         Some(_) => Some(DAY),
         None => None,
     };
-    let page = Page::take(&mut p)?;
-    p.finish()?;
-    if start >= end {
-        return Err(ApiError::invalid(
-            "end_time",
-            "end_time must be after start_time.",
-        ));
-    }
-    let st = shared.lock();
-    let meter = find(&st.meters, &id).ok_or_else(|| ApiError::no_such("billing.meter", &id))?;
-    find(&st.customers, &customer)
-        .ok_or_else(|| ApiError::no_such_param("customer", &customer, "customer"))?;
-    let step = window.unwrap_or(end - start);
-    let items = (0..)
-        .map(|i| start + i * step)
-        .take_while(|from| *from < end)
-        .map(|from| {
-            let to = (from + step).min(end);
-            let value = st.usage(meter, &customer, from, to);
-            render::meter_event_summary(&meter.id, from, to, value, &customer)
-        })
-        .collect();
-    Ok(Json(page.list(
-        &format!("/v1/billing/meters/{id}/event_summaries"),
-        items,
-    )?))
+    let url = format!("/v1/billing/meters/{id}/event_summaries");
+    paged(&call, p, &url, |st| {
+        if start >= end {
+            return Err(ApiError::invalid(
+                "end_time",
+                "end_time must be after start_time.",
+            ));
+        }
+        let meter = Meter::by_id(st, &id)?;
+        Customer::in_param(st, &customer, "customer")?;
+        let step = window.unwrap_or(end - start);
+        Ok((0..)
+            .map(|i| start + i * step)
+            .take_while(|from| *from < end)
+            .map(|from| {
+                let to = (from + step).min(end);
+                let value = st.usage(meter, &customer, from, to);
+                render::meter_event_summary(&meter.id, from, to, value, &customer)
+            })
+            .collect())
+    })
 }

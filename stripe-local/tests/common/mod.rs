@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use agora_stripe_local::{LocalStripe, Options, WebhookTarget};
 use axum::http::{HeaderMap, StatusCode};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 pub const GOOD_CARD: &str = "4242 4242 4242 4242";
 pub const BAD_CARD: &str = "4000 0000 0000 0341";
@@ -45,6 +45,16 @@ pub async fn start_with(webhooks: Vec<WebhookTarget>) -> Stand {
     Stand { stripe, http }
 }
 
+/// A stand-in with a customer subscribed, paid at checkout, to a $20 monthly
+/// price: the stand-in, the customer and the subscription.
+pub async fn subscribed() -> (Stand, String, String) {
+    let stand = start().await;
+    let customer = stand.customer().await;
+    let price = stand.licensed_price(2000).await;
+    let sub = stand.subscribe(&customer, &price, None).await;
+    (stand, customer, sub)
+}
+
 pub struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
@@ -59,6 +69,16 @@ impl Answer {
             body: response.json().await.unwrap_or(Value::Null),
         }
     }
+
+    /// The body, insisting on a 200 (`what` names the request if not).
+    pub fn ok(self, what: &str) -> Value {
+        assert_eq!(self.status, StatusCode::OK, "{what}: {}", self.body);
+        self.body
+    }
+}
+
+fn id_of(object: &Value) -> String {
+    object["id"].as_str().unwrap().to_string()
 }
 
 impl Stand {
@@ -92,27 +112,30 @@ impl Stand {
         self.send(reqwest::Method::POST, path, form, None).await
     }
 
+    /// POSTs with an `Idempotency-Key`.
+    pub async fn post_once(&self, path: &str, form: &[(&str, &str)], key: &str) -> Answer {
+        self.send(reqwest::Method::POST, path, form, Some(key))
+            .await
+    }
+
     pub async fn get(&self, path: &str, query: &[(&str, &str)]) -> Answer {
         self.send(reqwest::Method::GET, path, query, None).await
     }
 
     /// POSTs and insists on a 200.
     pub async fn ok(&self, path: &str, form: &[(&str, &str)]) -> Value {
-        let answer = self.post(path, form).await;
-        assert_eq!(
-            answer.status,
-            StatusCode::OK,
-            "POST {path}: {}",
-            answer.body
-        );
-        answer.body
+        self.post(path, form).await.ok(&format!("POST {path}"))
     }
 
     /// GETs and insists on a 200.
     pub async fn fetch(&self, path: &str, query: &[(&str, &str)]) -> Value {
-        let answer = self.get(path, query).await;
-        assert_eq!(answer.status, StatusCode::OK, "GET {path}: {}", answer.body);
-        answer.body
+        self.get(path, query).await.ok(&format!("GET {path}"))
+    }
+
+    /// GETs a hosted page (no key): its HTML.
+    pub async fn page(&self, url: &str) -> String {
+        let response = self.http.get(url).send().await.unwrap();
+        response.text().await.unwrap()
     }
 
     /// POSTs a JSON body to a `/_local/` endpoint.
@@ -130,14 +153,7 @@ impl Stand {
 
     /// POSTs a JSON body to a `/_local/` endpoint and insists on a 200.
     pub async fn control(&self, path: &str, body: Value) -> Value {
-        let answer = self.steer(path, body).await;
-        assert_eq!(
-            answer.status,
-            StatusCode::OK,
-            "POST {path}: {}",
-            answer.body
-        );
-        answer.body
+        self.steer(path, body).await.ok(&format!("POST {path}"))
     }
 
     pub async fn local(&self, path: &str) -> Vec<Value> {
@@ -171,61 +187,121 @@ impl Stand {
                 &[("email", "ada@example.com"), ("name", "Ada")],
             )
             .await;
-        c["id"].as_str().unwrap().to_string()
+        id_of(&c)
+    }
+
+    /// Replaces the customer's default card through `/_local/`.
+    pub async fn set_card(&self, customer: &str, number: &str) {
+        self.control(
+            &format!("/_local/customers/{customer}/card"),
+            json!({ "number": number }),
+        )
+        .await;
     }
 
     pub async fn product(&self, name: &str) -> String {
         let p = self.ok("/v1/products", &[("name", name)]).await;
-        p["id"].as_str().unwrap().to_string()
+        id_of(&p)
+    }
+
+    /// Asks for a price in usd for `product`, on `terms` (amount, recurrence…).
+    pub async fn post_price(&self, product: &str, terms: &[(&str, &str)]) -> Answer {
+        let mut form = vec![("product", product), ("currency", "usd")];
+        form.extend_from_slice(terms);
+        self.post("/v1/prices", &form).await
     }
 
     /// A monthly licensed price of `cents`.
     pub async fn licensed_price(&self, cents: i64) -> String {
         let product = self.product("Pro plan").await;
         let amount = cents.to_string();
-        let price = self
-            .ok(
-                "/v1/prices",
-                &[
-                    ("product", &product),
-                    ("currency", "usd"),
-                    ("unit_amount", &amount),
-                    ("recurring[interval]", "month"),
-                ],
-            )
-            .await;
-        price["id"].as_str().unwrap().to_string()
+        let terms = [
+            ("unit_amount", amount.as_str()),
+            ("recurring[interval]", "month"),
+        ];
+        id_of(
+            &self
+                .post_price(&product, &terms)
+                .await
+                .ok("POST /v1/prices"),
+        )
+    }
+
+    /// Asks for a meter summing `event_name`.
+    pub async fn post_meter(&self, display_name: &str, event_name: &str) -> Answer {
+        let form = [
+            ("display_name", display_name),
+            ("event_name", event_name),
+            ("default_aggregation[formula]", "sum"),
+        ];
+        self.post("/v1/billing/meters", &form).await
     }
 
     /// A meter summing `event_name`, and a monthly metered price on it at
     /// `per_unit` cents (a decimal).
     pub async fn metered_price(&self, event_name: &str, per_unit: &str) -> (String, String) {
-        let meter = self
-            .ok(
-                "/v1/billing/meters",
-                &[
-                    ("display_name", "Requests"),
-                    ("event_name", event_name),
-                    ("default_aggregation[formula]", "sum"),
-                ],
-            )
-            .await;
-        let meter = meter["id"].as_str().unwrap().to_string();
+        let meter = self.post_meter("Requests", event_name).await;
+        let meter = id_of(&meter.ok("POST /v1/billing/meters"));
         let product = self.product("Requests").await;
-        let price = self
-            .ok(
-                "/v1/prices",
-                &[
-                    ("product", &product),
-                    ("currency", "usd"),
-                    ("unit_amount_decimal", per_unit),
-                    ("recurring[interval]", "month"),
-                    ("recurring[usage_type]", "metered"),
-                    ("recurring[meter]", &meter),
-                ],
-            )
-            .await;
-        (meter, price["id"].as_str().unwrap().to_string())
+        let terms = [
+            ("unit_amount_decimal", per_unit),
+            ("recurring[interval]", "month"),
+            ("recurring[usage_type]", "metered"),
+            ("recurring[meter]", &meter),
+        ];
+        let price = self.post_price(&product, &terms).await;
+        (meter, id_of(&price.ok("POST /v1/prices")))
+    }
+
+    /// Sends a meter event of `value` for `customer`, with `more` parameters
+    /// (`identifier`, `timestamp`).
+    pub async fn meter_event(
+        &self,
+        event_name: &str,
+        customer: &str,
+        value: &str,
+        more: &[(&str, &str)],
+    ) -> Answer {
+        let mut form = vec![
+            ("event_name", event_name),
+            ("payload[stripe_customer_id]", customer),
+            ("payload[value]", value),
+        ];
+        form.extend_from_slice(more);
+        self.post("/v1/billing/meter_events", &form).await
+    }
+
+    /// The meter's summaries for `customer` from `start` to `end`, with `more`
+    /// parameters (`value_grouping_window`).
+    pub async fn summaries(
+        &self,
+        meter: &str,
+        customer: &str,
+        (start, end): (i64, i64),
+        more: &[(&str, &str)],
+    ) -> Value {
+        let (start, end) = (start.to_string(), end.to_string());
+        let mut query = vec![
+            ("customer", customer),
+            ("start_time", &start),
+            ("end_time", &end),
+        ];
+        query.extend_from_slice(more);
+        self.fetch(
+            &format!("/v1/billing/meters/{meter}/event_summaries"),
+            &query,
+        )
+        .await
+    }
+
+    /// Asks for a checkout session in subscription mode: `customer` (if any),
+    /// the line items and the rest of `form`, and a success URL.
+    pub async fn post_session(&self, customer: Option<&str>, form: &[(&str, &str)]) -> Answer {
+        let mut full = vec![("mode", "subscription")];
+        full.extend(customer.map(|c| ("customer", c)));
+        full.extend_from_slice(form);
+        full.push(("success_url", "https://x.test"));
+        self.post("/v1/checkout/sessions", &full).await
     }
 
     /// An open checkout session for one licensed price (quantity 1) and,
@@ -250,6 +326,11 @@ impl Stand {
         self.ok("/v1/checkout/sessions", &form).await
     }
 
+    pub async fn fetch_session(&self, id: &str) -> Value {
+        self.fetch(&format!("/v1/checkout/sessions/{id}"), &[])
+            .await
+    }
+
     /// Submits the hosted checkout page with `card`.
     pub async fn pay(&self, session: &Value, card: &str) -> reqwest::Response {
         self.http
@@ -265,11 +346,46 @@ impl Stand {
         let session = self.session(customer, licensed, metered).await;
         let paid = self.pay(&session, GOOD_CARD).await;
         assert_eq!(paid.status(), StatusCode::SEE_OTHER);
-        let id = session["id"].as_str().unwrap();
-        let session = self
-            .fetch(&format!("/v1/checkout/sessions/{id}"), &[])
-            .await;
+        let session = self.fetch_session(session["id"].as_str().unwrap()).await;
         session["subscription"].as_str().unwrap().to_string()
+    }
+
+    pub async fn subscription(&self, id: &str) -> Value {
+        self.fetch(&format!("/v1/subscriptions/{id}"), &[]).await
+    }
+
+    /// A billing portal session for `customer`, returning to Agora's account page.
+    pub async fn portal(&self, customer: &str) -> Value {
+        let form = [
+            ("customer", customer),
+            ("return_url", "https://agora.test/account"),
+        ];
+        self.ok("/v1/billing_portal/sessions", &form).await
+    }
+
+    /// The subscription's open invoices, as a list.
+    pub async fn open_invoices(&self, subscription: &str) -> Value {
+        let query = [("subscription", subscription), ("status", "open")];
+        self.fetch("/v1/invoices", &query).await
+    }
+
+    /// Events of one type, as a list, newest first.
+    pub async fn events_of(&self, kind: &str) -> Value {
+        self.fetch("/v1/events", &[("type", kind)]).await
+    }
+
+    /// Makes a webhook endpoint through the API for `events`, with `more`
+    /// parameters (`api_version`).
+    pub async fn webhook_endpoint(
+        &self,
+        url: &str,
+        events: &[&str],
+        more: &[(&str, &str)],
+    ) -> Value {
+        let mut form = vec![("url", url)];
+        form.extend(events.iter().map(|e| ("enabled_events[]", *e)));
+        form.extend_from_slice(more);
+        self.ok("/v1/webhook_endpoints", &form).await
     }
 
     /// A test clock frozen at the present: its id and time.
@@ -278,19 +394,28 @@ impl Stand {
         let clock = self
             .ok("/v1/test_helpers/test_clocks", &[("frozen_time", &now)])
             .await;
-        (
-            clock["id"].as_str().unwrap().to_string(),
-            clock["frozen_time"].as_i64().unwrap(),
-        )
+        (id_of(&clock), clock["frozen_time"].as_i64().unwrap())
     }
 
-    pub async fn advance(&self, clock: &str, to: i64) -> Value {
+    /// Asks to advance the clock to `to`.
+    pub async fn post_advance(&self, clock: &str, to: i64) -> Answer {
         let to = to.to_string();
-        self.ok(
+        self.post(
             &format!("/v1/test_helpers/test_clocks/{clock}/advance"),
             &[("frozen_time", &to)],
         )
         .await
+    }
+
+    pub async fn advance(&self, clock: &str, to: i64) -> Value {
+        let advanced = self.post_advance(clock, to).await;
+        advanced.ok(&format!("advancing {clock}"))
+    }
+
+    /// A test clock advanced past one monthly period from now (32 days).
+    pub async fn next_period(&self) {
+        let (clock, now) = self.clock().await;
+        self.advance(&clock, now + 32 * DAY).await;
     }
 }
 
