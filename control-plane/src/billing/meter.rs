@@ -108,47 +108,53 @@ async fn metered_subscriptions(db: &Db) -> anyhow::Result<Vec<Metered>> {
     Ok(out)
 }
 
-/// Billable use of `unit` by `config`'s live keys in `range`.
-pub async fn billable_use(
+/// Use of `unit` by `config` in `range`, split by key mode: what its live
+/// keys used (billable) and what its test-mode keys used (shown apart, never
+/// billed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Use {
+    pub live: u64,
+    pub test: u64,
+}
+
+impl Use {
+    /// What Stripe is owed for it: live use over what the plan includes.
+    fn owed(self, included: u64) -> i64 {
+        i64::try_from(self.live.saturating_sub(included)).unwrap_or(i64::MAX)
+    }
+}
+
+pub async fn use_by_mode(
     db: &Db,
     store: &dyn UsageStore,
     config: Uuid,
     unit: Unit,
     range: TimeRange,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Use> {
+    if range.to_ms <= range.from_ms {
+        return Ok(Use::default());
+    }
     let pick = |a: &agora_usage::Aggregate| match unit {
         Unit::Tokens => a.input_tokens.saturating_add(a.output_tokens),
         Unit::Requests => a.billable_requests,
     };
-    let mut used = pick(&agora_usage::totals(store, Scope::Config(config), range).await?);
+    let all = pick(&agora_usage::totals(store, Scope::Config(config), range).await?);
     let test_keys =
         sqlx::query("SELECT uuid FROM api_keys WHERE config_uuid = $1 AND mode = 'test'")
             .bind(config.to_string())
             .fetch_all(&db.pool)
             .await?;
+    let mut test = 0u64;
     for key in &test_keys {
         let key = uuid_col(key, "uuid")?;
-        used = used.saturating_sub(pick(
+        test = test.saturating_add(pick(
             &agora_usage::totals(store, Scope::Key(key), range).await?,
         ));
     }
-    Ok(used)
-}
-
-/// Test-mode use of `unit` by `config`, shown apart and never billed.
-pub async fn test_use(
-    db: &Db,
-    store: &dyn UsageStore,
-    config: Uuid,
-    unit: Unit,
-    range: TimeRange,
-) -> anyhow::Result<u64> {
-    let all = agora_usage::totals(store, Scope::Config(config), range).await?;
-    let total = match unit {
-        Unit::Tokens => all.input_tokens.saturating_add(all.output_tokens),
-        Unit::Requests => all.billable_requests,
-    };
-    Ok(total.saturating_sub(billable_use(db, store, config, unit, range).await?))
+    Ok(Use {
+        live: all.saturating_sub(test),
+        test: test.min(all),
+    })
 }
 
 /// The periods a subscription may still owe for: `(start, end)` in ms.
@@ -199,22 +205,17 @@ pub async fn report_once(
                     .fetch_one(&mut *tx)
                     .await?
                     .try_get("n")?;
-                let used = billable_use(
-                    db,
-                    store,
-                    s.config,
-                    *unit,
-                    TimeRange {
-                        from_ms: start,
-                        to_ms: upto,
-                    },
-                )
-                .await?;
-                let owed = i64::try_from(used.saturating_sub(*included)).unwrap_or(i64::MAX);
+                let range = TimeRange {
+                    from_ms: start,
+                    to_ms: upto,
+                };
+                let owed = use_by_mode(db, store, s.config, *unit, range)
+                    .await?
+                    .owed(*included);
                 let delta = owed - already;
                 if delta > 0 {
                     // Inside the period billed: the window's last second, or the period's.
-                    let event_time = (upto.min(end) / 1000 - 1).max(start / 1000);
+                    let event_time = (upto / 1000 - 1).max(start / 1000);
                     let written = sqlx::query("INSERT INTO meter_reports (identifier, subscription_uuid, unit, period_start, window_end, event_time, value, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (identifier) DO NOTHING")
                         .bind(identifier(s.uuid, *unit, start, closed))
                         .bind(s.uuid.to_string())
@@ -241,7 +242,9 @@ pub async fn report_once(
 /// is recorded on the row and the rest go on.
 async fn send_pending(billing: &Billing, db: &Db, round: &mut Round) -> anyhow::Result<()> {
     let pending = sqlx::query(
-        "SELECT m.identifier, m.unit, m.event_time, m.value, s.stripe_customer, s.plan_uuid \
+        "SELECT m.identifier, m.event_time, m.value, s.stripe_customer, \
+                (SELECT MIN(p.meter_event) FROM stripe_prices p \
+                 WHERE p.plan_uuid = s.plan_uuid AND p.kind = m.unit) AS meter_event \
          FROM meter_reports m JOIN subscriptions s ON s.uuid = m.subscription_uuid \
          WHERE m.sent_at IS NULL ORDER BY m.created_at, m.identifier LIMIT 10000",
     )
@@ -249,15 +252,11 @@ async fn send_pending(billing: &Billing, db: &Db, round: &mut Round) -> anyhow::
     .await?;
     for row in &pending {
         let identifier: String = row.try_get("identifier")?;
-        let unit: String = row.try_get("unit")?;
-        let event = sqlx::query("SELECT meter_event FROM stripe_prices WHERE plan_uuid = $1 AND kind = $2 AND meter_event IS NOT NULL")
-            .bind(row.try_get::<String, _>("plan_uuid")?)
-            .bind(&unit)
-            .fetch_optional(&db.pool)
-            .await?;
-        let Some(event) = event else { continue };
+        let Some(event) = row.try_get::<Option<String>, _>("meter_event")? else {
+            continue;
+        };
         let form = Form::new()
-            .set("event_name", event.try_get::<String, _>("meter_event")?)
+            .set("event_name", event)
             .set(
                 "payload[stripe_customer_id]",
                 row.try_get::<String, _>("stripe_customer")?,
@@ -377,16 +376,17 @@ pub async fn reconcile(
                     continue;
                 }
                 let upto = closed.min(end);
-                let owed = if upto > start {
-                    let range = TimeRange {
+                let used = use_by_mode(
+                    db,
+                    store,
+                    s.config,
+                    *unit,
+                    TimeRange {
                         from_ms: start,
                         to_ms: upto,
-                    };
-                    let used = billable_use(db, store, s.config, *unit, range).await?;
-                    i64::try_from(used.saturating_sub(*included)).unwrap_or(i64::MAX)
-                } else {
-                    0
-                };
+                    },
+                )
+                .await?;
                 let reported: i64 = sqlx::query("SELECT CAST(COALESCE(SUM(value), 0) AS BIGINT) AS n FROM meter_reports WHERE subscription_uuid = $1 AND unit = $2 AND period_start = $3 AND sent_at IS NOT NULL")
                     .bind(s.uuid.to_string())
                     .bind(unit.as_str())
@@ -410,31 +410,16 @@ pub async fn reconcile(
                     .map(|x| x.aggregated_value)
                     .sum::<f64>()
                     .round() as i64;
-                let test_mode = if upto > start {
-                    test_use(
-                        db,
-                        store,
-                        s.config,
-                        *unit,
-                        TimeRange {
-                            from_ms: start,
-                            to_ms: upto,
-                        },
-                    )
-                    .await?
-                } else {
-                    0
-                };
                 out.push(Reconciled {
                     subscription: s.uuid,
                     stripe_subscription: s.stripe_id.clone(),
                     unit: unit.as_str(),
                     period_start: start,
                     period_end: end,
-                    store: owed,
+                    store: used.owed(*included),
                     reported,
                     stripe,
-                    test_mode,
+                    test_mode: used.test,
                 });
             }
         }

@@ -198,14 +198,6 @@ impl Unit {
             Unit::Requests => "requests",
         }
     }
-
-    pub fn parse(s: &str) -> Option<Unit> {
-        match s {
-            "tokens" => Some(Unit::Tokens),
-            "requests" => Some(Unit::Requests),
-            _ => None,
-        }
-    }
 }
 
 impl Billing {
