@@ -2,7 +2,9 @@
 //! way of doing the same thing:
 //!
 //! - key check: warm (claims cached beside the key table entry) vs cold (the
-//!   EdDSA verification a cache-less gateway runs on every request);
+//!   EdDSA verification a cache-less gateway runs on every request), and a
+//!   widget visitor's session token (what a widget message checks instead of
+//!   a key);
 //! - rate-limit decision: governor's keyed GCRA vs a `Mutex<HashMap>` token bucket;
 //! - usage event: the bounded queue's enqueue vs pushing into a `Mutex<Vec>` vs
 //!   writing a JSON log line per request.
@@ -41,6 +43,17 @@ fn key_check(c: &mut Criterion) {
         b.iter(|| {
             keys::authenticate(&state, black_box(key.as_bytes()), Some(Scope::Invoke), NOW).unwrap()
         })
+    });
+    let sessions = agora_proxy::widget::Sessions::new(Some(b"a shared secret of gateways"));
+    let token = sessions.issue(&agora_proxy::widget::Visit {
+        config: Uuid::from_u128(1),
+        key_id: Uuid::from_u128(2),
+        visitor: Uuid::new_v4(),
+        origin: "https://shop.example.com".into(),
+        expires_at: NOW + 600,
+    });
+    group.bench_function("widget visitor: session token HMAC + parse", |b| {
+        b.iter(|| sessions.check(black_box(token.as_bytes()), NOW).unwrap())
     });
     group.bench_function("cold/naive: parse + EdDSA verify", |b| {
         b.iter(|| {

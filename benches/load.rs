@@ -94,6 +94,7 @@ fn main() {
         long_poll: Duration::from_secs(25),
         handle_signals: false,
         work_stealing: false,
+        widget: Default::default(),
     };
     let sink = Arc::new(agora_proxy::usage::LogSink::default());
     let proxy = agora_proxy::start(config, agora_proxy::Metering::Sink(sink.clone()))

@@ -109,6 +109,20 @@ fi
 pypi_tool schemathesis 4.32.5 || { log "schemathesis could not be installed"; exit 1; }
 export AGORA_SCHEMATHESIS="$venv/bin/schemathesis"
 
+# A real browser for tests/widget.rs: Debian's Chromium, driven by
+# playwright-core and checked by axe-core from npm (no browser is downloaded).
+if [ "${AGORA_SKIP_BROWSER:-}" = 1 ]; then
+  log "AGORA_SKIP_BROWSER=1: the widget's browser cases will NOT run"
+else
+  [ -x "${AGORA_CHROMIUM:-/usr/bin/chromium}" ] || apt_install chromium
+  command -v npm >/dev/null || apt_install nodejs npm
+  if [ ! -d tests/browser/node_modules/playwright-core ] || [ ! -d tests/browser/node_modules/axe-core ]; then
+    log "installing playwright-core and axe-core from npm into tests/browser"
+    (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+  log "browser: ${AGORA_CHROMIUM:-/usr/bin/chromium}"
+fi
+
 log "running the suite (Postgres and SQLite)"
 cargo test --workspace --all-targets "$@"
 

@@ -443,10 +443,18 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
     let proxy =
         tokio::task::spawn_blocking(move || agora_proxy::start(proxy_config, metering)).await??;
     let proxy_url = format!("http://{}", proxy.addr);
+    if settings.proxy.public_url.is_none() {
+        state.set_gateway_url(&proxy_url);
+    }
+    // A page on a second loopback origin that embeds the demo config's widget.
+    let page_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let page_origin = format!("http://{}", page_listener.local_addr()?);
+    let widget_demo_url = format!("{page_origin}/");
     let demo_proxy = demo::DemoProxy {
         url: proxy_url.clone(),
         metrics_url: format!("http://{}/metrics", proxy.admin_addr),
         runtime_secret: Some(runtime_secret),
+        widget_demo_url: Some(widget_demo_url.clone()),
     };
 
     let info = demo::ensure(
@@ -457,6 +465,12 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
         Some(&demo_proxy),
     )
     .await?;
+    let snippet = demo::widget_snippet(&state, info.config_uuid, &page_origin).await?;
+    tokio::spawn(demo::serve_widget_page(
+        page_listener,
+        state.gateway_url(),
+        snippet,
+    ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let state_db = state.db.clone();
     let server = tokio::spawn(agora_control_plane::serve(listener, state, async move {
@@ -484,6 +498,9 @@ async fn up(mut settings: Settings) -> anyhow::Result<()> {
     println!("  API:           {proxy_url}  (agents and the whole API, one base URL)");
     println!("  control plane: {url}  (its own port, for operators)");
     println!("  metrics:       {}", demo_proxy.metrics_url);
+    println!(
+        "  chat widget:   {widget_demo_url}  (a page on another origin embedding the demo agent)"
+    );
     println!(
         "  demo details:  {} (tokens, passwords and an API key)",
         demo_file.display()

@@ -203,6 +203,50 @@ fn up_seeds_serves_and_restarts() {
         metrics.contains(r#"agora_proxy_requests_total{route="invoke",status="200"} 1"#),
         "{metrics}"
     );
+    // The widget demo page, on its own origin, embeds the demo config's widget
+    // from the gateway under a CSP that allows only the gateway.
+    let page_url = info["widget_demo_url"].as_str().expect("widget_demo_url");
+    assert_ne!(
+        page_url.trim_end_matches('/'),
+        info["proxy_url"].as_str().unwrap()
+    );
+    let out = Command::new("curl")
+        .args(["-si", page_url])
+        .output()
+        .unwrap();
+    let page = String::from_utf8_lossy(&out.stdout).into_owned();
+    let loader = format!("{}/widget/loader.js", info["proxy_url"].as_str().unwrap());
+    assert!(
+        page.contains(&format!(
+            "script-src {}",
+            info["proxy_url"].as_str().unwrap()
+        )),
+        "{page}"
+    );
+    assert!(
+        page.contains(&format!("src=\"{loader}\" data-key=\"ar_pk_live_")),
+        "{page}"
+    );
+    // And the gateway lets that origin open a visitor session.
+    let key = page
+        .split("data-key=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+        .arg(format!("origin: {}", page_url.trim_end_matches('/')))
+        .args(["-H", "content-type: application/json", "-d"])
+        .arg(serde_json::json!({"key": key}).to_string())
+        .arg(format!(
+            "{}/api/agent-gateway/widget/session/",
+            info["proxy_url"].as_str().unwrap()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
     // The runtime reports usage with demo.json's secret; a wrong one is refused.
     for (secret, status) in [
         (info["runtime_secret"].as_str().unwrap(), "202"),

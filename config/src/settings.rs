@@ -41,6 +41,7 @@ pub struct Settings {
     pub proxy: ProxySettings,
     pub usage: UsageSettings,
     pub stripe: StripeSettings,
+    pub widget: WidgetServing,
     pub log: LogSettings,
 }
 
@@ -101,6 +102,9 @@ pub struct RuntimeSettings {
 pub struct ProxySettings {
     /// Where buyers' requests arrive.
     pub listen: String,
+    /// The URL browsers and clients reach the gateways at (widget snippets);
+    /// when absent, `http://` + `listen`.
+    pub public_url: Option<String>,
     /// Where `/metrics` is served; keep it off the public network.
     pub admin_listen: String,
     /// The control plane's base URL for the snapshot feed; when absent,
@@ -285,6 +289,34 @@ impl std::fmt::Debug for StripeSettings {
     }
 }
 
+/// How gateways serve the embeddable chat widget's visitors.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WidgetServing {
+    /// Lifetime of a visitor session token, seconds (at most 900).
+    #[serde(deserialize_with = "number")]
+    pub session_ttl_secs: u64,
+    /// Messages one visitor may send per minute.
+    #[serde(deserialize_with = "number")]
+    pub messages_per_minute: u32,
+    /// Visitor sessions (new or refreshed) one client address may take per minute.
+    #[serde(deserialize_with = "number")]
+    pub sessions_per_minute: u32,
+}
+
+/// Longest a visitor session token lives.
+pub const MAX_VISITOR_SESSION_SECS: u64 = 900;
+
+impl Default for WidgetServing {
+    fn default() -> Self {
+        WidgetServing {
+            session_ttl_secs: 600,
+            messages_per_minute: 20,
+            sessions_per_minute: 30,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
@@ -301,6 +333,7 @@ impl Default for Settings {
             proxy: ProxySettings::default(),
             usage: UsageSettings::default(),
             stripe: StripeSettings::default(),
+            widget: WidgetServing::default(),
             log: LogSettings::default(),
         }
     }
@@ -374,6 +407,7 @@ impl Default for ProxySettings {
     fn default() -> Self {
         ProxySettings {
             listen: "127.0.0.1:8080".into(),
+            public_url: None,
             admin_listen: "127.0.0.1:9464".into(),
             control_plane_url: None,
             snapshot_path: None,
@@ -578,6 +612,18 @@ impl Settings {
                     .into(),
             ));
         }
+        let w = &self.widget;
+        if !(1..=MAX_VISITOR_SESSION_SECS).contains(&w.session_ttl_secs) {
+            return Err(SettingsError::Invalid(format!(
+                "widget.session_ttl_secs must be between 1 and {MAX_VISITOR_SESSION_SECS}"
+            )));
+        }
+        if w.messages_per_minute == 0 || w.sessions_per_minute == 0 {
+            return Err(SettingsError::Invalid(
+                "widget.messages_per_minute and widget.sessions_per_minute must be at least 1"
+                    .into(),
+            ));
+        }
         let px = &self.proxy;
         for (name, addr) in [("listen", &px.listen), ("admin_listen", &px.admin_listen)] {
             addr.parse::<SocketAddr>().map_err(|_| {
@@ -585,6 +631,13 @@ impl Settings {
                     "proxy.{name} {addr:?} is not an address like 127.0.0.1:8080"
                 ))
             })?;
+        }
+        if let Some(url) = &px.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(SettingsError::Invalid(
+                    "proxy.public_url must start with http:// or https://".into(),
+                ));
+            }
         }
         if let Some(url) = &px.control_plane_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -678,6 +731,14 @@ impl Settings {
         match &self.proxy.control_plane_url {
             Some(url) => url.trim_end_matches('/').to_owned(),
             None => format!("http://{}", self.control_plane.listen),
+        }
+    }
+
+    /// The gateways' public base URL, without a trailing slash.
+    pub fn gateway_public_url(&self) -> String {
+        match &self.proxy.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("http://{}", self.proxy.listen),
         }
     }
 

@@ -186,12 +186,19 @@ pub struct PlanLimits {
 /// Settings of a config's embeddable widget.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WidgetSettings {
-    /// Origins allowed to use the config's publishable key.
+    /// Origins (exact `scheme://host[:port]`) allowed to use the config's
+    /// publishable keys: the config's own list and each active key's.
     pub allowed_origins: Vec<String>,
     pub title: String,
+    /// Shown before the visitor's first message.
     pub greeting: String,
-    pub primary_color: String,
+    /// `#rrggbb`.
+    pub accent_color: String,
+    /// `bottom-right` or `bottom-left`.
     pub position: String,
+    /// The launcher button's text.
+    #[serde(default)]
+    pub launcher_text: String,
 }
 
 /// The changes from one revision to a later one.
@@ -472,7 +479,8 @@ mod tests {
             allowed_origins: vec!["https://shop.example".into()],
             title: "Ada".into(),
             greeting: "Hello!".into(),
-            primary_color: "#3355ff".into(),
+            accent_color: "#3355ff".into(),
+            launcher_text: "Chat".into(),
             position: "bottom-right".into(),
         }
     }

@@ -62,6 +62,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/0004_account_safety.sql"),
     ),
     (5, "billing", include_str!("../migrations/0005_billing.sql")),
+    (6, "widget", include_str!("../migrations/0006_widget.sql")),
 ];
 
 impl Db {

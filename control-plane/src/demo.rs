@@ -73,6 +73,9 @@ pub struct DemoInfo {
     /// (`POST {proxy_url}/api/agent-gateway/usage/`).
     #[serde(default)]
     pub runtime_secret: Option<String>,
+    /// A page on another loopback origin embedding the demo config's chat widget.
+    #[serde(default)]
+    pub widget_demo_url: Option<String>,
     pub note: String,
 }
 
@@ -81,6 +84,8 @@ pub struct DemoProxy {
     pub url: String,
     pub metrics_url: String,
     pub runtime_secret: Option<String>,
+    /// The widget demo page's URL, when one is served.
+    pub widget_demo_url: Option<String>,
 }
 
 /// A runtime `agora up` started itself, for demo.json.
@@ -180,6 +185,7 @@ pub async fn ensure(
         base_url: proxy.map(|p| p.url.clone()),
         metrics_url: proxy.map(|p| p.metrics_url.clone()),
         runtime_secret: proxy.and_then(|p| p.runtime_secret.clone()),
+        widget_demo_url: proxy.and_then(|p| p.widget_demo_url.clone()),
         note,
     };
     write_demo(data_dir, &info)?;
@@ -399,6 +405,76 @@ fn plan(
 
 fn api_err(e: crate::error::ApiError) -> anyhow::Error {
     anyhow::anyhow!("{e}")
+}
+
+/// Lets the demo config's widget be embedded on `origin` (only there) and
+/// answers the snippet that embeds it.
+pub async fn widget_snippet(app: &AppState, config: Uuid, origin: &str) -> anyhow::Result<String> {
+    let row = sqlx::query(
+        "SELECT c.org_uuid, c.project_uuid, m.user_uuid FROM agent_configs c JOIN memberships m ON m.org_uuid = c.org_uuid WHERE c.uuid = $1 ORDER BY m.user_uuid LIMIT 1",
+    )
+    .bind(config.to_string())
+    .fetch_one(&app.db.pool)
+    .await?;
+    let origins = crate::widget::origins(&[origin.to_owned()]).map_err(api_err)?;
+    let mut tx = app.db.pool.begin().await?;
+    sqlx::query("UPDATE agent_configs SET widget_allowed_origins = $2, widget_title = 'Demo assistant', widget_launcher_text = 'Chat with the demo' WHERE uuid = $1")
+        .bind(config.to_string())
+        .bind(serde_json::to_string(&origins)?)
+        .execute(&mut *tx)
+        .await?;
+    crate::db::bump_revision(&mut tx).await?;
+    tx.commit().await?;
+    let (_, key) = crate::routes::widget::widget_key(
+        app,
+        uuid_col(&row, "org_uuid")?,
+        config,
+        crate::db::opt_uuid_col(&row, "project_uuid")?,
+        uuid_col(&row, "user_uuid")?,
+    )
+    .await
+    .map_err(api_err)?;
+    Ok(crate::widget::snippet(&app.gateway_url(), &key))
+}
+
+/// Serves the widget demo page: a shop page on its own origin that embeds the
+/// widget with its one script tag, under a strict Content-Security-Policy
+/// allowing only the gateway.
+pub async fn serve_widget_page(
+    listener: tokio::net::TcpListener,
+    gateway: String,
+    snippet: String,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let page = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>Demo shop</title></head>\n<body><main><h1>Demo shop</h1><p>This page is served from its own origin and embeds the demo agent's chat widget with one script tag, under a Content-Security-Policy that allows only the gateway.</p></main>\n{snippet}\n</body></html>\n"
+    );
+    let gateway_origin = gateway
+        .split_once("://")
+        .map(|(scheme, rest)| format!("{scheme}://{}", rest.split('/').next().unwrap_or(rest)))
+        .unwrap_or(gateway);
+    let answer = std::sync::Arc::new(format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\ncontent-security-policy: default-src 'none'; script-src {gateway_origin}; connect-src {gateway_origin}\r\ncache-control: no-store\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+        page.len()
+    ));
+    while let Ok((mut stream, _)) = listener.accept().await {
+        let answer = answer.clone();
+        tokio::spawn(async move {
+            // Read the request head (bounded), then answer the page whatever it asked.
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                    _ => return,
+                }
+            }
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
 }
 
 /// Issues the demo's secret key through the same path as the API.

@@ -29,6 +29,7 @@ pub mod runtime;
 pub mod signing;
 pub mod stripe;
 pub mod sync;
+pub mod widget;
 
 use db::Db;
 use domain::Paged;
@@ -82,9 +83,26 @@ pub struct AppState {
     /// Payments through Stripe; none when no Stripe key is configured, and
     /// then paid orders cannot be checked out.
     pub billing: Option<Arc<billing::Billing>>,
+    /// The gateways' public base URL, for widget snippets; a process that
+    /// starts its gateway on a port it learns later sets it then.
+    pub gateway_url: Arc<std::sync::RwLock<String>>,
 }
 
 impl AppState {
+    /// Where widget snippets point browsers to.
+    pub fn gateway_url(&self) -> String {
+        self.gateway_url
+            .read()
+            .map(|u| u.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn set_gateway_url(&self, url: &str) {
+        if let Ok(mut u) = self.gateway_url.write() {
+            *u = url.trim_end_matches('/').to_owned();
+        }
+    }
+
     /// Connects, migrates, and loads (or creates) the key-signing key.
     pub async fn from_settings(settings: &Settings) -> anyhow::Result<AppState> {
         let db = Db::connect(
@@ -125,6 +143,7 @@ impl AppState {
         }
         Ok(AppState {
             billing,
+            gateway_url: Arc::new(std::sync::RwLock::new(settings.gateway_public_url())),
             db: db.clone(),
             limits: Arc::new(Limits {
                 max_body_bytes: cp.max_body_bytes,
@@ -213,7 +232,10 @@ macro_rules! api {
     };
 }
 
-use routes::{agents, auth, billing as pay, configs, documents, keys, marketplace, orgs, usage};
+use routes::{
+    agents, auth, billing as pay, configs, documents, keys, marketplace, orgs, usage,
+    widget as embed,
+};
 
 api! {
     post "/api/auth/token/" => auth::obtain_token, "auth", "Exchange username and password for a user token", auth::Credentials => auth::TokenAnswer;
@@ -270,9 +292,10 @@ api! {
 
     get "/api/customer-agent-configs/" => configs::list_configs, "buyer", "Your agent configurations" => Paged<configs::ConfigAnswer>;
     get "/api/customer-agent-configs/{uuid}/" => configs::get_config, "buyer", "One configuration" => configs::ConfigAnswer;
-    patch "/api/customer-agent-configs/{uuid}/" => configs::update_config, "buyer", "Set name, greeting, tone and knowledge documents", configs::ConfigPatch => configs::ConfigAnswer;
+    patch "/api/customer-agent-configs/{uuid}/" => configs::update_config, "buyer", "Set name, greeting, tone, knowledge documents and widget settings", configs::ConfigPatch => configs::ConfigAnswer;
     get "/api/customer-agent-configs/{uuid}/api_keys/" => keys::list_keys, "buyer", "The configuration's API keys (never the secret)" => Vec<keys::KeyAnswer>;
     post "/api/customer-agent-configs/{uuid}/api_keys/" => keys::issue_key, "buyer", "Issue an API key; the secret is shown once", keys::NewKey => keys::IssuedKey;
+    get "/api/customer-agent-configs/{uuid}/widget_embed/" => embed::widget_embed, "buyer", "The snippet that embeds the chat widget (a publishable key is issued if there is none)" => embed::WidgetEmbed;
     get "/api/customer-agent-configs/{uuid}/usage/" => usage::config_usage, "usage", "The configuration's usage: totals and an hourly or daily series (?from=&to=&interval=hour|day)" => usage::ConfigUsage;
     post "/api/agent-api-keys/{uuid}/revoke/" => keys::revoke_key, "buyer", "Revoke an API key" => keys::KeyAnswer;
     get "/api/training-documents/" => documents::list_documents, "buyer", "Knowledge documents" => Paged<documents::DocumentAnswer>;

@@ -128,6 +128,7 @@ pub async fn compile(db: &Db, runtime_url: Option<&str>) -> anyhow::Result<Snaps
 
     let configs = sqlx::query(
         "SELECT c.uuid, c.agent_uuid, c.org_uuid, c.name, c.greeting, c.tone, a.runtime_flow_id, \
+                c.widget_allowed_origins, c.widget_title, c.widget_accent_color, c.widget_position, c.widget_launcher_text, \
                 q.period_start, q.period_end, q.counted_at, q.requests, q.tokens \
          FROM agent_configs c JOIN provider_agents a ON a.uuid = c.agent_uuid \
          LEFT JOIN quota_usage q ON q.config_uuid = c.uuid",
@@ -161,17 +162,24 @@ pub async fn compile(db: &Db, runtime_url: Option<&str>) -> anyhow::Result<Snaps
                 },
             );
         }
-        if let Some(mut allowed) = origins.remove(&config) {
+        // The widget's origins: the config's own and each active publishable
+        // key's; without any, no page may embed it.
+        let mut allowed: Vec<String> =
+            serde_json::from_str(&row.try_get::<String, _>("widget_allowed_origins")?)?;
+        allowed.extend(origins.remove(&config).unwrap_or_default());
+        if !allowed.is_empty() {
             allowed.sort();
             allowed.dedup();
+            let title: String = row.try_get("widget_title")?;
             snapshot.widgets.insert(
                 config,
                 WidgetSettings {
                     allowed_origins: allowed,
-                    title: name,
+                    title: if title.is_empty() { name } else { title },
                     greeting,
-                    primary_color: "#4f46e5".into(),
-                    position: "bottom-right".into(),
+                    accent_color: row.try_get("widget_accent_color")?,
+                    position: row.try_get("widget_position")?,
+                    launcher_text: row.try_get("widget_launcher_text")?,
                 },
             );
         }

@@ -77,6 +77,10 @@ pub enum RateLimit {
     Tenant,
     /// The key's plan bucket.
     Key,
+    /// A widget visitor's messages.
+    Visitor,
+    /// Visitor sessions opened from one client address.
+    Address,
 }
 
 impl RateLimit {
@@ -85,6 +89,8 @@ impl RateLimit {
         match self {
             RateLimit::Tenant => "tenant",
             RateLimit::Key => "key",
+            RateLimit::Visitor => "visitor",
+            RateLimit::Address => "client address",
         }
     }
 }
@@ -99,6 +105,12 @@ pub enum GatewayError {
     Suspended,
     InsufficientScope,
     OriginNotAllowed,
+    /// A publishable key used to invoke: it only opens visitor sessions.
+    WidgetSessionRequired,
+    /// A widget visitor's session token that is not ours or names nothing served.
+    InvalidVisitorToken,
+    /// A genuine visitor session token past its lifetime: refresh it.
+    VisitorSessionExpired,
     RateLimited {
         limit: RateLimit,
         retry_after_secs: u64,
@@ -147,9 +159,10 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             MissingKey | InvalidKey(_) | RuntimeSecretRequired => 401,
+            InvalidVisitorToken | VisitorSessionExpired => 401,
             // Payment Required: the subscription lapsed; paying makes it work again.
             Suspended => 402,
-            InsufficientScope | OriginNotAllowed => 403,
+            InsufficientScope | OriginNotAllowed | WidgetSessionRequired => 403,
             RateLimited { .. } | QuotaExceeded { .. } | TooManyInFlight { .. } => 429,
             BadRequest { .. } => 400,
             BodyTooLarge { .. } => 413,
@@ -172,6 +185,9 @@ impl GatewayError {
             Suspended => "subscription_inactive",
             InsufficientScope => "insufficient_scope",
             OriginNotAllowed => "origin_not_allowed",
+            WidgetSessionRequired => "widget_session_required",
+            InvalidVisitorToken => "invalid_visitor_token",
+            VisitorSessionExpired => "visitor_session_expired",
             RateLimited { .. } => "rate_limited",
             QuotaExceeded { .. } => "quota_exceeded",
             TooManyInFlight { .. } => "too_many_in_flight",
@@ -203,7 +219,10 @@ impl GatewayError {
             InvalidKey(_) => "The API key is not valid.".into(),
             Suspended => "The subscription behind this API key is not active.".into(),
             InsufficientScope => "The API key does not allow this operation.".into(),
-            OriginNotAllowed => "This publishable key is not allowed from this origin.".into(),
+            OriginNotAllowed => "This widget is not allowed from this origin.".into(),
+            WidgetSessionRequired => "A publishable key opens widget visitor sessions (POST /api/agent-gateway/widget/session/); invoke with the session's token.".into(),
+            InvalidVisitorToken => "The visitor session token is not valid.".into(),
+            VisitorSessionExpired => "The visitor session has expired; refresh it.".into(),
             RateLimited { limit, .. } => format!("Too many requests ({} limit).", limit.as_str()),
             QuotaExceeded { .. } => "The plan's quota for this period is used up.".into(),
             TooManyInFlight { limit } => {
@@ -259,6 +278,9 @@ impl GatewayError {
             | Suspended
             | InsufficientScope
             | OriginNotAllowed
+            | WidgetSessionRequired
+            | InvalidVisitorToken
+            | VisitorSessionExpired
             | RuntimeSecretRequired => UsageStatus::Unauthorized,
             RateLimited { .. } | QuotaExceeded { .. } | TooManyInFlight { .. } => {
                 UsageStatus::RateLimited
@@ -292,7 +314,10 @@ impl GatewayError {
             GatewayError::TooManyInFlight { .. } | GatewayError::MeteringUnavailable => {
                 headers.push(("retry-after", "1".to_owned()));
             }
-            GatewayError::MissingKey | GatewayError::InvalidKey(_) => {
+            GatewayError::MissingKey
+            | GatewayError::InvalidKey(_)
+            | GatewayError::InvalidVisitorToken
+            | GatewayError::VisitorSessionExpired => {
                 headers.push(("www-authenticate", "Bearer".to_owned()));
             }
             _ => {}

@@ -80,13 +80,27 @@ pub struct RunBody {
     pub input: String,
 }
 
+/// Who an invoke's conversation belongs to.
+#[derive(Clone, Copy, Debug)]
+pub enum Speaker<'a> {
+    /// An API key's caller, who may name sessions.
+    Key(&'a Uuid),
+    /// A widget visitor, who has exactly one.
+    Visitor(&'a Uuid),
+}
+
+/// Session ids of widget visitors start with it; API callers cannot name one.
+const VISITOR_SESSION: &str = "visitor-";
+
 /// The session id the runtime sees for a caller's `session`: always under the
 /// config's namespace, `<config>:<session>`, so no input names another config's
-/// session. A caller that names none gets one per key (`key-<key id>`).
-pub fn runtime_session(config: &Uuid, session: Option<&str>, key_id: &Uuid) -> String {
-    match session {
-        Some(s) => format!("{config}:{s}"),
-        None => format!("{config}:key-{key_id}"),
+/// session. A key's caller that names none gets one per key (`key-<key id>`);
+/// a widget visitor always has its own (`visitor-<visitor id>`).
+pub fn runtime_session(config: &Uuid, session: Option<&str>, speaker: Speaker<'_>) -> String {
+    match (speaker, session) {
+        (Speaker::Visitor(visitor), _) => format!("{config}:{VISITOR_SESSION}{visitor}"),
+        (Speaker::Key(_), Some(s)) => format!("{config}:{s}"),
+        (Speaker::Key(key_id), None) => format!("{config}:key-{key_id}"),
     }
 }
 
@@ -101,7 +115,7 @@ fn invalid_body(message: String) -> GatewayError {
 pub fn runtime_body(
     body: &[u8],
     target: &RouteTarget,
-    key_id: &Uuid,
+    speaker: Speaker<'_>,
 ) -> Result<RunBody, GatewayError> {
     let buyer: BuyerBody = serde_json::from_slice(body).map_err(|e| {
         let message = e.to_string();
@@ -135,8 +149,23 @@ pub fn runtime_body(
                 ),
             });
         }
+        let refusal = match speaker {
+            Speaker::Visitor(_) => {
+                Some("A widget visitor's conversation is its own: leave session_id out.")
+            }
+            Speaker::Key(_) if session.starts_with(VISITOR_SESSION) => Some(
+                "session_id may not start with `visitor-`: those are widget visitors' sessions.",
+            ),
+            Speaker::Key(_) => None,
+        };
+        if let Some(message) = refusal {
+            return Err(GatewayError::BadRequest {
+                code: "invalid_session_id",
+                message: message.into(),
+            });
+        }
     }
-    let session = runtime_session(&target.route.config, buyer.session_id.as_deref(), key_id);
+    let session = runtime_session(&target.route.config, buyer.session_id.as_deref(), speaker);
     let out = RuntimeBody {
         input_value: &input,
         input_type: buyer.input_type,
@@ -633,7 +662,7 @@ mod tests {
     }
 
     fn built(body: &[u8]) -> Result<serde_json::Value, GatewayError> {
-        let run = runtime_body(body, &target(), &key())?;
+        let run = runtime_body(body, &target(), Speaker::Key(&key()))?;
         Ok(serde_json::from_slice(&run.body).unwrap())
     }
 
@@ -682,7 +711,7 @@ mod tests {
         let run = runtime_body(
             br#"{"input":"Hello, how can you help me?"}"#,
             &target(),
-            &key(),
+            Speaker::Key(&key()),
         )
         .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&run.body).unwrap();
@@ -703,6 +732,34 @@ mod tests {
         // No session: one per key.
         let v = built(br#"{"input_value":"hi"}"#).unwrap();
         assert_eq!(v["session_id"], format!("{config}:key-{}", key()));
+        // A key's caller cannot name a widget visitor's session.
+        assert!(matches!(
+            built(br#"{"input_value":"hi","session_id":"visitor-1"}"#),
+            Err(GatewayError::BadRequest {
+                code: "invalid_session_id",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_widget_visitor_has_exactly_its_own_session() {
+        let config = Uuid::from_u128(1);
+        let visitor = Uuid::from_u128(9);
+        let run = runtime_body(
+            br#"{"input_value":"hi"}"#,
+            &target(),
+            Speaker::Visitor(&visitor),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&run.body).unwrap();
+        assert_eq!(v["session_id"], format!("{config}:visitor-{visitor}"));
+        assert!(runtime_body(
+            br#"{"input_value":"hi","session_id":"s1"}"#,
+            &target(),
+            Speaker::Visitor(&visitor)
+        )
+        .is_err());
     }
 
     fn scrub_all(config: &Uuid, pieces: &[&[u8]]) -> Vec<u8> {

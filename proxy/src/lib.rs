@@ -28,6 +28,7 @@ pub mod state;
 pub mod sync;
 mod tokens;
 pub mod usage;
+pub mod widget;
 
 pub use async_trait::async_trait;
 
@@ -42,7 +43,7 @@ use anyhow::Context as _;
 use pingora::apps::http_app::HttpServer;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Notify;
 
 use crate::gateway::{Gateway, Lifecycle};
@@ -88,6 +89,9 @@ pub struct ProxyConfig {
     pub long_poll: Duration,
     /// Whether SIGTERM/SIGINT shut the proxy down (off when embedded).
     pub handle_signals: bool,
+    /// Widget visitor sessions: token lifetime, messages per visitor and
+    /// sessions per client address, per minute.
+    pub widget: agora_config::settings::WidgetServing,
     /// Pingora's work-stealing runtime. Off is faster (one runtime per thread), but
     /// Pingora's per-thread runtime registry outlives a stopped server, so a process
     /// that starts the proxy more than once (tests, `agora up`) needs it on.
@@ -123,6 +127,7 @@ impl ProxyConfig {
             long_poll: Duration::from_secs(25),
             handle_signals: true,
             work_stealing: false,
+            widget: settings.widget.clone(),
         })
     }
 }
@@ -221,10 +226,12 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
         Metering::Pipeline(p) => (p.clone(), Some(p)),
         Metering::Sink(s) => (s, None),
     };
-    let limits = Arc::new(Limits::new(
-        config.tenant_requests_per_second,
-        config.tenant_burst,
-    ));
+    let limits = Arc::new(
+        Limits::new(config.tenant_requests_per_second, config.tenant_burst).with_widget_limits(
+            config.widget.messages_per_minute,
+            config.widget.sessions_per_minute,
+        ),
+    );
     let control_plane = upstream::ControlPlane::from_url(
         &config.control_plane_url,
         config.control_plane_max_body_bytes,
@@ -248,6 +255,13 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
         life: life.clone(),
         upstreams: upstream::Upstreams::new(config.upstream_pool_size),
         control_plane,
+        sessions: widget::Sessions::new(
+            config
+                .proxy_secret
+                .as_ref()
+                .map(|s| s.expose_secret().as_bytes()),
+        ),
+        widget_session_ttl_secs: config.widget.session_ttl_secs,
         // A client connection may hold a runtime connection too.
         connections: agora_config::connections::ConnectionLimits::new(
             config.max_connections,

@@ -26,16 +26,19 @@ pub enum RouteLabel {
     Health,
     /// The control plane's API, passed on through the front door.
     ControlPlane,
+    /// The chat widget's assets, visitor sessions and CORS preflights.
+    Widget,
     Other,
 }
 
 impl RouteLabel {
-    pub const ALL: [RouteLabel; 6] = [
+    pub const ALL: [RouteLabel; 7] = [
         RouteLabel::Invoke,
         RouteLabel::Validate,
         RouteLabel::Usage,
         RouteLabel::Health,
         RouteLabel::ControlPlane,
+        RouteLabel::Widget,
         RouteLabel::Other,
     ];
 
@@ -46,6 +49,7 @@ impl RouteLabel {
             RouteLabel::Usage => "usage",
             RouteLabel::Health => "health",
             RouteLabel::ControlPlane => "control_plane",
+            RouteLabel::Widget => "widget",
             RouteLabel::Other => "other",
         }
     }
@@ -57,9 +61,9 @@ const COMMON_STATUSES: [u16; 8] = [200, 400, 401, 403, 429, 502, 503, 504];
 pub struct Metrics {
     pub registry: Registry,
     requests: IntCounterVec,
-    by_status: [[prometheus::IntCounter; 8]; 6],
-    duration: [Histogram; 6],
-    overhead: [Histogram; 6],
+    by_status: [[prometheus::IntCounter; 8]; RouteLabel::ALL.len()],
+    duration: [Histogram; RouteLabel::ALL.len()],
+    overhead: [Histogram; RouteLabel::ALL.len()],
     auth_failures: IntCounterVec,
     rate_limited: IntCounterVec,
     pub in_flight: IntGauge,

@@ -17,6 +17,7 @@
 //!
 //! The limiter takes its clock, so tests drive it with governor's `FakeRelativeClock`.
 
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -39,6 +40,10 @@ pub struct Limits<C: Clock = DefaultClock> {
     tenants: Keyed<C>,
     in_flight: DashMap<Uuid, Arc<AtomicU32>>,
     quotas: DashMap<Uuid, Arc<QuotaCounter>>,
+    /// Widget visitors' messages, by visitor id.
+    visitors: Keyed<C>,
+    /// Widget visitor sessions opened, by client address.
+    addresses: RateLimiter<IpAddr, DashMapStateStore<IpAddr>, C, StateInformationMiddleware>,
 }
 
 /// What this proxy served for a config since the snapshot's count.
@@ -90,13 +95,29 @@ impl Limits<DefaultClock> {
     }
 }
 
+/// Default widget limits: messages per visitor and sessions per client
+/// address, per minute (see `[widget]` in the settings).
+const VISITOR_MESSAGES_PER_MINUTE: u32 = 20;
+const SESSIONS_PER_ADDRESS_PER_MINUTE: u32 = 30;
+
 impl<C: Clock + Clone> Limits<C> {
     pub fn with_clock(tenant_per_second: u32, tenant_burst: u32, clock: C) -> Self {
         let quota =
             Quota::per_second(nonzero(tenant_per_second)).allow_burst(nonzero(tenant_burst));
+        let per_minute = |n: u32| Quota::per_minute(nonzero(n));
         Limits {
             tenants: RateLimiter::dashmap_with_clock(quota, clock.clone())
                 .with_middleware::<StateInformationMiddleware>(),
+            visitors: RateLimiter::dashmap_with_clock(
+                per_minute(VISITOR_MESSAGES_PER_MINUTE),
+                clock.clone(),
+            )
+            .with_middleware::<StateInformationMiddleware>(),
+            addresses: RateLimiter::dashmap_with_clock(
+                per_minute(SESSIONS_PER_ADDRESS_PER_MINUTE),
+                clock.clone(),
+            )
+            .with_middleware::<StateInformationMiddleware>(),
             clock,
             per_plan: DashMap::new(),
             in_flight: DashMap::new(),
@@ -145,6 +166,42 @@ impl<C: Clock + Clone> Limits<C> {
             counter.requests.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Admission { headers, in_flight })
+    }
+
+    /// The same limits with widget visitors allowed `messages` per minute each
+    /// and `sessions` visitor sessions per minute from one client address.
+    pub fn with_widget_limits(mut self, messages: u32, sessions: u32) -> Self {
+        self.visitors = RateLimiter::dashmap_with_clock(
+            Quota::per_minute(nonzero(messages)),
+            self.clock.clone(),
+        )
+        .with_middleware::<StateInformationMiddleware>();
+        self.addresses = RateLimiter::dashmap_with_clock(
+            Quota::per_minute(nonzero(sessions)),
+            self.clock.clone(),
+        )
+        .with_middleware::<StateInformationMiddleware>();
+        self
+    }
+
+    /// One message of a widget visitor.
+    pub fn admit_visitor(&self, visitor: &Uuid) -> Result<RateHeaders, GatewayError> {
+        self.visitors
+            .check_key(visitor)
+            .map(|state| self.headers(&state))
+            .map_err(|not_until| self.refusal(RateLimit::Visitor, &not_until))
+    }
+
+    /// One visitor session opened from `address` (none known: not limited here).
+    pub fn admit_session(&self, address: Option<IpAddr>) -> Result<(), GatewayError> {
+        match address {
+            Some(ip) => self
+                .addresses
+                .check_key(&ip)
+                .map(|_| ())
+                .map_err(|not_until| self.refusal(RateLimit::Address, &not_until)),
+            None => Ok(()),
+        }
     }
 
     /// Adds the tokens a finished request used to its config's quota count.
@@ -250,6 +307,10 @@ impl<C: Clock + Clone> Limits<C> {
     pub fn prune(&self, keep_config: impl Fn(&Uuid) -> bool) {
         self.tenants.retain_recent();
         self.tenants.shrink_to_fit();
+        self.visitors.retain_recent();
+        self.visitors.shrink_to_fit();
+        self.addresses.retain_recent();
+        self.addresses.shrink_to_fit();
         for limiter in self.per_plan.iter() {
             limiter.retain_recent();
             limiter.shrink_to_fit();
@@ -263,6 +324,8 @@ impl<C: Clock + Clone> Limits<C> {
     /// Entries held, for tests and metrics.
     pub fn state_entries(&self) -> usize {
         self.tenants.len()
+            + self.visitors.len()
+            + self.addresses.len()
             + self.per_plan.iter().map(|l| l.len()).sum::<usize>()
             + self.in_flight.len()
             + self.quotas.len()

@@ -5,7 +5,7 @@
 //! A [`State`] is immutable; a new revision builds a new one and swaps it in whole,
 //! so a request sees one revision from start to end.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -57,9 +57,13 @@ pub struct State {
     snapshot: Snapshot,
     verifier: Option<Verifier>,
     keys: HashMap<KeyHash, Arc<KeyRecord>>,
+    /// Publishable keys by key id: what a widget visitor's session names.
+    publishable: HashMap<Uuid, Arc<KeyRecord>>,
     routes: HashMap<Uuid, Arc<RouteTarget>>,
     plans: HashMap<Uuid, PlanLimits>,
     widgets: HashMap<Uuid, WidgetSettings>,
+    /// Every origin some widget may be embedded on (preflights name no key).
+    widget_origins: HashSet<String>,
 }
 
 impl State {
@@ -69,9 +73,11 @@ impl State {
             snapshot: Snapshot::empty(),
             verifier: None,
             keys: HashMap::new(),
+            publishable: HashMap::new(),
             routes: HashMap::new(),
             plans: HashMap::new(),
             widgets: HashMap::new(),
+            widget_origins: HashSet::new(),
         }
     }
 
@@ -87,7 +93,7 @@ impl State {
             }
         };
         let same_trust = previous.snapshot.verification_keys == snapshot.verification_keys;
-        let keys = snapshot
+        let keys: HashMap<KeyHash, Arc<KeyRecord>> = snapshot
             .keys
             .iter()
             .map(|(hash, entry)| {
@@ -112,7 +118,19 @@ impl State {
                 (*config, target)
             })
             .collect();
+        let publishable = keys
+            .values()
+            .filter(|r| r.entry.kind.is_publishable())
+            .map(|r| (r.entry.key_id, r.clone()))
+            .collect();
+        let widget_origins = snapshot
+            .widgets
+            .values()
+            .flat_map(|w| w.allowed_origins.iter().cloned())
+            .collect();
         State {
+            publishable,
+            widget_origins,
             plans: snapshot
                 .plans
                 .iter()
@@ -156,6 +174,16 @@ impl State {
 
     pub fn widget(&self, config: &Uuid) -> Option<&WidgetSettings> {
         self.widgets.get(config)
+    }
+
+    /// The publishable key with this id.
+    pub fn publishable_key(&self, key_id: &Uuid) -> Option<&Arc<KeyRecord>> {
+        self.publishable.get(key_id)
+    }
+
+    /// Whether any widget may be embedded on `origin`.
+    pub fn is_widget_origin(&self, origin: &str) -> bool {
+        self.widget_origins.contains(origin)
     }
 
     /// Keys in the table (for health).

@@ -48,6 +48,10 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 const TLS_READ_CHUNK: usize = 64 * 1024;
 
+/// What a widget may read of an answer besides the basics.
+pub const CORS_EXPOSED: &[u8] =
+    b"retry-after, x-agora-request-id, ratelimit-limit, ratelimit-remaining, ratelimit-reset";
+
 /// What to send.
 pub struct RunRequest<'a> {
     pub target: &'a RouteTarget,
@@ -56,6 +60,8 @@ pub struct RunRequest<'a> {
     pub request_id: &'a [u8],
     pub rate: Option<RateHeaders>,
     pub runtime_key: Option<&'a SecretString>,
+    /// The widget origin allowed to read the answer (CORS), if any.
+    pub cors: Option<&'a str>,
 }
 
 /// What happened, for metrics and the usage event (filled as it goes, so it is
@@ -322,6 +328,11 @@ impl Upstreams {
             }
         }
         conn.header(b"x-agora-request-id", x.request_id);
+        if let Some(origin) = x.cors {
+            conn.header(b"access-control-allow-origin", origin.as_bytes());
+            conn.header(b"vary", b"origin");
+            conn.header(b"access-control-expose-headers", CORS_EXPOSED);
+        }
         // Session ids in the answer lose the config's namespace on the way, so
         // the body's length can change: a body already here whole goes with its
         // new length; anything else is chunked to an HTTP/1.1 client, or sent as

@@ -174,6 +174,17 @@ impl World {
         usage: Option<agora_config::settings::UsageSettings>,
         billed: Option<Billed>,
     ) -> World {
+        World::start_serving(runtime, token_delay, usage, billed, Default::default()).await
+    }
+
+    /// With the gateways serving widget visitors as `widget` says.
+    pub async fn start_serving(
+        runtime: Option<(String, String)>,
+        token_delay: Duration,
+        usage: Option<agora_config::settings::UsageSettings>,
+        billed: Option<Billed>,
+        widget: agora_config::settings::WidgetServing,
+    ) -> World {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
@@ -268,6 +279,7 @@ impl World {
         let (stop_cp, cp_task) = start_cp(state.clone(), listener).await;
 
         let mut config = proxy_config(dir.path(), &cp_url, &runtime_key);
+        config.widget = widget;
         if metered {
             // Metering tests drive load through one tenant.
             config.tenant_requests_per_second = 1_000_000;
@@ -283,6 +295,7 @@ impl World {
                 .await
                 .unwrap();
         let proxy_url = format!("http://{}", proxy.addr);
+        state.set_gateway_url(&proxy_url);
         let world = World {
             cp_url,
             cp_addr,

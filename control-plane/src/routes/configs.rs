@@ -10,6 +10,7 @@ use crate::db::{bump_revision, now_ms, opt_uuid_col, uuid_col, Db};
 use crate::domain::{text_field, ts, Page, Paged, Tone};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use crate::widget::{self, Position};
 use crate::AppState;
 
 const CONFIG_SELECT: &str = "c.*, a.name AS agent_name, r.state AS resource_state, r.plan_uuid";
@@ -39,9 +40,34 @@ pub struct ConfigAnswer {
     tone: String,
     created_at: String,
     updated_at: String,
+    /// Its embeddable chat widget.
+    widget: WidgetAnswer,
     /// Its knowledge documents (in the answer for one configuration).
     #[serde(skip_serializing_if = "Option::is_none")]
     knowledge_documents: Option<Vec<KnowledgeDocument>>,
+}
+
+/// A configuration's chat widget: where it may be embedded and how it looks.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct WidgetAnswer {
+    /// Origins (`https://host[:port]`) its publishable keys work from.
+    allowed_origins: Vec<String>,
+    /// Empty: the configuration's name.
+    title: String,
+    accent_color: String,
+    position: Position,
+    launcher_text: String,
+}
+
+fn widget_answer(row: &AnyRow) -> ApiResult<WidgetAnswer> {
+    Ok(WidgetAnswer {
+        allowed_origins: serde_json::from_str(&row.try_get::<String, _>("widget_allowed_origins")?)
+            .map_err(anyhow::Error::from)?,
+        title: row.try_get("widget_title")?,
+        accent_color: row.try_get("widget_accent_color")?,
+        position: Position::parse_stored(&row.try_get::<String, _>("widget_position")?),
+        launcher_text: row.try_get("widget_launcher_text")?,
+    })
 }
 
 /// A knowledge document of a configuration.
@@ -68,6 +94,7 @@ fn config_json(row: &AnyRow) -> ApiResult<ConfigAnswer> {
         tone: row.try_get("tone")?,
         created_at: ts(row.try_get("created_at")?),
         updated_at: ts(row.try_get("updated_at")?),
+        widget: widget_answer(row)?,
         knowledge_documents: None,
     })
 }
@@ -134,6 +161,20 @@ pub struct ConfigPatch {
     tone: Option<Tone>,
     /// The complete set of knowledge documents (replaces the current set).
     knowledge_documents: Option<Vec<Uuid>>,
+    /// Widget settings to change (fields left out stay as they are).
+    widget: Option<WidgetPatch>,
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WidgetPatch {
+    /// The complete list (replaces the current one), at most 20.
+    allowed_origins: Option<Vec<String>>,
+    title: Option<String>,
+    /// `#rrggbb`.
+    accent_color: Option<String>,
+    position: Option<Position>,
+    launcher_text: Option<String>,
 }
 
 pub async fn update_config(
@@ -173,13 +214,36 @@ pub async fn update_config(
                 .ok_or(ApiError::not_found("training document"))?;
         }
     }
+    let mut look = widget_answer(&row)?;
+    if let Some(w) = &body.widget {
+        if let Some(o) = &w.allowed_origins {
+            look.allowed_origins = widget::origins(o)?;
+        }
+        if let Some(t) = &w.title {
+            look.title = text_field("widget.title", t, 0, 80)?;
+        }
+        if let Some(c) = &w.accent_color {
+            look.accent_color = widget::accent_color(c)?;
+        }
+        if let Some(p) = w.position {
+            look.position = p;
+        }
+        if let Some(t) = &w.launcher_text {
+            look.launcher_text = text_field("widget.launcher_text", t, 1, 40)?;
+        }
+    }
     let mut tx = app.db.pool.begin().await?;
-    sqlx::query("UPDATE agent_configs SET name = $2, greeting = $3, tone = $4, updated_at = $5 WHERE uuid = $1")
+    sqlx::query("UPDATE agent_configs SET name = $2, greeting = $3, tone = $4, updated_at = $5, widget_allowed_origins = $6, widget_title = $7, widget_accent_color = $8, widget_position = $9, widget_launcher_text = $10 WHERE uuid = $1")
         .bind(uuid.to_string())
         .bind(&name)
         .bind(&greeting)
         .bind(tone.as_str())
         .bind(now_ms())
+        .bind(serde_json::to_string(&look.allowed_origins).map_err(anyhow::Error::from)?)
+        .bind(&look.title)
+        .bind(&look.accent_color)
+        .bind(look.position.as_str())
+        .bind(&look.launcher_text)
         .execute(&mut *tx)
         .await?;
     if let Some(docs) = &body.knowledge_documents {

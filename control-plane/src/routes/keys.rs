@@ -106,22 +106,6 @@ pub struct NewKey {
     allowed_origins: Option<Vec<String>>,
 }
 
-fn valid_origin(origin: &str) -> bool {
-    let rest = origin
-        .strip_prefix("https://")
-        .or_else(|| origin.strip_prefix("http://"));
-    match rest {
-        Some(host) => {
-            !host.is_empty()
-                && origin.len() <= 253
-                && host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
-        }
-        None => false,
-    }
-}
-
 /// Issues a key for the configuration. The response is the only time the
 /// secret is shown; the database keeps its SHA-256.
 pub async fn issue_key(
@@ -161,7 +145,7 @@ pub async fn issue_key(
             "scopes must not be empty",
         ));
     }
-    let origins = body.allowed_origins.clone().unwrap_or_default();
+    let mut origins = body.allowed_origins.clone().unwrap_or_default();
     if kind.is_publishable() {
         if scopes != [Scope::Invoke] {
             return Err(ApiError::bad_request(
@@ -169,12 +153,15 @@ pub async fn issue_key(
                 "publishable keys carry only the invoke scope",
             ));
         }
-        if origins.is_empty() || origins.len() > 20 || !origins.iter().all(|o| valid_origin(o)) {
-            return Err(ApiError::bad_request(
-                "invalid_field",
-                "publishable keys need 1 to 20 allowed_origins like https://example.com",
-            ));
-        }
+        origins = match crate::widget::origins(&origins) {
+            Ok(valid) if !valid.is_empty() => valid,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_field",
+                    "publishable keys need 1 to 20 allowed_origins like https://example.com",
+                ))
+            }
+        };
     } else if !origins.is_empty() {
         return Err(ApiError::bad_request(
             "invalid_field",
@@ -284,7 +271,12 @@ pub async fn store_key(
             format!("a configuration has at most {MAX_ACTIVE_KEYS} active keys; revoke one first"),
         ));
     }
-    sqlx::query("INSERT INTO api_keys (uuid, org_uuid, config_uuid, name, kind, mode, scopes, allowed_origins, key_hash, prefix, kid, status, created_by, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'active', $12, $13, $14)")
+    // Only a publishable key's text is kept (it is public by design).
+    let public_value = spec
+        .kind
+        .is_publishable()
+        .then(|| key.expose_secret().to_owned());
+    sqlx::query("INSERT INTO api_keys (uuid, org_uuid, config_uuid, name, kind, mode, scopes, allowed_origins, key_hash, prefix, kid, status, created_by, created_at, expires_at, public_value) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'active', $12, $13, $14, $15)")
         .bind(uuid.to_string())
         .bind(org.to_string())
         .bind(config.to_string())
@@ -299,6 +291,7 @@ pub async fn store_key(
         .bind(created_by.to_string())
         .bind(now)
         .bind(spec.expires_at)
+        .bind(public_value)
         .execute(&mut *tx)
         .await?;
     bump_revision(&mut tx).await?;
@@ -373,14 +366,5 @@ mod tests {
             assert_eq!(super::stored_kind(stored.0, stored.1).unwrap(), kind);
         }
         assert!(super::stored_kind("publishable", "test").is_err());
-    }
-
-    #[test]
-    fn origins() {
-        assert!(super::valid_origin("https://shop.example.com"));
-        assert!(super::valid_origin("http://localhost:3000"));
-        assert!(!super::valid_origin("https://a.com/path"));
-        assert!(!super::valid_origin("*"));
-        assert!(!super::valid_origin("javascript:alert(1)"));
     }
 }

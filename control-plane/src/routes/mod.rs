@@ -11,6 +11,7 @@ pub mod keys;
 pub mod marketplace;
 pub mod orgs;
 pub mod usage;
+pub mod widget;
 
 use serde::Deserialize;
 use sqlx::any::AnyRow;

@@ -302,6 +302,13 @@ async fn other_tenants_get_404(backend: Backend) {
             false,
         ),
         (
+            "get",
+            "/api/customer-agent-configs/{uuid}/widget_embed/",
+            format!("/api/customer-agent-configs/{config}/widget_embed/"),
+            None,
+            false,
+        ),
+        (
             "post",
             "/api/agent-api-keys/{uuid}/revoke/",
             format!("/api/agent-api-keys/{key}/revoke/"),

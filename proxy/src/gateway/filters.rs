@@ -27,8 +27,25 @@ impl Gateway {
         if !self.shared.is_loaded() {
             return Err(GatewayError::NotReady);
         }
-        let caller = self.authenticate(head, &state, Some(Scope::Invoke), ctx.started_ms)?;
-        keys::check_origin(&state, &caller, head.header("origin"))?;
+        let presented = keys::presented(head.header("authorization"), head.header("x-api-key"))
+            .inspect_err(|e| self.count_auth_failure(e))?;
+        let caller = if presented.starts_with(crate::widget::TOKEN_PREFIX.as_bytes()) {
+            let (caller, visitor) = self.visitor(head, &state, presented, ctx)?;
+            ctx.visitor = Some(visitor);
+            caller
+        } else {
+            let caller = keys::authenticate(
+                &state,
+                presented,
+                Some(Scope::Invoke),
+                ctx.started_ms / 1000,
+            )
+            .inspect_err(|e| self.count_auth_failure(e))?;
+            if caller.record.entry.kind.is_publishable() {
+                return Err(GatewayError::WidgetSessionRequired);
+            }
+            caller
+        };
         let record = caller.record.clone();
         let entry = &record.entry;
         // Known from here, so that any refusal is counted as the caller's.
@@ -55,7 +72,11 @@ impl Gateway {
         ctx._in_flight = Some(admission.in_flight);
         let body = conn.read_body(self.max_body_bytes).await?;
         ctx.bytes_in = body.len() as u64;
-        let run = invoke::runtime_body(&body, &target, &entry.key_id)?;
+        let speaker = match &ctx.visitor {
+            Some(visitor) => invoke::Speaker::Visitor(visitor),
+            None => invoke::Speaker::Key(&entry.key_id),
+        };
+        let run = invoke::runtime_body(&body, &target, speaker)?;
         ctx.body = Some(run.body);
         ctx.input = run.input;
         Ok(())
@@ -71,9 +92,6 @@ impl Gateway {
         let now = now_ms / 1000;
         keys::presented(head.header("authorization"), head.header("x-api-key"))
             .and_then(|raw| keys::authenticate(state, raw, scope, now))
-            .inspect_err(|e| match e {
-                GatewayError::InvalidKey(reason) => self.metrics.auth_failure(reason.as_str()),
-                other => self.metrics.auth_failure(other.code()),
-            })
+            .inspect_err(|e| self.count_auth_failure(e))
     }
 }

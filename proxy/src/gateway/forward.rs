@@ -18,6 +18,7 @@ impl Gateway {
             request_id: &request_id,
             rate: ctx.rate,
             runtime_key: self.runtime_api_key.as_ref(),
+            cors: ctx.cors.as_deref(),
         };
         let result = self.upstreams.forward(conn, run, &mut ctx.progress).await;
         ctx.status = ctx.progress.status;

@@ -28,8 +28,12 @@ impl Gateway {
             total.as_secs_f64(),
             overhead.as_secs_f64(),
         );
-        // Health checks and the control plane's API are no metered use.
-        if matches!(ctx.route, RouteLabel::Health | RouteLabel::ControlPlane) {
+        // Health checks, the control plane's API and the widget's assets and
+        // sessions are no metered use.
+        if matches!(
+            ctx.route,
+            RouteLabel::Health | RouteLabel::ControlPlane | RouteLabel::Widget
+        ) {
             return;
         }
         let reading = &ctx.progress.reading;

@@ -10,7 +10,9 @@
 //! 4. [`forward`]: the upstream request — the invoke to the runtime on a pooled
 //!    connection, or the control plane's API through the front door;
 //! 5. [`logging`]: one usage event and the metrics per request, and the drop
-//!    guard that records them however the request ends.
+//!    guard that records them however the request ends;
+//!
+//! and [`widget`]: the chat widget's assets, visitor sessions and CORS.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -28,6 +30,9 @@ mod filters;
 mod forward;
 mod logging;
 mod route;
+mod widget;
+
+pub use widget::{WIDGET_ASSETS, WIDGET_SESSION};
 
 use crate::downstream::Conn;
 use crate::error::{GatewayError, RateHeaders};
@@ -65,6 +70,10 @@ pub struct Gateway {
     pub control_plane: Option<ControlPlane>,
     /// Caps on open client connections.
     pub connections: Arc<agora_config::connections::ConnectionLimits>,
+    /// Signs and checks widget visitor session tokens.
+    pub sessions: crate::widget::Sessions,
+    /// Lifetime of a visitor session token.
+    pub widget_session_ttl_secs: u64,
 }
 
 /// What shutdown needs to see of the gateway.
@@ -101,6 +110,10 @@ pub struct Ctx {
     cancelled: bool,
     /// A runtime's report of a config's usage: this request's event carries it.
     reported: Option<invoke::Tokens>,
+    /// The widget origin this answer may be read from (CORS), once known good.
+    cors: Option<String>,
+    /// The widget visitor speaking, when the caller is one.
+    visitor: Option<Uuid>,
 }
 
 impl Ctx {
@@ -127,6 +140,8 @@ impl Ctx {
             progress: Progress::default(),
             cancelled: false,
             reported: None,
+            cors: None,
+            visitor: None,
         }
     }
 

@@ -11,6 +11,9 @@ impl Gateway {
             p if p == VALIDATE.as_bytes() => RouteLabel::Validate,
             p if p == USAGE.as_bytes() => RouteLabel::Usage,
             p if p == HEALTH.as_bytes() => RouteLabel::Health,
+            p if p == WIDGET_SESSION.as_bytes() || p.starts_with(WIDGET_ASSETS.as_bytes()) => {
+                RouteLabel::Widget
+            }
             p if p.starts_with(b"/api/")
                 && !p.starts_with(b"/api/agent-gateway/")
                 && self.control_plane.is_some() =>
@@ -23,10 +26,18 @@ impl Gateway {
             conn.keep_alive = false;
         }
         let outcome = match ctx.route {
+            RouteLabel::Invoke if head.method() == b"OPTIONS" => {
+                ctx.route = RouteLabel::Widget;
+                self.invoke_preflight(conn, head, ctx).await
+            }
             RouteLabel::Invoke => match self.admit(conn, head, ctx).await {
                 Ok(()) => self.forward(conn, ctx).await,
                 Err(refusal) => Err(refusal),
             },
+            RouteLabel::Widget if head.path() == WIDGET_SESSION.as_bytes() => {
+                self.widget_session(conn, head, ctx).await
+            }
+            RouteLabel::Widget => self.widget_asset(conn, head, ctx).await,
             RouteLabel::Validate => self.validate(conn, head, ctx).await,
             RouteLabel::Usage => self.report_usage(conn, head, ctx).await,
             RouteLabel::Health => self.health(conn, head, ctx).await,
@@ -208,6 +219,7 @@ impl Gateway {
         if let Some(id) = &ctx.request_id {
             conn.header(b"x-agora-request-id", id);
         }
+        self.cors_fields(conn, ctx);
         let _ = conn.send(&reply.body).await;
         ctx.status = reply.status;
         ctx.refusal = Some(refusal);
@@ -225,6 +237,7 @@ impl Gateway {
         conn.header(b"content-type", b"application/json");
         conn.header(b"cache-control", b"no-store");
         conn.header(b"x-content-type-options", b"nosniff");
+        self.cors_fields(conn, ctx);
         let _ = conn.send(&body).await;
         ctx.status = status;
     }
