@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 AFL_VERSION=0.18.2
 secs="${AGORA_FUZZ_SECS:-20}"
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(h1_request h1_chunked api_key flow_import snapshot_delta)
+[ ${#targets[@]} -gt 0 ] || targets=(h1_request h1_chunked api_key flow_import snapshot_delta stripe_signature)
 
 if ! cargo afl --version 2>/dev/null | grep -q "$AFL_VERSION"; then
   log "installing cargo-afl $AFL_VERSION (builds AFL++ once, about a minute)"

@@ -553,27 +553,44 @@ async fn each_event_delivered_twice_takes_effect_once() {
     shop.w.finish().await;
 }
 
+/// Every ordering of `0..n`, in lexicographic order.
+fn permutations(n: usize) -> Vec<Vec<usize>> {
+    fn extend(prefix: &mut Vec<usize>, n: usize, out: &mut Vec<Vec<usize>>) {
+        if prefix.len() == n {
+            out.push(prefix.clone());
+            return;
+        }
+        for i in 0..n {
+            if !prefix.contains(&i) {
+                prefix.push(i);
+                extend(prefix, n, out);
+                prefix.pop();
+            }
+        }
+    }
+    let mut out = Vec::new();
+    extend(&mut Vec::with_capacity(n), n, &mut out);
+    out
+}
+
 /// Stripe neither orders nor deduplicates deliveries: whatever order the
-/// events of a purchase and a cancellation arrive in, the result is the same.
+/// events of a purchase and a cancellation at period end arrive in, the
+/// result is the same. Those are four events, each naming the subscription
+/// (`customer.subscription.created`, `invoice.paid`,
+/// `checkout.session.completed`, `customer.subscription.updated`), and every
+/// one of their 24 orders is tried, one purchase each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_order_of_a_subscriptions_events_gives_the_same_state() {
     let shop = shop(3600).await;
     let plan = shop.plan(basic_plan()).await;
-    let orders = [
-        json!({"order": "as_made"}),
-        json!({"order": "reverse"}),
-        json!({"order": "shuffle", "seed": 1}),
-        json!({"order": "shuffle", "seed": 2}),
-        json!({"order": "shuffle", "seed": 3}),
-        json!({"order": "shuffle", "seed": 4}),
-    ];
-    let mut seen_orders = std::collections::BTreeSet::new();
-    for flush in orders {
-        shop.local("/_local/delivery", json!({"mode": "hold"}))
-            .await;
+    // Every event from here on waits for a flush.
+    shop.local("/_local/delivery", json!({"mode": "hold"}))
+        .await;
+    let mut made_before = std::collections::BTreeSet::new();
+    let mut delivered_orders = std::collections::BTreeSet::new();
+    for order_of_delivery in permutations(4) {
         let order = shop.order(plan).await;
         let session = shop.checkout(order).await;
-        let before = shop.local_get("/_local/deliveries").await.len();
         assert_eq!(
             shop.pay(session["url"].as_str().unwrap(), PAY)
                 .await
@@ -593,26 +610,92 @@ async fn every_order_of_a_subscriptions_events_gives_the_same_state() {
         )
         .await;
         assert_eq!(shop.order_state(order).await["state"], "pending_payment");
-        shop.local("/_local/delivery", json!({"mode": "normal"}))
+
+        // The held events, as made: Stripe lists the newest first.
+        let events = shop
+            .stripe(Method::GET, "/v1/events", &[("limit", "100".into())])
             .await;
-        let flushed = shop.local("/_local/delivery/flush", flush.clone()).await;
-        assert!(flushed["flushed"].as_u64().unwrap() >= 4, "{flushed}");
-        let sub = eventually("the held events take effect", || async {
-            let o = shop.order_state(order).await;
-            let sub = shop.subscription_of(order).await;
-            (o["state"] == "done" && sub["cancel_at_period_end"] == true).then_some(sub)
+        let mut held: Vec<(String, String)> = events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let id = e["id"].as_str().unwrap().to_owned();
+                (id, e["type"].as_str().unwrap().to_owned())
+            })
+            .take_while(|(id, _)| !made_before.contains(id))
+            .collect();
+        held.reverse();
+        made_before.extend(held.iter().map(|(id, _)| id.clone()));
+        let kinds: Vec<&str> = held.iter().map(|(_, kind)| kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "customer.subscription.created",
+                "invoice.paid",
+                "checkout.session.completed",
+                "customer.subscription.updated",
+            ]
+        );
+
+        let flushed = shop
+            .local(
+                "/_local/delivery/flush",
+                json!({"order": "explicit", "indices": order_of_delivery}),
+            )
+            .await;
+        assert_eq!(flushed["flushed"], 4, "{flushed}");
+        // Each taken on its first attempt, so in the order flushed.
+        let ids: Vec<&str> = held.iter().map(|(id, _)| id.as_str()).collect();
+        let delivered = eventually("the held events are delivered", || async {
+            let firsts: Vec<Value> = shop
+                .local_get("/_local/deliveries")
+                .await
+                .into_iter()
+                .filter(|d| d["attempt"] == 1 && ids.contains(&d["event_id"].as_str().unwrap()))
+                .collect();
+            (firsts.len() == 4).then_some(firsts)
         })
         .await;
-        assert_eq!(sub["status"], "active");
-        assert_eq!(sub["resource_state"], "active");
-        let delivered: Vec<String> = shop.local_get("/_local/deliveries").await[before..]
+        assert!(
+            delivered.iter().all(|d| d["status"] == 200),
+            "{delivered:?}"
+        );
+        let delivered: Vec<(String, String)> = delivered
             .iter()
-            .map(|d| d["type"].as_str().unwrap().to_owned())
+            .map(|d| {
+                let id = d["event_id"].as_str().unwrap().to_owned();
+                (id, d["type"].as_str().unwrap().to_owned())
+            })
             .collect();
-        seen_orders.insert(delivered);
+        let asked: Vec<(String, String)> =
+            order_of_delivery.iter().map(|&i| held[i].clone()).collect();
+        assert_eq!(delivered, asked);
+        delivered_orders.insert(
+            delivered
+                .into_iter()
+                .map(|(_, kind)| kind)
+                .collect::<Vec<_>>(),
+        );
+
+        // With every event taken, the state is the same whatever their order.
+        let o = shop.order_state(order).await;
+        assert_eq!(o["state"], "done", "{order_of_delivery:?}: {o}");
+        let sub = shop.subscription_of(order).await;
+        assert_eq!(sub["status"], "active", "{order_of_delivery:?}: {sub}");
+        assert_eq!(
+            sub["cancel_at_period_end"], true,
+            "{order_of_delivery:?}: {sub}"
+        );
+        assert_eq!(
+            sub["resource_state"], "active",
+            "{order_of_delivery:?}: {sub}"
+        );
+        assert_eq!(sub["config"], o["config"]);
+        assert_eq!(sub["stripe_subscription"], stripe_sub.as_str());
     }
-    // The orders tried were different ones.
-    assert!(seen_orders.len() >= 4, "{seen_orders:?}");
+    // The 24 orders were each delivered, and told apart by their events' types.
+    assert_eq!(delivered_orders.len(), 24, "{delivered_orders:?}");
     shop.w.finish().await;
 }
 

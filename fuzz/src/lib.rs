@@ -12,7 +12,9 @@ use agora_config::flow::FlowDefinition;
 use agora_config::keys::{ApiKey, KeyHash, SigningKey, Verifier};
 use agora_config::snapshot::{Delta, Snapshot};
 use agora_h1::{Chunked, Framing, RequestHead};
+use agora_stripe_signature::{self as signature, SignatureError, MAX_HEADER, TOLERANCE_SECS};
 use bytes::Bytes;
+use hmac::{Hmac, Mac};
 
 /// A target: its name (the directory of its corpus) and its check.
 pub type Target = (&'static str, fn(&[u8]));
@@ -24,6 +26,7 @@ pub const TARGETS: &[Target] = &[
     ("api_key", api_key),
     ("flow_import", flow_import),
     ("snapshot_delta", snapshot_delta),
+    ("stripe_signature", stripe_signature),
 ];
 
 /// A request head parses the same after being written out again, and a
@@ -258,6 +261,127 @@ pub fn snapshot_delta(data: &[u8]) {
                     .expect("a diff applies to its base");
                 assert_eq!(rebuilt, after, "the diff rebuilds the snapshot");
             }
+        }
+    }
+}
+
+/// The webhook secret the `stripe_signature` target verifies with, at [`NOW_UNIX`].
+pub const WEBHOOK_SECRET: &[u8] = b"whsec_fuzz_0123456789abcdefghijklmnopqrstuv";
+
+/// The body signed when an input has no body of its own.
+pub const WEBHOOK_BODY: &[u8] = br#"{"id":"evt_fuzz","object":"event","type":"invoice.paid"}"#;
+
+/// The `v1` signature (hex) of `body` at `t` under [`WEBHOOK_SECRET`],
+/// computed here with `hmac` rather than by the code under test.
+pub fn webhook_v1(t: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(WEBHOOK_SECRET).expect("any key length");
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Whether `header` names, as `t=<digits>`, a time within the tolerance of
+/// `now` and holds `v1=` followed by the signature of `body` at that time
+/// (hex in either case): a plain reading of the rule, by text search.
+fn carries_a_valid_v1(header: &str, body: &[u8], now: i64) -> bool {
+    let lower = header.to_ascii_lowercase();
+    lower.match_indices("t=").any(|(at, _)| {
+        let digits: String = lower[at + 2..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse::<i64>().is_ok_and(|t| {
+            (now - t).abs() <= TOLERANCE_SECS
+                && lower.contains(&format!("v1={}", webhook_v1(t, body)))
+        })
+    })
+}
+
+/// `Stripe-Signature` verification, over an input read as the header, then
+/// (after the first newline) the raw body; without a newline the body is
+/// [`WEBHOOK_BODY`]. Verifying never panics; a header is accepted only when
+/// it carries a valid `v1` for the body, the secret and the time, and never
+/// for a changed body; and the header's own parts with the right `t` and
+/// `v1` put among them (at places the input picks) are always accepted, or
+/// refused as too long.
+pub fn stripe_signature(data: &[u8]) {
+    let (header, body) = match data.iter().position(|&b| b == b'\n') {
+        Some(at) => (&data[..at], &data[at + 1..]),
+        None => (data, WEBHOOK_BODY),
+    };
+    let now = NOW_UNIX;
+    let text = std::str::from_utf8(header).ok();
+    for (body, label) in [
+        (body, "the body"),
+        (&[body, b"!"].concat()[..], "a changed body"),
+    ] {
+        let verdict = signature::verify(text, body, WEBHOOK_SECRET, now);
+        if verdict.is_ok() {
+            let text = text.expect("an accepted header is text");
+            assert!(
+                carries_a_valid_v1(text, body, now),
+                "accepted for {label} without a valid v1: {text:?}"
+            );
+        }
+    }
+
+    // The header's parts other than `t`, with a right `t` and `v1` put
+    // among them.
+    let lossy = String::from_utf8_lossy(header);
+    let mut parts: Vec<&str> = lossy
+        .split(',')
+        .filter(|p| p.trim().split_once('=').is_some_and(|(k, _)| k != "t"))
+        .collect();
+    let pick = |i: usize| usize::from(header.get(i).copied().unwrap_or(0));
+    let t =
+        now - TOLERANCE_SECS + i64::try_from(header.len()).unwrap_or(0) % (2 * TOLERANCE_SECS + 1);
+    let t_part = format!("t={t}");
+    let v1_part = format!("v1={}", webhook_v1(t, body));
+    parts.insert(pick(0) % (parts.len() + 1), &t_part);
+    parts.insert(pick(1) % (parts.len() + 1), &v1_part);
+    let signed = parts.join(",");
+    let verdict = signature::verify(Some(&signed), body, WEBHOOK_SECRET, now);
+    if signed.len() <= MAX_HEADER {
+        assert_eq!(verdict, Ok(()), "a right t and v1 among {signed:?}");
+    } else {
+        assert_eq!(
+            verdict,
+            Err(SignatureError::Malformed),
+            "{} bytes",
+            signed.len()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_oracle_finds_a_valid_v1_and_nothing_else() {
+        let now = NOW_UNIX;
+        let v1 = webhook_v1(now, WEBHOOK_BODY);
+        assert!(carries_a_valid_v1(
+            &format!("t={now},v1={v1}"),
+            WEBHOOK_BODY,
+            now
+        ));
+        assert!(carries_a_valid_v1(
+            &format!("t={now},v1={}", v1.to_uppercase()),
+            WEBHOOK_BODY,
+            now
+        ));
+        let stale = now - TOLERANCE_SECS - 1;
+        for refused in [
+            format!("t={stale},v1={}", webhook_v1(stale, WEBHOOK_BODY)),
+            format!("t={now},v1={}", webhook_v1(now, b"{}")),
+            format!("t={now},v1={}", "0".repeat(64)),
+            format!("v1={v1}"),
+        ] {
+            assert!(
+                !carries_a_valid_v1(&refused, WEBHOOK_BODY, now),
+                "{refused}"
+            );
         }
     }
 }

@@ -113,4 +113,50 @@ fn write_the_seed_corpus() {
         "stale",
         br#"{"from_revision":4,"to_revision":6,"generated_at_ms":1}"#,
     );
+
+    // A header alone (signing the default body), or a header, a newline and the body.
+    let now = agora_fuzz::NOW_UNIX;
+    let default_body = agora_fuzz::WEBHOOK_BODY;
+    let v1 = |t: i64| agora_fuzz::webhook_v1(t, default_body);
+    let signed = |t: i64| format!("t={t},v1={}", v1(t));
+    let body = br#"{"id":"evt_1","object":"event","type":"customer.subscription.updated","data":{"object":{"id":"sub_1"}}}"#;
+    let with_body = |header: String| [header.as_bytes(), b"\n", body].concat();
+    let zeros = "0".repeat(64);
+    let signatures: Vec<(&str, Vec<u8>)> = vec![
+        ("valid", signed(now).into_bytes()),
+        (
+            "valid-with-body",
+            with_body(format!("t={now},v1={}", agora_fuzz::webhook_v1(now, body))),
+        ),
+        (
+            "several-v1",
+            format!("t={now},v1={zeros},v0=abc,v1={}", v1(now)).into_bytes(),
+        ),
+        // While a secret is rolled: the first v1 is another secret's.
+        (
+            "rotated-secret",
+            format!(
+                "t={now},v1={},v1={}",
+                agora_fuzz::webhook_v1(now, b"signed with another secret"),
+                v1(now)
+            )
+            .into_bytes(),
+        ),
+        (
+            "spaced-upper-hex",
+            format!(" t={now} , v1={} ", v1(now).to_uppercase()).into_bytes(),
+        ),
+        ("stale-t", signed(now - 301).into_bytes()),
+        ("future-t", signed(now + 301).into_bytes()),
+        (
+            "two-t",
+            format!("t={now},t={now},v1={}", v1(now)).into_bytes(),
+        ),
+        // Signed for the default body, sent with another.
+        ("other-body", with_body(signed(now))),
+        ("garbage", b"garbage,=,t=,v1=zz\xff".to_vec()),
+    ];
+    for (name, data) in &signatures {
+        write("stripe_signature", name, data);
+    }
 }

@@ -20,7 +20,7 @@
 //! `subscription_inactive`) or admits again within its long poll.
 
 pub mod meter;
-pub mod signature;
+pub use agora_stripe_signature as signature;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -654,13 +654,28 @@ impl Billing {
         event: Option<(&str, &str)>,
     ) -> Result<Synced, BillingError> {
         let _guard = self.lock(stripe_id).await;
-        let mut tx = db.pool.begin().await?;
-        if db.dialect == Dialect::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                .bind(stripe_id)
-                .execute(&mut *tx)
-                .await?;
+        if db.dialect == Dialect::Sqlite {
+            // One process has a SQLite database, so the lock above serialises
+            // this subscription. Stripe is read before the transaction: on
+            // SQLite a transaction that reads and then writes fails (busy)
+            // when another writer committed in between, and one that took the
+            // write lock first would hold it over the call to Stripe.
+            if let Some((id, _)) = event {
+                if seen(&mut *db.pool.acquire().await?, id).await? {
+                    return Ok(Synced::Duplicate);
+                }
+            }
+            let subscription = self.client.subscription(stripe_id).await?;
+            let mut tx = db.pool.begin().await?;
+            let outcome = self.apply(&mut tx, &subscription, event).await?;
+            tx.commit().await?;
+            return Ok(outcome);
         }
+        let mut tx = db.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(stripe_id)
+            .execute(&mut *tx)
+            .await?;
         if let Some((id, _)) = event {
             if seen(&mut tx, id).await? {
                 return Ok(Synced::Duplicate);
@@ -876,11 +891,11 @@ async fn customer_of(db: &Db, org: Uuid) -> Result<Option<String>, sqlx::Error> 
         .transpose()
 }
 
-async fn seen(tx: &mut sqlx::Transaction<'_, sqlx::Any>, event: &str) -> Result<bool, sqlx::Error> {
+async fn seen(conn: &mut sqlx::AnyConnection, event: &str) -> Result<bool, sqlx::Error> {
     Ok(
         sqlx::query("SELECT 1 AS one FROM stripe_events WHERE event_id = $1")
             .bind(event)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *conn)
             .await?
             .is_some(),
     )

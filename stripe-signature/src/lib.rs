@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 pub const TOLERANCE_SECS: i64 = 300;
 
 /// Longest header taken; Stripe's are well under 1 KiB.
-const MAX_HEADER: usize = 4096;
+pub const MAX_HEADER: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
