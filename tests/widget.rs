@@ -131,6 +131,17 @@ async fn allowed_page_of(w: &World, config: Uuid) -> (String, tokio::task::JoinH
     (page, task, snippet)
 }
 
+/// A world serving visitors as `widget` says and an allowed page embedding the
+/// demo config's widget; none when the browser cases are left out.
+async fn browsing(widget: WidgetServing) -> Option<(World, String, tokio::task::JoinHandle<()>)> {
+    if !browser_ready() {
+        return None;
+    }
+    let w = world(widget).await;
+    let (page, task, _) = allowed_page(&w).await;
+    Some((w, page, task))
+}
+
 /// An allowed page for the demo config's widget.
 async fn allowed_page(w: &World) -> (String, tokio::task::JoinHandle<()>, Value) {
     allowed_page_of(w, w.info.config_uuid).await
@@ -247,15 +258,14 @@ async fn a_page_on_a_disallowed_origin_gets_no_widget_and_the_gateway_refuses_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_visitor_session_is_refreshed_without_losing_the_conversation() {
-    if !browser_ready() {
-        return;
-    }
-    let w = world(WidgetServing {
+    let Some((w, page, _task)) = browsing(WidgetServing {
         session_ttl_secs: 2,
         ..WidgetServing::default()
     })
-    .await;
-    let (page, _task, _) = allowed_page(&w).await;
+    .await
+    else {
+        return;
+    };
     let seen = browse(json!({"scenario": "refresh", "page": page, "wait_ms": 3000})).await;
     assert_eq!(seen["replies"].as_array().map(Vec::len), Some(2), "{seen}");
     // Both messages reached the runtime in the same visitor's session.
@@ -268,15 +278,14 @@ async fn an_expired_visitor_session_is_refreshed_without_losing_the_conversation
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limited_visitor_reads_a_friendly_message() {
-    if !browser_ready() {
-        return;
-    }
-    let w = world(WidgetServing {
+    let Some((w, page, _task)) = browsing(WidgetServing {
         messages_per_minute: 2,
         ..WidgetServing::default()
     })
-    .await;
-    let (page, _task, _) = allowed_page(&w).await;
+    .await
+    else {
+        return;
+    };
     let seen = browse(json!({"scenario": "ratelimited", "page": page, "sends": 3})).await;
     assert!(
         seen["alert"].as_str().is_some_and(|a| !a.is_empty()),
@@ -292,11 +301,9 @@ async fn a_rate_limited_visitor_reads_a_friendly_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_visitors_never_see_each_others_messages_and_axe_finds_nothing() {
-    if !browser_ready() {
+    let Some((w, page, _task)) = browsing(WidgetServing::default()).await else {
         return;
-    }
-    let w = world(WidgetServing::default()).await;
-    let (page, _task, _) = allowed_page(&w).await;
+    };
     let seen = browse(json!({"scenario": "two_visitors", "page": page})).await;
     let (a, b) = (seen["a"].as_str().unwrap(), seen["b"].as_str().unwrap());
     let (sa, sb) = (runtime_sessions(&w, a).await, runtime_sessions(&w, b).await);
