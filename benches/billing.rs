@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agora_config::settings::Settings;
-use agora_config::usage::{TokenSource, UsageEvent, UsageRecord, UsageStatus};
+use agora_config::usage::UsageRecord;
 use agora_control_plane::billing::{meter, signature};
 use agora_control_plane::demo::{self, DemoInfo};
 use agora_control_plane::AppState;
@@ -476,24 +476,7 @@ async fn webhooks(shop: &Shop, db: &str, n: usize) {
 }
 
 fn invoke(config: Uuid, time_ms: i64) -> UsageRecord {
-    UsageRecord::Event(Box::new(UsageEvent {
-        event_id: Uuid::now_v7(),
-        time_ms,
-        tenant: None,
-        config: Some(config),
-        key_id: Some(Uuid::from_u128(9)),
-        agent: None,
-        route: agora_usage::METERED_ROUTE.into(),
-        status: UsageStatus::Ok,
-        http_status: 200,
-        latency_us: 1000,
-        upstream_latency_us: Some(900),
-        bytes_in: 120,
-        bytes_out: 420,
-        input_tokens: Some(5),
-        output_tokens: Some(7),
-        token_source: TokenSource::Runtime,
-    }))
+    UsageRecord::Event(Box::new(agora_benches::usage_event(config, time_ms, 0)))
 }
 
 async fn insert(store: &dyn UsageStore, records: impl Iterator<Item = UsageRecord>) {

@@ -8,14 +8,16 @@
 //! - store insert: batches of 10,000 straight into the store;
 //! - pipeline: the proxy's queue → drain → spill log (fsync per batch) → shipper →
 //!   store, the way `agora proxy` runs, with one producer pushing as fast as the
-//!   queue takes events (a full queue is retried, not dropped).
+//!   queue takes events (a full queue is retried, not dropped); with the process's
+//!   CPU time per event (user + system, the producer's making of events included;
+//!   ClickHouse's own server is another process and not counted).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agora_config::settings::SpillFullPolicy;
-use agora_config::usage::{TokenSource, UsageEvent, UsageRecord, UsageStatus};
+use agora_config::usage::{UsageEvent, UsageRecord};
 use agora_proxy::usage::queue;
 use agora_usage::clickhouse::ClickHouseStore;
 use agora_usage::embedded::EmbeddedStore;
@@ -25,24 +27,21 @@ use agora_usage::{UsageSink, UsageStore};
 use uuid::Uuid;
 
 fn event(config: Uuid, i: u64) -> UsageEvent {
-    UsageEvent {
-        event_id: Uuid::now_v7(),
-        time_ms: 1_700_000_000_000 + i as i64,
-        tenant: Some(Uuid::from_u128(7)),
-        config: Some(config),
-        key_id: Some(Uuid::from_u128(9)),
-        agent: Some(Uuid::from_u128(11)),
-        route: agora_usage::METERED_ROUTE.into(),
-        status: UsageStatus::Ok,
-        http_status: 200,
-        latency_us: 1000 + i % 500,
-        upstream_latency_us: Some(900),
-        bytes_in: 120,
-        bytes_out: 420,
-        input_tokens: Some(5),
-        output_tokens: Some(7),
-        token_source: TokenSource::Runtime,
-    }
+    agora_benches::usage_event(config, 1_700_000_000_000 + i as i64, i)
+}
+
+/// User + system CPU time of this process so far, seconds.
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
 fn rss_bytes() -> u64 {
@@ -103,6 +102,7 @@ async fn pipeline(name: &str, store: Arc<dyn UsageStore>, dir: &std::path::Path,
     );
     let config = Uuid::now_v7();
     let started = Instant::now();
+    let cpu_before = cpu_secs();
     let producer = {
         let q = q.clone();
         std::thread::spawn(move || {
@@ -130,13 +130,15 @@ async fn pipeline(name: &str, store: Arc<dyn UsageStore>, dir: &std::path::Path,
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu_secs() - cpu_before;
     let _ = stop_tx.send(true);
     drained.await.unwrap();
     let _ = ship_tx.send(true);
     shipped.await.unwrap();
     println!(
-        "{name:<42} {n:>9} events in {secs:>6.2} s = {:>9.0} events/s (queue full {full} times)",
-        n as f64 / secs
+        "{name:<42} {n:>9} events in {secs:>6.2} s = {:>9.0} events/s, CPU {:.2} µs/event incl. making them (queue full {full} times)",
+        n as f64 / secs,
+        cpu * 1e6 / n as f64
     );
 }
 

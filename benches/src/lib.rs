@@ -16,6 +16,30 @@ pub const FLOW_ID: &str = "bench-flow";
 /// What the upstream answers: a Langflow run result carrying `properties.usage`.
 pub const RUN_RESPONSE: &str = r#"{"session_id":"bench","outputs":[{"inputs":{"input_value":"hi"},"outputs":[{"results":{"message":{"text":"hello there","sender":"Machine","properties":{"usage":{"input_tokens":5,"output_tokens":7,"total_tokens":12}}}},"artifacts":{},"outputs":{},"logs":{},"messages":[]}]}]}"#;
 
+/// A metered invoke's usage event of `config` at `time_ms`, as the gateway makes
+/// them (`i` varies the latency).
+pub fn usage_event(config: Uuid, time_ms: i64, i: u64) -> agora_config::usage::UsageEvent {
+    use agora_config::usage::{TokenSource, UsageEvent, UsageStatus};
+    UsageEvent {
+        event_id: Uuid::now_v7(),
+        time_ms,
+        tenant: Some(Uuid::from_u128(7)),
+        config: Some(config),
+        key_id: Some(Uuid::from_u128(9)),
+        agent: Some(Uuid::from_u128(11)),
+        route: agora_usage::METERED_ROUTE.into(),
+        status: UsageStatus::Ok,
+        http_status: 200,
+        latency_us: 1000 + i % 500,
+        upstream_latency_us: Some(900),
+        bytes_in: 120,
+        bytes_out: 420,
+        input_tokens: Some(5),
+        output_tokens: Some(7),
+        token_source: TokenSource::Runtime,
+    }
+}
+
 /// A snapshot with one active key on a generous plan, routed to `upstream`.
 /// Returns the snapshot and the key string.
 pub fn fixture(upstream: &str) -> (Snapshot, String) {

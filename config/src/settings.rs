@@ -113,8 +113,9 @@ pub struct ProxySettings {
     /// Where the last applied snapshot is kept; when absent,
     /// `data_dir/proxy-snapshot.json`.
     pub snapshot_path: Option<PathBuf>,
-    /// Worker threads of the request path.
-    #[serde(deserialize_with = "number")]
+    /// Worker threads of the request path: a number, or `auto` (the default) for
+    /// one per core the process may run on.
+    #[serde(deserialize_with = "threads_or_auto")]
     pub threads: usize,
     /// Largest invoke or validate body accepted, in bytes (at most 1 MiB).
     #[serde(deserialize_with = "number")]
@@ -411,7 +412,7 @@ impl Default for ProxySettings {
             admin_listen: "127.0.0.1:9464".into(),
             control_plane_url: None,
             snapshot_path: None,
-            threads: 1,
+            threads: available_cores(),
             max_body_bytes: 64 * 1024,
             connect_timeout_ms: 2_000,
             read_timeout_ms: 60_000,
@@ -819,6 +820,33 @@ where
     T::try_from(value).map_err(|_| serde::de::Error::custom("number out of range"))
 }
 
+/// Cores this process may run on (at least 1, at most 64: `proxy.threads`' bounds).
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 64)
+}
+
+/// A whole number, or `auto` for [`available_cores`].
+fn threads_or_auto<'de, D>(deserializer: D) -> Result<usize, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumberOrText {
+        Number(u64),
+        Text(String),
+    }
+    let bad = || serde::de::Error::custom("expected a whole number or \"auto\"");
+    match NumberOrText::deserialize(deserializer).map_err(|_| bad())? {
+        NumberOrText::Number(n) => usize::try_from(n).map_err(|_| bad()),
+        NumberOrText::Text(t) if t.trim().eq_ignore_ascii_case("auto") => Ok(available_cores()),
+        NumberOrText::Text(t) => t.trim().parse().map_err(|_| bad()),
+    }
+}
+
 fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
     let (last, parents) = path.split_last().ok_or("empty name")?;
     let mut current = table;
@@ -851,6 +879,28 @@ mod tests {
         let s = Settings::load(None, env(&[]), &Overrides::default()).unwrap();
         assert_eq!(s.control_plane.listen, "127.0.0.1:8000");
         assert!(s.database_url().starts_with("sqlite://"));
+    }
+
+    #[test]
+    fn proxy_threads_default_to_the_cores_and_take_auto_or_a_number() {
+        let cores = std::thread::available_parallelism().unwrap().get().min(64);
+        let s = Settings::load(None, env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(s.proxy.threads, cores);
+        let s = Settings::from_toml_str("[proxy]\nthreads = \"auto\"\n").unwrap();
+        assert_eq!(s.proxy.threads, cores);
+        let s = Settings::load(
+            None,
+            env(&[("AGORA_PROXY__THREADS", "3")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(s.proxy.threads, 3);
+        for bad in ["\"many\"", "0", "65"] {
+            assert!(
+                Settings::from_toml_str(&format!("[proxy]\nthreads = {bad}\n")).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -1,21 +1,53 @@
 //! The embedded store: a SQLite file, for a single machine with no server to run
-//! (`agora up`'s default). `event_id` is the primary key, so a batch written twice
-//! leaves one row per event; reports are keyed by the request they describe.
+//! (`agora up`'s default).
+//!
+//! The gateway's events are kept in one B-tree ordered by time, keyed by
+//! `(time_ms, event_id)`: a gateway makes each event once and its record never
+//! changes between deliveries (it is written once to the spill log and re-read
+//! from there), so a batch written twice leaves one row per event, and writing an
+//! event costs one insert near the tree's right edge — no secondary index to
+//! keep. The runtime's reports of a config's usage carry the runtime's id and
+//! arrive anew each time they are sent, so they have a table keyed on `event_id`. Readings scan the time range they ask for and filter
+//! by scope there (for a store this size; ClickHouse is the store for volume).
+//! Reports are keyed by the request they describe.
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agora_config::usage::{split, RunFailure, UsageRecord};
+use agora_config::usage::{RunFailure, UsageRecord};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row as _, Sqlite, SqlitePool};
+use sqlx::{Row as _, SqlitePool};
 
 use crate::{Aggregate, Scope, TimeRange, UsageStore, BILLABLE_STATUSES, ERROR_STATUSES};
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS usage_events (
+        event_id TEXT NOT NULL,
+        time_ms INTEGER NOT NULL,
+        tenant TEXT,
+        config TEXT,
+        key_id TEXT,
+        agent TEXT,
+        route TEXT NOT NULL,
+        status TEXT NOT NULL,
+        http_status INTEGER NOT NULL,
+        latency_us INTEGER NOT NULL,
+        upstream_latency_us INTEGER,
+        bytes_in INTEGER NOT NULL,
+        bytes_out INTEGER NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        token_source TEXT NOT NULL,
+        PRIMARY KEY (time_ms, event_id)
+    ) WITHOUT ROWID",
+    // The runtime's own reports of a config's usage: their `event_id` is the
+    // runtime's and a report sent twice arrives at two times, so they are keyed
+    // on `event_id` alone (few, beside the gateway's events).
+    "CREATE TABLE IF NOT EXISTS usage_reported_events (
         event_id TEXT PRIMARY KEY,
         time_ms INTEGER NOT NULL,
         tenant TEXT,
@@ -33,9 +65,6 @@ const SCHEMA: &[&str] = &[
         output_tokens INTEGER NOT NULL,
         token_source TEXT NOT NULL
     )",
-    "CREATE INDEX IF NOT EXISTS usage_events_config ON usage_events (config, time_ms)",
-    "CREATE INDEX IF NOT EXISTS usage_events_agent ON usage_events (agent, time_ms)",
-    "CREATE INDEX IF NOT EXISTS usage_events_tenant ON usage_events (tenant, time_ms)",
     "CREATE TABLE IF NOT EXISTS usage_reports (
         request_id TEXT PRIMARY KEY,
         input_tokens INTEGER NOT NULL,
@@ -52,11 +81,73 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS usage_failures_agent ON usage_failures (agent, time_ms)",
 ];
 
-/// Rows per INSERT statement (16 values each, under SQLite's variable limit).
-const ROWS_PER_STATEMENT: usize = 500;
+/// The event columns, in the order of both layouts.
+const EVENT_COLUMNS: &str = "event_id, time_ms, tenant, config, key_id, agent, route, status, \
+     http_status, latency_us, upstream_latency_us, bytes_in, bytes_out, input_tokens, \
+     output_tokens, token_source";
+
+/// Files written before the time-ordered layout keyed events by `event_id` in a
+/// rowid table with an index per scope: their events move to the new table, in
+/// one transaction, the first time the file is opened.
+async fn move_to_time_ordered_events(pool: &SqlitePool) -> anyhow::Result<()> {
+    let sql: Option<String> = sqlx::query_scalar(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'usage_events'",
+    )
+    .fetch_optional(pool)
+    .await?;
+    let Some(sql) = sql else {
+        return Ok(());
+    };
+    if sql.to_ascii_uppercase().contains("WITHOUT ROWID") {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::query("ALTER TABLE usage_events RENAME TO usage_events_by_id")
+        .execute(&mut *tx)
+        .await?;
+    for index in [
+        "usage_events_config",
+        "usage_events_agent",
+        "usage_events_tenant",
+    ] {
+        sqlx::query(&format!("DROP INDEX IF EXISTS {index}"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query(SCHEMA[0]).execute(&mut *tx).await?;
+    sqlx::query(SCHEMA[1]).execute(&mut *tx).await?;
+    let mut moved = 0;
+    for (table, condition) in [
+        ("usage_events", "route <> ?"),
+        ("usage_reported_events", "route = ?"),
+    ] {
+        moved += sqlx::query(&format!(
+            "INSERT OR IGNORE INTO {table} ({EVENT_COLUMNS}) \
+             SELECT {EVENT_COLUMNS} FROM usage_events_by_id WHERE {condition}"
+        ))
+        .bind(crate::REPORT_ROUTE)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    }
+    sqlx::query("DROP TABLE usage_events_by_id")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::info!(
+        events = moved,
+        "usage store: events moved to the time-ordered table"
+    );
+    Ok(())
+}
 
 pub struct EmbeddedStore {
+    /// Readers (and the schema).
     pool: SqlitePool,
+    /// The one connection that writes, used on a blocking thread: its statements
+    /// are prepared once and each row's values are bound in place, so a batch
+    /// costs no SQL text and no round trip per row.
+    writer: Arc<Mutex<rusqlite::Connection>>,
 }
 
 impl EmbeddedStore {
@@ -69,17 +160,37 @@ impl EmbeddedStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await
             .with_context(|| format!("opening the usage store {}", path.display()))?;
+        move_to_time_ordered_events(&pool)
+            .await
+            .with_context(|| format!("upgrading the usage store {}", path.display()))?;
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
         }
-        Ok(EmbeddedStore { pool })
+        let writer = open_writer(path)
+            .with_context(|| format!("opening the usage store {} for writing", path.display()))?;
+        Ok(EmbeddedStore {
+            pool,
+            writer: Arc::new(Mutex::new(writer)),
+        })
     }
+}
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The writer's connection: WAL (set by the pool already), every commit synced
+/// (the spill log forgets a batch once the store has it).
+fn open_writer(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.set_prepared_statement_cache_capacity(8);
+    Ok(conn)
 }
 
 /// SQLite integers are signed: counts past `i64::MAX` are clamped, not wrapped.
@@ -87,70 +198,125 @@ fn sql_int(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-fn uuid_text(id: Option<uuid::Uuid>) -> Option<String> {
-    id.map(|u| u.to_string())
+/// The statements the writer runs, prepared once per connection.
+const INSERT_EVENT: &str =
+    "INSERT OR IGNORE INTO usage_events (event_id, time_ms, tenant, config, \
+     key_id, agent, route, status, http_status, latency_us, upstream_latency_us, bytes_in, \
+     bytes_out, input_tokens, output_tokens, token_source) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+const INSERT_REPORTED_EVENT: &str = "INSERT OR IGNORE INTO usage_reported_events (event_id, \
+     time_ms, tenant, config, key_id, agent, route, status, http_status, latency_us, \
+     upstream_latency_us, bytes_in, bytes_out, input_tokens, output_tokens, token_source) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+const INSERT_FAILURE: &str = "INSERT OR IGNORE INTO usage_failures \
+     (event_id, time_ms, agent, config, code, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+const UPSERT_REPORT: &str = "INSERT INTO usage_reports (request_id, input_tokens, output_tokens) \
+     VALUES (?1, ?2, ?3) ON CONFLICT (request_id) DO UPDATE SET \
+     input_tokens = MAX(input_tokens, excluded.input_tokens), \
+     output_tokens = MAX(output_tokens, excluded.output_tokens)";
+
+/// A UUID as the store keeps it (lower-case hyphenated text), formatted on the stack.
+struct IdText([u8; uuid::fmt::Hyphenated::LENGTH]);
+
+impl IdText {
+    fn new(id: &uuid::Uuid) -> IdText {
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        id.hyphenated().encode_lower(&mut buf);
+        IdText(buf)
+    }
+
+    fn as_str(&self) -> &str {
+        // Hyphenated hex digits are ASCII.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+fn id_text(id: Option<uuid::Uuid>) -> Option<IdText> {
+    id.as_ref().map(IdText::new)
+}
+
+/// Writes one batch in one transaction on the writer connection.
+fn write_batch(conn: &mut rusqlite::Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut events = tx.prepare_cached(INSERT_EVENT)?;
+        let mut reported = tx.prepare_cached(INSERT_REPORTED_EVENT)?;
+        let mut failures = tx.prepare_cached(INSERT_FAILURE)?;
+        let mut reports = tx.prepare_cached(UPSERT_REPORT)?;
+        for record in batch {
+            match record {
+                UsageRecord::Event(e) => {
+                    let (id, tenant, config, key, agent) = (
+                        IdText::new(&e.event_id),
+                        id_text(e.tenant),
+                        id_text(e.config),
+                        id_text(e.key_id),
+                        id_text(e.agent),
+                    );
+                    let statement = if e.route == crate::REPORT_ROUTE {
+                        &mut reported
+                    } else {
+                        &mut events
+                    };
+                    statement.execute(rusqlite::params![
+                        id.as_str(),
+                        e.time_ms,
+                        tenant.as_ref().map(IdText::as_str),
+                        config.as_ref().map(IdText::as_str),
+                        key.as_ref().map(IdText::as_str),
+                        agent.as_ref().map(IdText::as_str),
+                        e.route.as_str(),
+                        e.status.as_str(),
+                        i64::from(e.http_status),
+                        sql_int(e.latency_us),
+                        e.upstream_latency_us.map(sql_int),
+                        sql_int(e.bytes_in),
+                        sql_int(e.bytes_out),
+                        sql_int(e.input_tokens.unwrap_or(0)),
+                        sql_int(e.output_tokens.unwrap_or(0)),
+                        e.token_source.as_str(),
+                    ])?;
+                }
+                UsageRecord::Failure(f) => {
+                    failures.execute(rusqlite::params![
+                        IdText::new(&f.event_id).as_str(),
+                        f.time_ms,
+                        IdText::new(&f.agent).as_str(),
+                        IdText::new(&f.config).as_str(),
+                        f.code.as_str(),
+                        f.detail.as_str(),
+                    ])?;
+                }
+                UsageRecord::Report(r) => {
+                    reports.execute(rusqlite::params![
+                        IdText::new(&r.request_id).as_str(),
+                        sql_int(r.input_tokens),
+                        sql_int(r.output_tokens),
+                    ])?;
+                }
+            }
+        }
+    }
+    tx.commit()
 }
 
 #[async_trait]
 impl UsageStore for EmbeddedStore {
     async fn insert(&self, batch: &[UsageRecord]) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let split = split(batch);
-        for chunk in split.events.chunks(ROWS_PER_STATEMENT) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT OR IGNORE INTO usage_events (event_id, time_ms, tenant, config, key_id, \
-                 agent, route, status, http_status, latency_us, upstream_latency_us, bytes_in, \
-                 bytes_out, input_tokens, output_tokens, token_source) ",
-            );
-            q.push_values(chunk, |mut row, e| {
-                row.push_bind(e.event_id.to_string())
-                    .push_bind(e.time_ms)
-                    .push_bind(uuid_text(e.tenant))
-                    .push_bind(uuid_text(e.config))
-                    .push_bind(uuid_text(e.key_id))
-                    .push_bind(uuid_text(e.agent))
-                    .push_bind(e.route.as_str())
-                    .push_bind(e.status.as_str())
-                    .push_bind(i64::from(e.http_status))
-                    .push_bind(sql_int(e.latency_us))
-                    .push_bind(e.upstream_latency_us.map(sql_int))
-                    .push_bind(sql_int(e.bytes_in))
-                    .push_bind(sql_int(e.bytes_out))
-                    .push_bind(sql_int(e.input_tokens.unwrap_or(0)))
-                    .push_bind(sql_int(e.output_tokens.unwrap_or(0)))
-                    .push_bind(e.token_source.as_str());
-            });
-            q.build().execute(&mut *tx).await?;
-        }
-        for f in split.failures {
-            sqlx::query(
-                "INSERT OR IGNORE INTO usage_failures (event_id, time_ms, agent, config, code, detail) \
-                 VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(f.event_id.to_string())
-            .bind(f.time_ms)
-            .bind(f.agent.to_string())
-            .bind(f.config.to_string())
-            .bind(f.code.as_str())
-            .bind(f.detail.as_str())
-            .execute(&mut *tx)
-            .await?;
-        }
-        for r in split.reports {
-            sqlx::query(
-                "INSERT INTO usage_reports (request_id, input_tokens, output_tokens) VALUES (?, ?, ?) \
-                 ON CONFLICT (request_id) DO UPDATE SET \
-                 input_tokens = MAX(input_tokens, excluded.input_tokens), \
-                 output_tokens = MAX(output_tokens, excluded.output_tokens)",
-            )
-            .bind(r.request_id.to_string())
-            .bind(sql_int(r.input_tokens))
-            .bind(sql_int(r.output_tokens))
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.insert_owned(batch.to_vec()).await
+    }
+
+    async fn insert_owned(&self, batch: Vec<UsageRecord>) -> anyhow::Result<()> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock leaves no transaction open (it rolls
+            // back when dropped), so a poisoned lock is still usable.
+            let mut conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+            write_batch(&mut conn, &batch)
+        })
+        .await
+        .context("writing to the embedded store")?
+        .context("writing to the embedded store")
     }
 
     async fn aggregate(
@@ -171,7 +337,9 @@ impl UsageStore for EmbeddedStore {
                             THEN e.input_tokens ELSE r.input_tokens END AS i,
                        CASE WHEN e.token_source = 'runtime' OR r.request_id IS NULL
                             THEN e.output_tokens ELSE r.output_tokens END AS o
-                FROM usage_events e LEFT JOIN usage_reports r ON r.request_id = e.event_id
+                FROM (SELECT {EVENT_COLUMNS} FROM usage_events
+                      UNION ALL SELECT {EVENT_COLUMNS} FROM usage_reported_events) e
+                LEFT JOIN usage_reports r ON r.request_id = e.event_id
                 WHERE e.{column} = ?2 AND e.time_ms >= ?4 AND e.time_ms < ?5
                   AND (e.route = ?3 OR (e.route = ?6 AND e.token_source = 'reported'))
              ),
@@ -269,5 +437,166 @@ impl UsageStore for EmbeddedStore {
 
     fn kind(&self) -> &'static str {
         "embedded"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::event;
+    use agora_config::usage::TokenReport;
+    use uuid::Uuid;
+
+    fn all() -> TimeRange {
+        TimeRange {
+            from_ms: 0,
+            to_ms: i64::MAX / 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn overlapping_batches_and_replays_count_each_event_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("usage.db"))
+            .await
+            .unwrap();
+        let config = Uuid::from_u128(1);
+        let events: Vec<UsageRecord> = (0..10)
+            .map(|i| {
+                UsageRecord::Event(Box::new(event(
+                    config,
+                    1_000 + i,
+                    100 + i as u64,
+                    Some((2, 3)),
+                )))
+            })
+            .collect();
+        store.insert(&events[..6]).await.unwrap();
+        // A replay of the whole batch after a crash, from another start.
+        store.insert_owned(events.clone()).await.unwrap();
+        store.insert(&events[4..]).await.unwrap();
+        let totals = crate::totals(&store, Scope::Config(config), all())
+            .await
+            .unwrap();
+        assert_eq!(totals.requests, 10);
+        assert_eq!((totals.input_tokens, totals.output_tokens), (20, 30));
+        // Latencies 100..=109: nearest-rank p50 is the 5th.
+        assert_eq!(totals.latency_p50_us, 104);
+        // An event without counts, then reports of it: the larger counts win, once.
+        let bare = UsageRecord::Event(Box::new(event(config, 2_000, 50, None)));
+        let report = |i, o| {
+            UsageRecord::Report(TokenReport {
+                request_id: bare.event_id(),
+                input_tokens: i,
+                output_tokens: o,
+            })
+        };
+        store
+            .insert(&[bare.clone(), report(9, 1), report(4, 8)])
+            .await
+            .unwrap();
+        store.insert(&[report(9, 1), bare.clone()]).await.unwrap();
+        let totals = crate::totals(&store, Scope::Config(config), all())
+            .await
+            .unwrap();
+        assert_eq!(totals.requests, 11);
+        assert_eq!((totals.input_tokens, totals.output_tokens), (29, 38));
+        // The runtime's report of the config's usage, sent twice: each arrives at
+        // its own time, under the runtime's one id. Counted once, and no request.
+        let mut reported = event(config, 3_000, 0, Some((100, 10)));
+        reported.route = crate::REPORT_ROUTE.into();
+        reported.token_source = agora_config::usage::TokenSource::Reported;
+        let mut again = reported.clone();
+        again.time_ms = 3_500;
+        store
+            .insert(&[UsageRecord::Event(Box::new(reported))])
+            .await
+            .unwrap();
+        store
+            .insert(&[UsageRecord::Event(Box::new(again))])
+            .await
+            .unwrap();
+        let totals = crate::totals(&store, Scope::Config(config), all())
+            .await
+            .unwrap();
+        assert_eq!(totals.requests, 11);
+        assert_eq!((totals.input_tokens, totals.output_tokens), (129, 48));
+    }
+
+    #[tokio::test]
+    async fn a_file_of_the_earlier_layout_keeps_its_events_and_moves_to_the_time_ordered_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.db");
+        let config = Uuid::from_u128(1);
+        let events: Vec<UsageRecord> = (0..5)
+            .map(|i| UsageRecord::Event(Box::new(event(config, 1_000 + i, 10, Some((1, 1))))))
+            .collect();
+        {
+            // The earlier layout, written as the earlier store wrote it.
+            let pool = SqlitePool::connect_with(
+                SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+            sqlx::query(
+                "CREATE TABLE usage_events (event_id TEXT PRIMARY KEY, time_ms INTEGER NOT NULL, \
+                 tenant TEXT, config TEXT, key_id TEXT, agent TEXT, route TEXT NOT NULL, \
+                 status TEXT NOT NULL, http_status INTEGER NOT NULL, latency_us INTEGER NOT NULL, \
+                 upstream_latency_us INTEGER, bytes_in INTEGER NOT NULL, bytes_out INTEGER NOT NULL, \
+                 input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, \
+                 token_source TEXT NOT NULL)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query("CREATE INDEX usage_events_config ON usage_events (config, time_ms)")
+                .execute(&pool)
+                .await
+                .unwrap();
+            for record in &events {
+                let UsageRecord::Event(e) = record else {
+                    unreachable!()
+                };
+                sqlx::query(&format!(
+                    "INSERT INTO usage_events ({EVENT_COLUMNS}) \
+                     VALUES (?, ?, NULL, ?, NULL, NULL, ?, 'ok', 200, 10, NULL, 1, 1, 1, 1, 'runtime')"
+                ))
+                .bind(e.event_id.to_string())
+                .bind(e.time_ms)
+                .bind(config.to_string())
+                .bind(crate::METERED_ROUTE)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            pool.close().await;
+        }
+        let store = EmbeddedStore::open(&path).await.unwrap();
+        let layout: String = sqlx::query_scalar(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'usage_events'",
+        )
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+        assert!(layout.contains("WITHOUT ROWID"), "{layout}");
+        let totals = crate::totals(&store, Scope::Config(config), all())
+            .await
+            .unwrap();
+        assert_eq!((totals.requests, totals.input_tokens), (5, 5));
+        // The same events delivered again after the move still count once.
+        store.insert(&events).await.unwrap();
+        let totals = crate::totals(&store, Scope::Config(config), all())
+            .await
+            .unwrap();
+        assert_eq!((totals.requests, totals.input_tokens), (5, 5));
+        drop(store);
+        // Opening it again changes nothing.
+        let store = EmbeddedStore::open(&path).await.unwrap();
+        let totals = crate::totals(&store, Scope::Config(config), all())
+            .await
+            .unwrap();
+        assert_eq!(totals.requests, 5);
     }
 }

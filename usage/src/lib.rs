@@ -116,6 +116,12 @@ pub trait UsageStore: Send + Sync + 'static {
     /// Writes a batch; writing the same events again changes no reading.
     async fn insert(&self, batch: &[UsageRecord]) -> anyhow::Result<()>;
 
+    /// [`insert`](UsageStore::insert) of a batch the caller gives up (the
+    /// shipper's): a store that writes on another thread takes it without a copy.
+    async fn insert_owned(&self, batch: Vec<UsageRecord>) -> anyhow::Result<()> {
+        self.insert(&batch).await
+    }
+
     /// Aggregates per bucket of `bucket_ms` (buckets aligned to the epoch, so UTC
     /// days), in time order, buckets without requests left out.
     async fn aggregate(

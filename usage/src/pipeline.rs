@@ -226,11 +226,9 @@ impl Pipeline {
                     .peek()
                     .is_some_and(|(_, b)| group.len() + b.len() <= self.config.batch_max_events);
                 if !next_fits {
-                    self.store.insert(&group).await?;
-                    self.stats
-                        .shipped
-                        .fetch_add(group.len() as u64, Ordering::Relaxed);
-                    group.clear();
+                    let records = group.len() as u64;
+                    self.store.insert_owned(std::mem::take(&mut group)).await?;
+                    self.stats.shipped.fetch_add(records, Ordering::Relaxed);
                     let mut log = self.lock();
                     log.mark_shipped(end)?;
                     self.stats
@@ -246,6 +244,16 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// One batch as the spill log frames it (for benchmarks of the frame's cost).
+pub fn encode_frame(batch: &[UsageRecord]) -> postcard::Result<Vec<u8>> {
+    spill::encode(batch)
+}
+
+/// A frame back to its batch, `None` when damaged (for benchmarks).
+pub fn decode_frame(frame: &[u8]) -> Option<Vec<UsageRecord>> {
+    spill::decode(frame)
 }
 
 async fn read(pending: Pending) -> anyhow::Result<Vec<(u64, Vec<UsageRecord>)>> {

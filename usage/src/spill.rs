@@ -75,6 +75,11 @@ pub fn encode(batch: &[UsageRecord]) -> postcard::Result<Vec<u8>> {
     Ok(frame)
 }
 
+/// Decodes one whole frame.
+pub fn decode(frame: &[u8]) -> Option<Vec<UsageRecord>> {
+    decode_one(frame, 0).map(|(batch, _)| batch)
+}
+
 fn decode_one(bytes: &[u8], at: usize) -> Option<(Vec<UsageRecord>, usize)> {
     let header = bytes.get(at..at + HEADER)?;
     let len = u32::from_le_bytes(header[..4].try_into().ok()?) as usize;
