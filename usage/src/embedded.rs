@@ -24,47 +24,40 @@ use sqlx::{Row as _, SqlitePool};
 
 use crate::{Aggregate, Scope, TimeRange, UsageStore, BILLABLE_STATUSES, ERROR_STATUSES};
 
+/// An event's columns, as both event tables declare them.
+macro_rules! event_columns_ddl {
+    () => {
+        "event_id TEXT NOT NULL, time_ms INTEGER NOT NULL, tenant TEXT, config TEXT, \
+         key_id TEXT, agent TEXT, route TEXT NOT NULL, status TEXT NOT NULL, \
+         http_status INTEGER NOT NULL, latency_us INTEGER NOT NULL, upstream_latency_us INTEGER, \
+         bytes_in INTEGER NOT NULL, bytes_out INTEGER NOT NULL, input_tokens INTEGER NOT NULL, \
+         output_tokens INTEGER NOT NULL, token_source TEXT NOT NULL"
+    };
+}
+
+/// The event columns' names, in the order of both tables and both layouts.
+macro_rules! event_columns {
+    () => {
+        "event_id, time_ms, tenant, config, key_id, agent, route, status, http_status, \
+         latency_us, upstream_latency_us, bytes_in, bytes_out, input_tokens, output_tokens, \
+         token_source"
+    };
+}
+
 const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS usage_events (
-        event_id TEXT NOT NULL,
-        time_ms INTEGER NOT NULL,
-        tenant TEXT,
-        config TEXT,
-        key_id TEXT,
-        agent TEXT,
-        route TEXT NOT NULL,
-        status TEXT NOT NULL,
-        http_status INTEGER NOT NULL,
-        latency_us INTEGER NOT NULL,
-        upstream_latency_us INTEGER,
-        bytes_in INTEGER NOT NULL,
-        bytes_out INTEGER NOT NULL,
-        input_tokens INTEGER NOT NULL,
-        output_tokens INTEGER NOT NULL,
-        token_source TEXT NOT NULL,
-        PRIMARY KEY (time_ms, event_id)
-    ) WITHOUT ROWID",
+    concat!(
+        "CREATE TABLE IF NOT EXISTS usage_events (",
+        event_columns_ddl!(),
+        ", PRIMARY KEY (time_ms, event_id)) WITHOUT ROWID"
+    ),
     // The runtime's own reports of a config's usage: their `event_id` is the
     // runtime's and a report sent twice arrives at two times, so they are keyed
     // on `event_id` alone (few, beside the gateway's events).
-    "CREATE TABLE IF NOT EXISTS usage_reported_events (
-        event_id TEXT PRIMARY KEY,
-        time_ms INTEGER NOT NULL,
-        tenant TEXT,
-        config TEXT,
-        key_id TEXT,
-        agent TEXT,
-        route TEXT NOT NULL,
-        status TEXT NOT NULL,
-        http_status INTEGER NOT NULL,
-        latency_us INTEGER NOT NULL,
-        upstream_latency_us INTEGER,
-        bytes_in INTEGER NOT NULL,
-        bytes_out INTEGER NOT NULL,
-        input_tokens INTEGER NOT NULL,
-        output_tokens INTEGER NOT NULL,
-        token_source TEXT NOT NULL
-    )",
+    concat!(
+        "CREATE TABLE IF NOT EXISTS usage_reported_events (",
+        event_columns_ddl!(),
+        ", PRIMARY KEY (event_id))"
+    ),
     "CREATE TABLE IF NOT EXISTS usage_reports (
         request_id TEXT PRIMARY KEY,
         input_tokens INTEGER NOT NULL,
@@ -81,10 +74,7 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS usage_failures_agent ON usage_failures (agent, time_ms)",
 ];
 
-/// The event columns, in the order of both layouts.
-const EVENT_COLUMNS: &str = "event_id, time_ms, tenant, config, key_id, agent, route, status, \
-     http_status, latency_us, upstream_latency_us, bytes_in, bytes_out, input_tokens, \
-     output_tokens, token_source";
+const EVENT_COLUMNS: &str = event_columns!();
 
 /// Files written before the time-ordered layout keyed events by `event_id` in a
 /// rowid table with an index per scope: their events move to the new table, in
@@ -199,15 +189,16 @@ fn sql_int(n: u64) -> i64 {
 }
 
 /// The statements the writer runs, prepared once per connection.
-const INSERT_EVENT: &str =
-    "INSERT OR IGNORE INTO usage_events (event_id, time_ms, tenant, config, \
-     key_id, agent, route, status, http_status, latency_us, upstream_latency_us, bytes_in, \
-     bytes_out, input_tokens, output_tokens, token_source) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
-const INSERT_REPORTED_EVENT: &str = "INSERT OR IGNORE INTO usage_reported_events (event_id, \
-     time_ms, tenant, config, key_id, agent, route, status, http_status, latency_us, \
-     upstream_latency_us, bytes_in, bytes_out, input_tokens, output_tokens, token_source) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+const INSERT_EVENT: &str = concat!(
+    "INSERT OR IGNORE INTO usage_events (",
+    event_columns!(),
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+);
+const INSERT_REPORTED_EVENT: &str = concat!(
+    "INSERT OR IGNORE INTO usage_reported_events (",
+    event_columns!(),
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+);
 const INSERT_FAILURE: &str = "INSERT OR IGNORE INTO usage_failures \
      (event_id, time_ms, agent, config, code, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 const UPSERT_REPORT: &str = "INSERT INTO usage_reports (request_id, input_tokens, output_tokens) \
