@@ -33,10 +33,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agora_benches::{fixture, spawn_bare_pingora, spawn_upstream, FLOW_ID};
+use agora_benches::{fixture, spawn_bare_pingora, spawn_upstream, CONFIG, FLOW_ID};
 use agora_config::settings::Settings;
 use agora_usage::{Scope, TimeRange, UsageStore};
-use uuid::Uuid;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -44,9 +43,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
-
-/// The config the fixture's key calls (see `agora_benches::fixture`).
-const CONFIG: Uuid = Uuid::from_u128(2);
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Run {

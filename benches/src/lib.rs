@@ -16,6 +16,9 @@ pub const FLOW_ID: &str = "bench-flow";
 /// What the upstream answers: a Langflow run result carrying `properties.usage`.
 pub const RUN_RESPONSE: &str = r#"{"session_id":"bench","outputs":[{"inputs":{"input_value":"hi"},"outputs":[{"results":{"message":{"text":"hello there","sender":"Machine","properties":{"usage":{"input_tokens":5,"output_tokens":7,"total_tokens":12}}}},"artifacts":{},"outputs":{},"logs":{},"messages":[]}]}]}"#;
 
+/// The config the fixture's key calls.
+pub const CONFIG: Uuid = Uuid::from_u128(2);
+
 /// A metered invoke's usage event of `config` at `time_ms`, as the gateway makes
 /// them (`i` varies the latency).
 pub fn usage_event(config: Uuid, time_ms: i64, i: u64) -> agora_config::usage::UsageEvent {
@@ -45,7 +48,7 @@ pub fn usage_event(config: Uuid, time_ms: i64, i: u64) -> agora_config::usage::U
 pub fn fixture(upstream: &str) -> (Snapshot, String) {
     let signer = SigningKey::generate("bench-kid");
     let key_id = Uuid::from_u128(1);
-    let config = Uuid::from_u128(2);
+    let config = CONFIG;
     let tenant = Uuid::from_u128(3);
     let plan = Uuid::from_u128(4);
     let claims = Claims {

@@ -6,10 +6,12 @@
 //! changes between deliveries (it is written once to the spill log and re-read
 //! from there), so a batch written twice leaves one row per event, and writing an
 //! event costs one insert near the tree's right edge — no secondary index to
-//! keep. The runtime's reports of a config's usage carry the runtime's id and
-//! arrive anew each time they are sent, so they have a table keyed on `event_id`. Readings scan the time range they ask for and filter
-//! by scope there (for a store this size; ClickHouse is the store for volume).
-//! Reports are keyed by the request they describe.
+//! keep. Readings scan the time range they ask for and filter by scope there (for
+//! a store this size; ClickHouse is the store for volume).
+//!
+//! The runtime's reports of a config's usage carry the runtime's id and arrive
+//! anew each time they are sent, so they have a table keyed on `event_id`; token
+//! reports of one request are keyed by the request they describe.
 
 use std::path::Path;
 use std::str::FromStr;
