@@ -106,7 +106,7 @@ fn rate_limit(c: &mut Criterion) {
     group.bench_function("governor GCRA: tenant + key + in-flight slot", |b| {
         b.iter(|| {
             limits
-                .admit(black_box(&entry), Some(&plan), &quota, 0)
+                .admit(black_box(&entry), Some(&plan), &quota, 0, 1)
                 .unwrap()
         })
     });

@@ -5,7 +5,7 @@
 #   ./scripts/test.sh            # the whole suite
 #   ./scripts/test.sh -p agora-config   # extra arguments go to `cargo test`
 #
-# Needs: a Rust toolchain, cmake, a ClickHouse server binary, and either a running
+# Needs: a Rust toolchain, cmake, ClickHouse and Redis server binaries, and either a running
 # Postgres on 127.0.0.1:5432 or root on a Debian-like system (Postgres, cmake and
 # Debian's clickhouse-server are then installed as needed; the tests start their own
 # ClickHouse servers, so none has to be running).
@@ -26,6 +26,11 @@ if ! command -v clickhouse-server >/dev/null && [ ! -x /usr/sbin/clickhouse-serv
   apt_install clickhouse-server
 fi
 log "ClickHouse server binary: ${AGORA_CLICKHOUSE_SERVER:-$(command -v clickhouse-server || echo /usr/sbin/clickhouse-server)}"
+
+# The shared-limit tests start private Redis servers (nothing kept on disk).
+if ! command -v redis-server >/dev/null && [ -z "${AGORA_REDIS_SERVER:-}" ]; then
+  apt_install redis-server
+fi
 
 export TEST_PG_ADMIN_URL="${TEST_PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 

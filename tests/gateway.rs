@@ -572,6 +572,17 @@ async fn client_disconnect_cancels_the_run_and_sigterm_drains_streams() {
     let r = w.stream(&key, "finish me").await;
     let mut stream = r.bytes_stream();
     let mut received = stream.next().await.unwrap().unwrap().to_vec();
+    let ready = w
+        .http
+        .get(format!("{}/api/agent-gateway/health/ready/", w.proxy_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    assert_eq!(
+        ready.json::<Value>().await.unwrap(),
+        json!({"ready": true, "reason": null})
+    );
     let life = w.proxy().gateway.life.clone();
     let proxy = w.proxy.take().unwrap();
     let stopping = tokio::task::spawn_blocking(move || proxy.shutdown());
@@ -581,9 +592,25 @@ async fn client_disconnect_cancels_the_run_and_sigterm_drains_streams() {
             .then_some(())
     })
     .await;
-    // New invokes are refused while draining.
+    // New invokes are refused while draining, and orchestrators are told:
+    // not ready, still alive.
     let refused = w.invoke(&key, json!({"input_value": "too late"})).await;
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let ready = w
+        .http
+        .get(format!("{}/api/agent-gateway/health/ready/", w.proxy_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready.json::<Value>().await.unwrap()["reason"], "draining");
+    let live = w
+        .http
+        .get(format!("{}/api/agent-gateway/health/live/", w.proxy_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), StatusCode::OK);
     while let Some(chunk) = stream.next().await {
         received.extend_from_slice(&chunk.unwrap());
     }

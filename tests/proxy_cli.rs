@@ -1,5 +1,6 @@
 //! `agora proxy` as a process: it starts without a control plane (and says it has
-//! no configuration), serves health and metrics, and stops on SIGTERM.
+//! no configuration: alive, not ready), serves health and metrics, and stops on
+//! SIGTERM.
 
 mod support;
 
@@ -12,16 +13,33 @@ use support::spawn_agora_proxy;
 fn agora_proxy_runs_without_a_control_plane_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, proxy, metrics) = spawn_agora_proxy("http://127.0.0.1:1", dir.path(), &[]);
-    let health = Command::new("curl")
-        .args(["-s", "-w", "\n%{http_code}"])
-        .arg(format!("{proxy}/api/agent-gateway/health/"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&health.stdout);
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    assert_eq!(code, "503", "{text}");
-    let body: serde_json::Value = serde_json::from_str(body).unwrap();
+    let get = |path: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}"])
+            .arg(format!("{proxy}{path}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        (code.to_owned(), body)
+    };
+    let (code, body) = get("/api/agent-gateway/health/");
+    assert_eq!(code, "503", "{body}");
     assert_eq!(body["status"], "no_snapshot");
+    assert_eq!(
+        body["limits"]["mode"], "local",
+        "no Redis: limits per gateway"
+    );
+    // For orchestrators: alive, and not ready until a snapshot is applied.
+    let (code, body) = get("/api/agent-gateway/health/live/");
+    assert_eq!((code.as_str(), &body["status"]), ("200", &"alive".into()));
+    let (code, body) = get("/api/agent-gateway/health/ready/");
+    assert_eq!(code, "503", "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({"ready": false, "reason": "no_snapshot"})
+    );
     let scraped = Command::new("curl")
         .args(["-sf", &metrics])
         .output()

@@ -42,6 +42,7 @@ pub struct Settings {
     pub usage: UsageSettings,
     pub stripe: StripeSettings,
     pub widget: WidgetServing,
+    pub redis: RedisSettings,
     pub log: LogSettings,
 }
 
@@ -318,6 +319,57 @@ impl Default for WidgetServing {
     }
 }
 
+/// A Redis shared by every gateway: with a `url`, per-key and per-tenant rate
+/// limits and quotas hold across gateways instead of per gateway.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// `redis://[:password@]host[:port][/db]`; none: limits are per gateway.
+    pub url: Option<SecretString>,
+    /// Longest a request waits for Redis before deciding on this gateway's
+    /// share of the limit instead, milliseconds.
+    #[serde(deserialize_with = "number")]
+    pub timeout_ms: u64,
+    /// How often a gateway tops up its leases and says it is alive, milliseconds.
+    #[serde(deserialize_with = "number")]
+    pub sync_interval_ms: u64,
+    /// Prefix of every Redis key Agora writes (several deployments may share one Redis).
+    pub key_prefix: String,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            url: None,
+            timeout_ms: 25,
+            sync_interval_ms: 20,
+            key_prefix: "agora".into(),
+        }
+    }
+}
+
+/// Prints the URL's scheme and host, never its password.
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use secrecy::ExposeSecret;
+        let url = self.url.as_ref().map(|u| {
+            let u = u.expose_secret();
+            match (u.find("://"), u.rfind('@')) {
+                (Some(scheme), Some(at)) if at > scheme => {
+                    format!("{}***@{}", &u[..scheme + 3], &u[at + 1..])
+                }
+                _ => u.to_owned(),
+            }
+        });
+        f.debug_struct("RedisSettings")
+            .field("url", &url)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("sync_interval_ms", &self.sync_interval_ms)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
@@ -335,6 +387,7 @@ impl Default for Settings {
             usage: UsageSettings::default(),
             stripe: StripeSettings::default(),
             widget: WidgetServing::default(),
+            redis: RedisSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -520,6 +573,36 @@ impl Settings {
     }
 
     pub fn validate(&self) -> Result<(), SettingsError> {
+        let redis = &self.redis;
+        if let Some(url) = &redis.url {
+            use secrecy::ExposeSecret;
+            if !url.expose_secret().starts_with("redis://") {
+                return Err(SettingsError::Invalid(
+                    "redis.url must start with redis:// (TLS is not supported yet)".into(),
+                ));
+            }
+        }
+        if !(1..=1000).contains(&redis.timeout_ms) {
+            return Err(SettingsError::Invalid(
+                "redis.timeout_ms must be between 1 and 1000".into(),
+            ));
+        }
+        if !(1..=1000).contains(&redis.sync_interval_ms) {
+            return Err(SettingsError::Invalid(
+                "redis.sync_interval_ms must be between 1 and 1000".into(),
+            ));
+        }
+        if redis.key_prefix.is_empty()
+            || redis.key_prefix.len() > 64
+            || !redis
+                .key_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        {
+            return Err(SettingsError::Invalid(
+                "redis.key_prefix must be 1-64 letters, digits, '_', '-' or '.'".into(),
+            ));
+        }
         let cp = &self.control_plane;
         cp.listen.parse::<SocketAddr>().map_err(|_| {
             SettingsError::Invalid(format!(
@@ -898,6 +981,40 @@ mod tests {
         for bad in ["\"many\"", "0", "65"] {
             assert!(
                 Settings::from_toml_str(&format!("[proxy]\nthreads = {bad}\n")).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn redis_is_off_by_default_and_its_url_is_checked_and_never_printed() {
+        let s = Settings::load(None, env(&[]), &Overrides::default()).unwrap();
+        assert!(s.redis.url.is_none());
+        assert_eq!((s.redis.timeout_ms, s.redis.sync_interval_ms), (25, 20));
+        let s = Settings::load(
+            None,
+            env(&[
+                ("AGORA_REDIS__URL", "redis://:hunter2@redis:6379/1"),
+                ("AGORA_REDIS__TIMEOUT_MS", "40"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(s.redis.timeout_ms, 40);
+        let printed = format!("{s:?}");
+        assert!(
+            printed.contains("redis:6379/1") && !printed.contains("hunter2"),
+            "{printed}"
+        );
+        for bad in [
+            "url = \"http://redis\"",
+            "timeout_ms = 0",
+            "sync_interval_ms = 5000",
+            "key_prefix = \"a b\"",
+            "key_prefix = \"\"",
+        ] {
+            assert!(
+                Settings::from_toml_str(&format!("[redis]\n{bad}\n")).is_err(),
                 "{bad}"
             );
         }

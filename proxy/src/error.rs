@@ -71,7 +71,7 @@ impl KeyRefusal {
 }
 
 /// Which rate limit refused a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RateLimit {
     /// The tenant's bucket, over all its keys.
     Tenant,

@@ -17,6 +17,8 @@ mod deadline;
 mod downstream;
 mod error;
 pub mod gateway;
+pub mod global;
+mod redis;
 mod upstream;
 /// The gateway's own HTTP/1.x, in its own crate (so it is fuzzed alone).
 pub use agora_h1 as h1;
@@ -96,6 +98,8 @@ pub struct ProxyConfig {
     /// Pingora's per-thread runtime registry outlives a stopped server, so a process
     /// that starts the proxy more than once (tests, `agora up`) needs it on.
     pub work_stealing: bool,
+    /// Limits shared across gateways through Redis (`[redis] url`), if any.
+    pub redis: Option<global::GlobalConfig>,
 }
 
 impl ProxyConfig {
@@ -128,6 +132,16 @@ impl ProxyConfig {
             handle_signals: true,
             work_stealing: false,
             widget: settings.widget.clone(),
+            redis: match &settings.redis.url {
+                Some(url) => Some(global::GlobalConfig {
+                    url: redis::RedisUrl::parse(url.expose_secret())
+                        .map_err(|e| anyhow::anyhow!("redis.url: {e}"))?,
+                    timeout: Duration::from_millis(settings.redis.timeout_ms),
+                    interval: Duration::from_millis(settings.redis.sync_interval_ms),
+                    key_prefix: settings.redis.key_prefix.clone(),
+                }),
+                None => None,
+            },
         })
     }
 }
@@ -177,6 +191,8 @@ pub struct GatewayHandle {
     pub life: Arc<Lifecycle>,
     pub usage: usage::UsageQueue,
     pub pipeline: Option<Arc<Pipeline>>,
+    /// The limits shared through Redis, when configured.
+    pub global: Option<Arc<global::Global>>,
 }
 
 impl Running {
@@ -243,9 +259,12 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
             "the control plane is not reachable over plain HTTP from here: the front door (/api/*) is off"
         );
     }
+    let global = config.redis.clone().map(global::Global::new);
     let gateway = Gateway {
         shared: shared.clone(),
         limits: limits.clone(),
+        global: global.clone(),
+        tenant_per_second: u64::from(config.tenant_requests_per_second),
         usage: queue.clone(),
         metrics: metrics.clone(),
         runtime_api_key: config.runtime_api_key.clone(),
@@ -280,6 +299,7 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
         life: life.clone(),
         usage: queue.clone(),
         pipeline: pipeline.clone(),
+        global: global.clone(),
     });
     let trigger = Arc::new(Notify::new());
 
@@ -299,6 +319,9 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
         long_poll: config.long_poll,
     };
     background.spawn(sync::follow(shared.clone(), feed, stop_rx.clone()));
+    if let Some(global) = &global {
+        background.spawn(global.clone().run(limits.clone(), stop_rx.clone()));
+    }
     let drained = background.spawn(drain.run(sink, stop_rx.clone()));
     // The shipper stops after the drain has put the last events into the log.
     let (ship_stop_tx, ship_stop_rx) = tokio::sync::watch::channel(false);
@@ -331,6 +354,7 @@ pub fn start(config: ProxyConfig, metering: Metering) -> anyhow::Result<Running>
             shared: shared.clone(),
             usage: queue.clone(),
             pipeline: pipeline.clone(),
+            global: global.clone(),
         }),
     );
     admin.add_tcp(&admin_addr.to_string());

@@ -83,6 +83,12 @@ pub struct Metrics {
     spill_dropped: IntGauge,
     pub upstream_errors: IntCounterVec,
     connections_refused: IntCounterVec,
+    global_degraded: IntGauge,
+    global_gateways: IntGauge,
+    global_rounds: IntGauge,
+    global_round_failures: IntGauge,
+    global_waits: IntGauge,
+    global_wait_timeouts: IntGauge,
 }
 
 const BUCKETS: [f64; 16] = [
@@ -186,6 +192,30 @@ impl Metrics {
                 "usage_spill_dropped_total",
                 "Usage records dropped because the spill log was full (serve_unmetered policy).",
             ),
+            global_degraded: gauge(
+                "global_limits_degraded",
+                "1 while Redis is unreachable and this gateway holds its share of each limit; 0 otherwise (or without Redis).",
+            ),
+            global_gateways: gauge(
+                "global_limits_gateways",
+                "Gateways alive at the last heartbeat through Redis (0 without Redis).",
+            ),
+            global_rounds: gauge(
+                "global_limits_rounds_total",
+                "Rounds of lease claims and heartbeats Redis answered.",
+            ),
+            global_round_failures: gauge(
+                "global_limits_round_failures_total",
+                "Rounds that failed or timed out.",
+            ),
+            global_waits: gauge(
+                "global_limits_waits_total",
+                "Requests that waited for a lease.",
+            ),
+            global_wait_timeouts: gauge(
+                "global_limits_wait_timeouts_total",
+                "Requests decided on the local share because Redis did not answer in time.",
+            ),
             requests,
             auth_failures,
             rate_limited,
@@ -221,6 +251,12 @@ impl Metrics {
             &metrics.usage_shipped,
             &metrics.store_errors,
             &metrics.spill_dropped,
+            &metrics.global_degraded,
+            &metrics.global_gateways,
+            &metrics.global_rounds,
+            &metrics.global_round_failures,
+            &metrics.global_waits,
+            &metrics.global_wait_timeouts,
         ] {
             r.register(Box::new(g.clone())).expect("register");
         }
@@ -259,6 +295,7 @@ impl Metrics {
         shared: &Shared,
         usage: &UsageQueue,
         pipeline: Option<&agora_usage::Pipeline>,
+        global: Option<&crate::global::Global>,
     ) -> Vec<u8> {
         let now = crate::sync::now_ms();
         self.snapshot_revision
@@ -285,6 +322,15 @@ impl Metrics {
             self.usage_shipped.set(load(&ps.shipped));
             self.store_errors.set(load(&ps.store_errors));
             self.spill_dropped.set(load(&ps.dropped));
+        }
+        if let Some(g) = global {
+            self.global_degraded
+                .set(i64::from(g.mode() == crate::global::Mode::LocalShare));
+            self.global_gateways.set(i64::from(g.gateways()));
+            self.global_rounds.set(load(&g.stats.rounds_ok));
+            self.global_round_failures.set(load(&g.stats.rounds_failed));
+            self.global_waits.set(load(&g.stats.waits));
+            self.global_wait_timeouts.set(load(&g.stats.wait_timeouts));
         }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
@@ -328,6 +374,7 @@ pub struct Admin {
     pub shared: Arc<Shared>,
     pub usage: UsageQueue,
     pub pipeline: Option<Arc<agora_usage::Pipeline>>,
+    pub global: Option<Arc<crate::global::Global>>,
 }
 
 #[async_trait]
@@ -338,8 +385,12 @@ impl ServeHttp for Admin {
             (
                 200,
                 "text/plain; version=0.0.4",
-                self.metrics
-                    .render(&self.shared, &self.usage, self.pipeline.as_deref()),
+                self.metrics.render(
+                    &self.shared,
+                    &self.usage,
+                    self.pipeline.as_deref(),
+                    self.global.as_deref(),
+                ),
             )
         } else {
             (

@@ -46,11 +46,18 @@ pub struct Limits<C: Clock = DefaultClock> {
     addresses: RateLimiter<IpAddr, DashMapStateStore<IpAddr>, C, StateInformationMiddleware>,
 }
 
-/// What this proxy served for a config since the snapshot's count.
-struct QuotaCounter {
+/// What this proxy served for a config since the snapshot's count, and (with
+/// limits shared through Redis) what the other gateways served since it.
+pub struct QuotaCounter {
     counted_at_ms: i64,
     requests: AtomicU64,
     tokens: AtomicU64,
+    /// Of `requests`/`tokens`, what has been added to the shared count.
+    sent_requests: AtomicU64,
+    sent_tokens: AtomicU64,
+    /// The shared count less this gateway's part, as last read.
+    others_requests: AtomicU64,
+    others_tokens: AtomicU64,
 }
 
 impl QuotaCounter {
@@ -59,7 +66,37 @@ impl QuotaCounter {
             counted_at_ms,
             requests: AtomicU64::new(0),
             tokens: AtomicU64::new(0),
+            sent_requests: AtomicU64::new(0),
+            sent_tokens: AtomicU64::new(0),
+            others_requests: AtomicU64::new(0),
+            others_tokens: AtomicU64::new(0),
         })
+    }
+
+    /// The control plane's count this counter runs from.
+    pub fn counted_at_ms(&self) -> i64 {
+        self.counted_at_ms
+    }
+
+    /// Requests and tokens served here and not yet added to the shared count.
+    pub fn unreported(&self) -> (u64, u64) {
+        let r = self.requests.load(Ordering::Relaxed);
+        let t = self.tokens.load(Ordering::Relaxed);
+        (
+            r.saturating_sub(self.sent_requests.load(Ordering::Relaxed)),
+            t.saturating_sub(self.sent_tokens.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// `requests`/`tokens` were added to the shared count, which now holds
+    /// `total_requests`/`total_tokens`.
+    pub fn reported(&self, requests: u64, tokens: u64, total_requests: u64, total_tokens: u64) {
+        let sent_r = self.sent_requests.fetch_add(requests, Ordering::Relaxed) + requests;
+        let sent_t = self.sent_tokens.fetch_add(tokens, Ordering::Relaxed) + tokens;
+        self.others_requests
+            .store(total_requests.saturating_sub(sent_r), Ordering::Relaxed);
+        self.others_tokens
+            .store(total_tokens.saturating_sub(sent_t), Ordering::Relaxed);
     }
 }
 
@@ -87,6 +124,16 @@ impl Drop for InFlight {
 pub struct Admission {
     pub headers: Option<RateHeaders>,
     pub in_flight: InFlight,
+    quota: Option<Arc<QuotaCounter>>,
+}
+
+impl Admission {
+    /// Counts the request against its quota: once every limit has admitted it.
+    pub fn count(&mut self) {
+        if let Some(counter) = self.quota.take() {
+            counter.requests.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Limits<DefaultClock> {
@@ -125,13 +172,17 @@ impl<C: Clock + Clone> Limits<C> {
         }
     }
 
-    /// Decides whether `key` may send one more request now.
+    /// Decides whether `key` may send one more request now, on this gateway's
+    /// buckets; the request counts against its quota once [`Admission::count`]
+    /// says every limit (these and the shared ones) admitted it. Of the plan's
+    /// `max_concurrency` this gateway holds `ceil(max ÷ gateways)`.
     pub fn admit(
         &self,
         key: &KeyEntry,
         plan: Option<&PlanLimits>,
         quota: &QuotaUsage,
         now_ms: i64,
+        gateways: u32,
     ) -> Result<Admission, GatewayError> {
         // Quota first: it does not consume rate-limit tokens when refused.
         let counted = match plan {
@@ -153,6 +204,7 @@ impl<C: Clock + Clone> Limits<C> {
         }
         let in_flight = match plan.and_then(|p| p.max_concurrency) {
             Some(max) => {
+                let max = max.div_ceil(gateways.max(1));
                 let slot = get_or_insert(&self.in_flight, key.key_id, || AtomicU32::new(0));
                 if slot.fetch_add(1, Ordering::AcqRel) >= max {
                     slot.fetch_sub(1, Ordering::AcqRel);
@@ -162,10 +214,11 @@ impl<C: Clock + Clone> Limits<C> {
             }
             None => InFlight { slot: None },
         };
-        if let Some(counter) = counted {
-            counter.requests.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(Admission { headers, in_flight })
+        Ok(Admission {
+            headers,
+            in_flight,
+            quota: counted,
+        })
     }
 
     /// The same limits with widget visitors allowed `messages` per minute each
@@ -242,8 +295,12 @@ impl<C: Clock + Clone> Limits<C> {
             }
             counter.clone()
         });
-        let requests = quota.requests + counter.requests.load(Ordering::Relaxed);
-        let tokens = quota.tokens + counter.tokens.load(Ordering::Relaxed);
+        let requests = quota.requests
+            + counter.requests.load(Ordering::Relaxed)
+            + counter.others_requests.load(Ordering::Relaxed);
+        let tokens = quota.tokens
+            + counter.tokens.load(Ordering::Relaxed)
+            + counter.others_tokens.load(Ordering::Relaxed);
         let over = plan.request_quota.is_some_and(|q| requests >= q)
             || plan.token_quota.is_some_and(|q| tokens >= q);
         if over {
@@ -321,6 +378,14 @@ impl<C: Clock + Clone> Limits<C> {
         self.quotas.retain(|config, _| keep_config(config));
     }
 
+    /// Every config's quota counter, for the shared count.
+    pub fn quota_counters(&self) -> Vec<(Uuid, Arc<QuotaCounter>)> {
+        self.quotas
+            .iter()
+            .map(|item| (*item.key(), item.value().clone()))
+            .collect()
+    }
+
     /// Entries held, for tests and metrics.
     pub fn state_entries(&self) -> usize {
         self.tenants.len()
@@ -359,6 +424,79 @@ mod tests {
         }
     }
 
+    /// Admits on one gateway and counts the request, as the gateway does once
+    /// every limit has admitted it.
+    fn take(
+        limits: &Limits<FakeRelativeClock>,
+        key: &KeyEntry,
+        plan: Option<&PlanLimits>,
+        quota: &QuotaUsage,
+        now_ms: i64,
+    ) -> Result<Admission, GatewayError> {
+        limits.admit(key, plan, quota, now_ms, 1).map(|mut a| {
+            a.count();
+            a
+        })
+    }
+
+    #[test]
+    fn with_several_gateways_each_holds_its_share_of_in_flight_slots() {
+        let limits = Limits::with_clock(1000, 1000, FakeRelativeClock::default());
+        let k = key(1, 1);
+        let p = PlanLimits {
+            max_concurrency: Some(5),
+            ..plan(None, None)
+        };
+        let q = QuotaUsage::default();
+        let held: Vec<_> = (0..2)
+            .map(|_| limits.admit(&k, Some(&p), &q, 0, 3).unwrap())
+            .collect();
+        assert!(matches!(
+            limits.admit(&k, Some(&p), &q, 0, 3),
+            Err(GatewayError::TooManyInFlight { limit: 2 })
+        ));
+        drop(held);
+    }
+
+    #[test]
+    fn a_request_counts_against_its_quota_only_once_counted() {
+        let limits = Limits::with_clock(1000, 1000, FakeRelativeClock::default());
+        let k = key(1, 1);
+        let p = PlanLimits {
+            request_quota: Some(1),
+            ..plan(None, None)
+        };
+        let q = QuotaUsage {
+            period_end_ms: 10_000,
+            counted_at_ms: 1,
+            ..QuotaUsage::default()
+        };
+        // Admitted here but refused by a shared limit afterwards: not counted.
+        drop(limits.admit(&k, Some(&p), &q, 0, 1).unwrap());
+        let mut a = limits.admit(&k, Some(&p), &q, 0, 1).unwrap();
+        a.count();
+        assert!(matches!(
+            limits.admit(&k, Some(&p), &q, 0, 1),
+            Err(GatewayError::QuotaExceeded { .. })
+        ));
+        // What other gateways served counts too.
+        let newer = QuotaUsage {
+            counted_at_ms: 2,
+            ..q
+        };
+        let p2 = PlanLimits {
+            request_quota: Some(10),
+            ..p
+        };
+        assert!(limits.admit(&k, Some(&p2), &newer, 0, 1).is_ok());
+        let (_, counter) = limits.quota_counters().pop().unwrap();
+        counter.reported(0, 0, 10, 0);
+        assert!(matches!(
+            limits.admit(&k, Some(&p2), &newer, 0, 1),
+            Err(GatewayError::QuotaExceeded { .. })
+        ));
+    }
+
     fn plan(rpm: Option<u32>, burst: Option<u32>) -> PlanLimits {
         PlanLimits {
             plan: Uuid::from_u128(9),
@@ -379,11 +517,11 @@ mod tests {
         let p = plan(Some(60), Some(3));
         let q = QuotaUsage::default();
         for expected_remaining in [2, 1, 0] {
-            let a = limits.admit(&k, Some(&p), &q, 0).unwrap();
+            let a = take(&limits, &k, Some(&p), &q, 0).unwrap();
             assert_eq!(a.headers.unwrap().limit, 3);
             assert_eq!(a.headers.unwrap().remaining, expected_remaining);
         }
-        match limits.admit(&k, Some(&p), &q, 0) {
+        match take(&limits, &k, Some(&p), &q, 0) {
             Err(GatewayError::RateLimited {
                 limit,
                 retry_after_secs,
@@ -397,9 +535,9 @@ mod tests {
             other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
         }
         // Another key on the same plan has its own bucket.
-        assert!(limits.admit(&key(2, 1), Some(&p), &q, 0).is_ok());
+        assert!(take(&limits, &key(2, 1), Some(&p), &q, 0).is_ok());
         clock.advance(Duration::from_secs(1));
-        assert!(limits.admit(&k, Some(&p), &q, 0).is_ok());
+        assert!(take(&limits, &k, Some(&p), &q, 0).is_ok());
     }
 
     #[test]
@@ -407,14 +545,14 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let limits = Limits::with_clock(1, 2, clock.clone());
         let q = QuotaUsage::default();
-        assert!(limits.admit(&key(1, 7), None, &q, 0).is_ok());
-        assert!(limits.admit(&key(2, 7), None, &q, 0).is_ok());
-        match limits.admit(&key(3, 7), None, &q, 0) {
+        assert!(take(&limits, &key(1, 7), None, &q, 0).is_ok());
+        assert!(take(&limits, &key(2, 7), None, &q, 0).is_ok());
+        match take(&limits, &key(3, 7), None, &q, 0) {
             Err(GatewayError::RateLimited { limit, .. }) => assert_eq!(limit, RateLimit::Tenant),
             _ => panic!("tenant limit should refuse"),
         }
         assert!(
-            limits.admit(&key(4, 8), None, &q, 0).is_ok(),
+            take(&limits, &key(4, 8), None, &q, 0).is_ok(),
             "other tenant"
         );
     }
@@ -428,14 +566,14 @@ mod tests {
             ..plan(None, None)
         };
         let q = QuotaUsage::default();
-        let a = limits.admit(&k, Some(&p), &q, 0).unwrap();
-        let b = limits.admit(&k, Some(&p), &q, 0).unwrap();
+        let a = take(&limits, &k, Some(&p), &q, 0).unwrap();
+        let b = take(&limits, &k, Some(&p), &q, 0).unwrap();
         assert!(matches!(
-            limits.admit(&k, Some(&p), &q, 0),
+            take(&limits, &k, Some(&p), &q, 0),
             Err(GatewayError::TooManyInFlight { limit: 2 })
         ));
         drop(a);
-        let c = limits.admit(&k, Some(&p), &q, 0).unwrap();
+        let c = take(&limits, &k, Some(&p), &q, 0).unwrap();
         drop((b, c));
         limits.prune(|_| true);
         assert_eq!(limits.in_flight.len(), 0, "idle counters are pruned");
@@ -457,9 +595,9 @@ mod tests {
             requests: 3,
             tokens: 0,
         };
-        assert!(limits.admit(&k, Some(&p), &q, 0).is_ok());
-        assert!(limits.admit(&k, Some(&p), &q, 0).is_ok());
-        match limits.admit(&k, Some(&p), &q, 1_000) {
+        assert!(take(&limits, &k, Some(&p), &q, 0).is_ok());
+        assert!(take(&limits, &k, Some(&p), &q, 0).is_ok());
+        match take(&limits, &k, Some(&p), &q, 1_000) {
             Err(GatewayError::QuotaExceeded { retry_after_secs }) => {
                 assert_eq!(retry_after_secs, 9)
             }
@@ -471,14 +609,14 @@ mod tests {
             requests: 0,
             ..q
         };
-        assert!(limits.admit(&k, Some(&p), &newer, 0).is_ok());
+        assert!(take(&limits, &k, Some(&p), &newer, 0).is_ok());
         limits.record_tokens(k.config, 100);
         assert!(matches!(
-            limits.admit(&k, Some(&p), &newer, 0),
+            take(&limits, &k, Some(&p), &newer, 0),
             Err(GatewayError::QuotaExceeded { .. })
         ));
         // Once the counted period has ended, its count no longer refuses.
-        assert!(limits.admit(&k, Some(&p), &newer, 10_000).is_ok());
+        assert!(take(&limits, &k, Some(&p), &newer, 10_000).is_ok());
     }
 
     #[test]
@@ -488,7 +626,7 @@ mod tests {
         let p = plan(Some(600), Some(10));
         let q = QuotaUsage::default();
         for n in 0..10_000u128 {
-            let _ = limits.admit(&key(n, n), Some(&p), &q, 0);
+            let _ = take(&limits, &key(n, n), Some(&p), &q, 0);
         }
         assert!(limits.state_entries() >= 20_000);
         clock.advance(Duration::from_secs(120));

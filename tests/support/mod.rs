@@ -629,7 +629,11 @@ pub fn spawn_agora_proxy(
     ])
     .arg(data_dir)
     .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::null());
+    .stderr(if std::env::var_os("TEST_PROXY_STDERR").is_some() {
+        std::process::Stdio::inherit()
+    } else {
+        std::process::Stdio::null()
+    });
     for (name, _) in std::env::vars() {
         if name.starts_with("AGORA_") {
             cmd.env_remove(name);

@@ -58,16 +58,43 @@ impl Gateway {
         ctx.stream = invoke::wants_stream(head.query())?;
         let plan = entry.plan.and_then(|p| state.plan(&p));
         ctx.target = Some(target.clone());
-        let admission = self
+        let count_refusal = |e: &GatewayError| {
+            if let GatewayError::RateLimited { limit, .. } = e {
+                self.metrics.rate_limited(limit.as_str());
+            } else {
+                self.metrics.rate_limited(e.code());
+            }
+        };
+        let gateways = self.global.as_ref().map_or(1, |g| g.gateways());
+        let mut admission = self
             .limits
-            .admit(entry, plan, &target.route.quota, ctx.started_ms)
-            .inspect_err(|e| {
-                if let GatewayError::RateLimited { limit, .. } = e {
-                    self.metrics.rate_limited(limit.as_str());
-                } else {
-                    self.metrics.rate_limited(e.code());
-                }
-            })?;
+            .admit(entry, plan, &target.route.quota, ctx.started_ms, gateways)
+            .inspect_err(count_refusal)?;
+        if let Some(global) = &self.global {
+            global
+                .admit(
+                    RateLimit::Tenant,
+                    entry.tenant,
+                    self.tenant_per_second,
+                    1_000,
+                    ctx.started_ms,
+                )
+                .await
+                .inspect_err(count_refusal)?;
+            if let Some(rpm) = plan.and_then(|p| p.requests_per_minute) {
+                global
+                    .admit(
+                        RateLimit::Key,
+                        entry.key_id,
+                        u64::from(rpm),
+                        60_000,
+                        ctx.started_ms,
+                    )
+                    .await
+                    .inspect_err(count_refusal)?;
+            }
+        }
+        admission.count();
         ctx.rate = admission.headers;
         ctx._in_flight = Some(admission.in_flight);
         let body = conn.read_body(self.max_body_bytes).await?;

@@ -35,7 +35,7 @@ mod widget;
 pub use widget::{WIDGET_ASSETS, WIDGET_SESSION};
 
 use crate::downstream::Conn;
-use crate::error::{GatewayError, RateHeaders};
+use crate::error::{GatewayError, RateHeaders, RateLimit};
 use crate::h1::RequestHead;
 use crate::invoke;
 use crate::keys::{self, Caller};
@@ -51,11 +51,20 @@ pub const INVOKE: &str = "/api/agent-gateway/invoke/";
 pub const VALIDATE: &str = "/api/agent-gateway/validate/";
 pub const USAGE: &str = "/api/agent-gateway/usage/";
 pub const HEALTH: &str = "/api/agent-gateway/health/";
+/// For orchestrators: alive while the process answers (draining included).
+pub const LIVE: &str = "/api/agent-gateway/health/live/";
+/// For orchestrators: 503 until a snapshot is applied, while draining and while
+/// usage cannot be recorded.
+pub const READY: &str = "/api/agent-gateway/health/ready/";
 
 /// The data plane's shared parts.
 pub struct Gateway {
     pub shared: Arc<Shared>,
     pub limits: Arc<Limits>,
+    /// Limits shared with the other gateways through Redis, when configured.
+    pub global: Option<Arc<crate::global::Global>>,
+    /// The tenant limit per second, for the shared count.
+    pub tenant_per_second: u64,
     pub usage: UsageQueue,
     pub metrics: Arc<Metrics>,
     pub runtime_api_key: Option<SecretString>,

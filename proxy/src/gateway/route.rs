@@ -10,7 +10,9 @@ impl Gateway {
             p if p == INVOKE.as_bytes() => RouteLabel::Invoke,
             p if p == VALIDATE.as_bytes() => RouteLabel::Validate,
             p if p == USAGE.as_bytes() => RouteLabel::Usage,
-            p if p == HEALTH.as_bytes() => RouteLabel::Health,
+            p if p == HEALTH.as_bytes() || p == LIVE.as_bytes() || p == READY.as_bytes() => {
+                RouteLabel::Health
+            }
             p if p == WIDGET_SESSION.as_bytes() || p.starts_with(WIDGET_ASSETS.as_bytes()) => {
                 RouteLabel::Widget
             }
@@ -149,6 +151,11 @@ impl Gateway {
         if head.method() != b"GET" && head.method() != b"HEAD" {
             return Err(GatewayError::MethodNotAllowed);
         }
+        if head.path() == LIVE.as_bytes() {
+            self.json(conn, ctx, 200, &serde_json::json!({"status": "alive"}))
+                .await;
+            return Ok(());
+        }
         let now = now_ms();
         let state = self.shared.load();
         let loaded = self.shared.is_loaded();
@@ -166,9 +173,30 @@ impl Gateway {
         } else {
             "ok"
         };
+        let ready = loaded && !draining && !refusing;
+        let code = if ready { 200 } else { 503 };
+        if head.path() == READY.as_bytes() {
+            let reason = if draining {
+                Some("draining")
+            } else if !loaded {
+                Some("no_snapshot")
+            } else if refusing {
+                Some("usage_unrecordable")
+            } else {
+                None
+            };
+            let body = serde_json::json!({"ready": ready, "reason": reason});
+            self.json(conn, ctx, code, &body).await;
+            return Ok(());
+        }
+        let limits = match &self.global {
+            Some(g) => serde_json::json!({"mode": g.mode().as_str(), "gateways": g.gateways()}),
+            None => serde_json::json!({"mode": "local", "gateways": null}),
+        };
         let body = serde_json::json!({
             "status": status,
-            "ready": loaded && !draining && !refusing,
+            "ready": ready,
+            "limits": limits,
             "snapshot": {
                 "revision": state.revision(),
                 "age_seconds": self.shared.age_secs(now),
@@ -195,11 +223,6 @@ impl Gateway {
                 }),
             },
         });
-        let code = if loaded && !draining && !refusing {
-            200
-        } else {
-            503
-        };
         self.json(conn, ctx, code, &body).await;
         Ok(())
     }
