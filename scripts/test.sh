@@ -32,6 +32,11 @@ if ! command -v redis-server >/dev/null && [ -z "${AGORA_REDIS_SERVER:-}" ]; the
   apt_install redis-server
 fi
 
+# tests/deploy.rs checks deploy/ with promtool (Debian's prometheus) and
+# docker-compose's `config` (Debian's docker-compose, without the engine).
+command -v promtool >/dev/null || apt_install --no-install-recommends prometheus
+command -v docker-compose >/dev/null || apt_install --no-install-recommends docker-compose
+
 export TEST_PG_ADMIN_URL="${TEST_PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 
 pg_ok() { psql "$TEST_PG_ADMIN_URL" -Atqc 'select 1' >/dev/null 2>&1; }
@@ -113,6 +118,10 @@ fi
 # schemathesis, which tests/openapi.rs runs against the live OpenAPI document.
 pypi_tool schemathesis 4.32.5 || { log "schemathesis could not be installed"; exit 1; }
 export AGORA_SCHEMATHESIS="$venv/bin/schemathesis"
+
+# kubernetes-validate, which tests/deploy.rs runs over deploy/kubernetes/.
+pypi_tool kubernetes-validate 1.37.0 || { log "kubernetes-validate could not be installed"; exit 1; }
+export AGORA_KUBERNETES_VALIDATE="$venv/bin/kubernetes-validate"
 
 # A real browser for tests/widget.rs: Debian's Chromium, driven by
 # playwright-core and checked by axe-core from npm (no browser is downloaded).

@@ -322,6 +322,8 @@ pub fn app(state: AppState) -> Router {
         .route("/internal/v1/snapshot", axum::routing::get(sync::snapshot))
         .route("/internal/v1/changes", axum::routing::get(sync::changes))
         .route("/metrics", axum::routing::get(metrics))
+        .route("/health/live/", axum::routing::get(live))
+        .route("/health/ready/", axum::routing::get(ready))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
@@ -337,6 +339,32 @@ pub fn app(state: AppState) -> Router {
             ApiError::Unexpected(anyhow::anyhow!("a request handler panicked")).into_response()
         }))
         .with_state(state)
+}
+
+/// For orchestrators: the process answers.
+async fn live() -> impl IntoResponse {
+    axum::Json(serde_json::json!({"status": "alive"}))
+}
+
+/// For orchestrators: 503 while the database does not answer within 2 s.
+async fn ready(axum::extract::State(app): axum::extract::State<AppState>) -> impl IntoResponse {
+    let check = sqlx::query("SELECT 1").execute(&app.db.pool);
+    let ok = matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(2), check).await,
+        Ok(Ok(_))
+    );
+    let (status, reason) = if ok {
+        (axum::http::StatusCode::OK, None)
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Some("database_unreachable"),
+        )
+    };
+    (
+        status,
+        axum::Json(serde_json::json!({"ready": ok, "reason": reason})),
+    )
 }
 
 /// Prometheus exposition of the control plane's own counters (billing), on

@@ -62,22 +62,26 @@ const HEARTBEAT_EVERY: Duration = Duration::from_millis(1_000);
 /// Windows a limit may go unused before its entry is forgotten.
 const IDLE_WINDOWS: i64 = 2;
 
-/// The script of one round: a heartbeat, then for each limit a claim (with the
-/// admissions already made on the local share added first), then for each quota
-/// this gateway's increments; it answers the live gateway count, each limit's
-/// grant and window total, and each quota's totals.
+/// The script of one round: a heartbeat (on Redis' clock, so gateways'
+/// clocks do not matter), then for each limit a claim (with the admissions
+/// already made on the local share added first), then for each quota this
+/// gateway's totals, written under its own field (so a round sent twice counts
+/// once); it answers the live gateway count, each limit's grant and window
+/// total, and each quota's totals over all gateways.
 ///
 /// KEYS: the gateway set, then one counter per limit, then one hash per quota.
-/// ARGV: now_ms, gateway id, alive_ms, limit count, then per limit (limit,
-/// want, debt, ttl_ms), then per quota (requests, tokens, ttl_ms).
+/// ARGV: gateway id, alive_ms, limit count, then per limit (limit, want, debt,
+/// ttl_ms), then per quota (requests, tokens, ttl_ms).
 const ROUND_SCRIPT: &str = r#"
-local now = tonumber(ARGV[1])
-redis.call('ZADD', KEYS[1], now, ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 10)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gw, alive = ARGV[1], tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now, gw)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - alive)
+redis.call('PEXPIRE', KEYS[1], alive * 10)
 local out = {redis.call('ZCARD', KEYS[1])}
-local limits = tonumber(ARGV[4])
-local a = 5
+local limits = tonumber(ARGV[3])
+local a = 4
 for i = 2, limits + 1 do
   local limit, want, debt, ttl = tonumber(ARGV[a]), tonumber(ARGV[a+1]), tonumber(ARGV[a+2]), tonumber(ARGV[a+3])
   a = a + 4
@@ -92,14 +96,27 @@ for i = 2, limits + 1 do
   out[#out+1] = used
 end
 for i = limits + 2, #KEYS do
-  local requests, tokens, ttl = ARGV[a], ARGV[a+1], tonumber(ARGV[a+2])
+  redis.call('HSET', KEYS[i], gw .. ':r', ARGV[a], gw .. ':t', ARGV[a+1])
+  redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[a+2]))
   a = a + 3
-  out[#out+1] = redis.call('HINCRBY', KEYS[i], 'r', requests)
-  out[#out+1] = redis.call('HINCRBY', KEYS[i], 't', tokens)
-  redis.call('PEXPIRE', KEYS[i], ttl)
+  local all = redis.call('HGETALL', KEYS[i])
+  local requests, tokens = 0, 0
+  for j = 1, #all, 2 do
+    if string.sub(all[j], -2) == ':r' then
+      requests = requests + tonumber(all[j+1])
+    else
+      tokens = tokens + tonumber(all[j+1])
+    end
+  end
+  out[#out+1] = requests
+  out[#out+1] = tokens
 end
 return out
 "#;
+
+/// At most this many limits, and as many quotas, go in one round; the rest go
+/// in the next, at once.
+const MAX_PER_ROUND: usize = 1_000;
 
 /// How limits are being decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,10 +200,12 @@ impl EntryState {
     /// another's stays in the window already begun).
     fn roll(&mut self, window: i64) {
         if window > self.window {
+            // The rate carries over, so the new window's first leases fit it.
             *self = EntryState {
                 limit: self.limit,
                 window_ms: self.window_ms,
                 window,
+                recent: self.recent,
                 ..EntryState::default()
             };
         }
@@ -249,14 +268,20 @@ impl Global {
         self.gateways.load(Ordering::Relaxed).max(1)
     }
 
+    /// The latest a request that starts now waits for Redis.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.config.timeout
+    }
+
     /// This gateway's name in the heartbeat set.
     pub fn gateway_id(&self) -> &str {
         &self.gateway_id
     }
 
     /// Admits one request against the shared count of `limit` for `id`:
-    /// `count` per `window_ms`. Answers the window it was counted in (a request
-    /// whose clock is a little behind is counted in the window already begun).
+    /// `count` per `window_ms`, waiting for Redis until `deadline` at most.
+    /// Answers the window it was counted in (a request whose clock is a little
+    /// behind is counted in the window already begun).
     pub async fn admit(
         &self,
         limit: RateLimit,
@@ -264,10 +289,10 @@ impl Global {
         count: u64,
         window_ms: i64,
         now_ms: i64,
+        deadline: Instant,
     ) -> Result<i64, GatewayError> {
         let entry = self.entry(limit, id);
         let mut waited = false;
-        let deadline = Instant::now() + self.config.timeout;
         let mut rounds = self.rounds.subscribe();
         loop {
             match self.look(&entry, limit, count, window_ms, now_ms, waited) {
@@ -279,7 +304,6 @@ impl Global {
                 waited = true;
                 self.stats.waits.fetch_add(1, Ordering::Relaxed);
             }
-            rounds.borrow_and_update();
             self.wake.notify_one();
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero()
@@ -348,11 +372,12 @@ impl Global {
         Look::Wait
     }
 
-    /// Decides on this gateway's share of the limit, counting the admission as
-    /// debt for the window's shared count. While Redis answers (a round was
-    /// only slower than the request could wait), only while the window's last
-    /// known count leaves a tenth of the limit: outstanding leases are at most a
-    /// quarter of what remains, so such debts do not pass the limit.
+    /// Decides on this gateway's share of the limit, `ceil(limit ÷ N)` of its
+    /// own admissions in the window, counting an admission as debt for the
+    /// window's shared count. Used while Redis is away, and for a request whose
+    /// round is slower than it may wait: then only while the window's last known
+    /// count leaves a tenth of the limit, and a refusal says to retry in a second
+    /// (the next round will likely answer).
     fn on_share(
         &self,
         entry: &Entry,
@@ -367,7 +392,8 @@ impl Global {
         st.roll(now_ms.div_euclid(window_ms));
         st.want = st.want.saturating_sub(1);
         let share = st.share(self.gateways());
-        let room = if self.connected.load(Ordering::Relaxed) {
+        let connected = self.connected.load(Ordering::Relaxed);
+        let room = if connected {
             st.used + st.debt < st.limit - st.limit / 10
         } else {
             !st.exhausted()
@@ -377,6 +403,17 @@ impl Global {
             st.recent += 1;
             st.debt += 1;
             Ok(st.window)
+        } else if connected && !st.exhausted() {
+            match st.refusal(limit, now_ms) {
+                GatewayError::RateLimited { limit, headers, .. } => {
+                    Err(GatewayError::RateLimited {
+                        limit,
+                        retry_after_secs: 1,
+                        headers,
+                    })
+                }
+                other => Err(other),
+            }
         } else {
             Err(st.refusal(limit, now_ms))
         }
@@ -392,6 +429,7 @@ impl Global {
         let mut conn: Option<(Connection, String)> = None;
         let mut last_round = Instant::now() - HEARTBEAT_EVERY;
         let mut last_attempt = Instant::now() - RETRY_EVERY;
+        let mut warned = false;
         loop {
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -411,12 +449,13 @@ impl Global {
                 continue;
             }
             last_attempt = Instant::now();
-            let result = self.round(&mut conn, &work, now_ms).await;
+            let result = self.round(&mut conn, &work).await;
             match result {
                 Ok(reply) => {
                     last_round = Instant::now();
                     self.apply(&work, &reply);
                     self.stats.rounds_ok.fetch_add(1, Ordering::Relaxed);
+                    warned = false;
                     if !self.connected.swap(true, Ordering::Relaxed) {
                         tracing::info!(
                             gateways = self.gateways(),
@@ -425,18 +464,25 @@ impl Global {
                     }
                 }
                 Err(e) => {
-                    self.restore(&work);
-                    self.stats.rounds_failed.fetch_add(1, Ordering::Relaxed);
-                    if !e.keeps_connection() {
-                        conn = None;
+                    // A round that timed out may have been applied: its debts
+                    // are not sent again (a window may then count less, never
+                    // more). Waiting requests register again when they look.
+                    if !matches!(e, RedisError::Timeout(_)) {
+                        self.restore(&work);
                     }
-                    if self.connected.swap(false, Ordering::Relaxed)
-                        || last_round.elapsed() < HEARTBEAT_EVERY * 2
-                    {
+                    self.stats.rounds_failed.fetch_add(1, Ordering::Relaxed);
+                    // A server error may mean a failover (READONLY): a new
+                    // connection finds the new primary.
+                    conn = None;
+                    self.connected.store(false, Ordering::Relaxed);
+                    if !warned {
+                        warned = true;
                         tracing::warn!(error = %e, gateways = self.gateways(), "Redis is unreachable: each gateway holds its share of the limits");
-                        last_round = Instant::now() - HEARTBEAT_EVERY * 3;
                     }
                 }
+            }
+            if work.full {
+                self.wake.notify_one();
             }
             self.rounds.send_modify(|r| *r += 1);
             if heartbeat {
@@ -452,6 +498,10 @@ impl Global {
         let gateways = u64::from(self.gateways());
         let mut work = Work::default();
         for item in self.entries.iter() {
+            if work.limits.len() == MAX_PER_ROUND {
+                work.full = true;
+                break;
+            }
             let (limit, id) = *item.key();
             let mut st = Self::lock(item.value());
             if st.window_ms == 0 {
@@ -488,7 +538,6 @@ impl Global {
                 count: st.limit,
                 window_ms: st.window_ms,
                 want,
-                wanted: st.want,
                 debt: st.debt,
             });
             st.want = 0;
@@ -497,10 +546,14 @@ impl Global {
         }
         for item in limits.quota_counters() {
             let (config, counter) = item;
-            let (requests, tokens) = counter.unreported();
-            if requests == 0 && tokens == 0 && !heartbeat {
+            if !counter.unreported() && !heartbeat {
                 continue;
             }
+            if work.quotas.len() == MAX_PER_ROUND {
+                work.full = true;
+                break;
+            }
+            let (requests, tokens) = counter.served();
             work.quotas.push(QuotaReport {
                 config,
                 counted_at_ms: counter.counted_at_ms(),
@@ -516,10 +569,11 @@ impl Global {
         &self,
         conn: &mut Option<(Connection, String)>,
         work: &Work,
-        now_ms: i64,
     ) -> Result<Vec<i64>, RedisError> {
         if conn.is_none() {
-            let mut c = Connection::open(&self.config.url, self.config.timeout).await?;
+            // A round may take longer than a request may wait for it.
+            let timeout = (self.config.timeout * 4).max(Duration::from_millis(100));
+            let mut c = Connection::open(&self.config.url, timeout).await?;
             let sha = match c
                 .call(&[b"SCRIPT", b"LOAD", ROUND_SCRIPT.as_bytes()])
                 .await?
@@ -549,7 +603,6 @@ impl Global {
             ));
         }
         let mut argv: Vec<String> = vec![
-            now_ms.to_string(),
             self.gateway_id.clone(),
             ALIVE_MS.to_string(),
             work.limits.len().to_string(),
@@ -620,13 +673,13 @@ impl Global {
         }
     }
 
-    /// A failed round: what it took goes back, to be claimed by the next.
+    /// A round that failed before Redis ran it: its debts go back, to be
+    /// added by the next.
     fn restore(&self, work: &Work) {
         for claim in &work.limits {
             if let Some(entry) = self.entries.get(&(claim.limit, claim.id)) {
                 let mut st = Self::lock(&entry);
                 if st.window == claim.window {
-                    st.want += claim.wanted;
                     st.debt += claim.debt;
                 }
             }
@@ -635,6 +688,10 @@ impl Global {
 
     fn prune(&self, now_ms: i64) {
         self.entries.retain(|_, entry| {
+            // A request holds it: not idle.
+            if Arc::strong_count(entry) > 1 {
+                return true;
+            }
             let st = Self::lock(entry);
             st.window_ms == 0
                 || now_ms.div_euclid(st.window_ms) - st.window < IDLE_WINDOWS
@@ -663,11 +720,13 @@ impl RateLimit {
 struct Work {
     limits: Vec<Claim>,
     quotas: Vec<QuotaReport>,
+    /// More was waiting than one round takes.
+    full: bool,
 }
 
 impl Work {
     fn is_empty(&self) -> bool {
-        self.limits.is_empty() && self.quotas.iter().all(|q| q.requests == 0 && q.tokens == 0)
+        self.limits.is_empty() && self.quotas.is_empty()
     }
 }
 
@@ -679,14 +738,13 @@ struct Claim {
     window_ms: i64,
     /// Asked of Redis.
     want: u64,
-    /// Requests that were waiting when the round took them.
-    wanted: u64,
     debt: u64,
 }
 
 struct QuotaReport {
     config: Uuid,
     counted_at_ms: i64,
+    /// What this gateway served since the count, in all.
     requests: u64,
     tokens: u64,
     counter: Arc<crate::ratelimit::QuotaCounter>,
@@ -762,7 +820,10 @@ mod tests {
                         x ^= x << 17;
                         let g = &gws[(x % gws.len() as u64) as usize];
                         let now = crate::sync::now_ms();
-                        if let Ok(window) = g.admit(limit, id, count, window_ms, now).await {
+                        if let Ok(window) = g
+                            .admit(limit, id, count, window_ms, now, g.deadline())
+                            .await
+                        {
                             *admitted.entry(window).or_insert(0) += 1;
                         } else {
                             tokio::task::yield_now().await;
@@ -855,10 +916,12 @@ mod tests {
         let (a, b) = (&gws.gateways[0].0, &gws.gateways[1].0);
         let now = crate::sync::now_ms();
         for _ in 0..10 {
-            a.admit(RateLimit::Key, id, 10, 60_000, now).await.unwrap();
+            a.admit(RateLimit::Key, id, 10, 60_000, now, a.deadline())
+                .await
+                .unwrap();
         }
         let refusal = b
-            .admit(RateLimit::Key, id, 10, 60_000, now)
+            .admit(RateLimit::Key, id, 10, 60_000, now, b.deadline())
             .await
             .unwrap_err();
         match refusal {
@@ -875,9 +938,16 @@ mod tests {
             other => panic!("expected a rate limit, got {other:?}"),
         }
         // Another id has its own count.
-        b.admit(RateLimit::Key, Uuid::new_v4(), 10, 60_000, now)
-            .await
-            .unwrap();
+        b.admit(
+            RateLimit::Key,
+            Uuid::new_v4(),
+            10,
+            60_000,
+            now,
+            b.deadline(),
+        )
+        .await
+        .unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -897,6 +967,7 @@ mod tests {
                         10,
                         60_000,
                         crate::sync::now_ms(),
+                        g.deadline(),
                     )
                     .await;
                 (g.mode() == Mode::LocalShare).then_some(())
@@ -910,7 +981,10 @@ mod tests {
         for (g, _) in &gws.gateways {
             let mut admitted = 0;
             for _ in 0..50 {
-                if g.admit(RateLimit::Key, id, 100, 60_000, now).await.is_ok() {
+                if g.admit(RateLimit::Key, id, 100, 60_000, now, g.deadline())
+                    .await
+                    .is_ok()
+                {
                     admitted += 1;
                 }
             }
@@ -929,10 +1003,17 @@ mod tests {
         // 100 used, so the window is refused everywhere.
         let (g, _) = &gws.gateways[0];
         eventually_within(Duration::from_secs(2), "the shares are counted", || async {
-            g.admit(RateLimit::Key, id, 100, 60_000, crate::sync::now_ms())
-                .await
-                .is_err()
-                .then_some(())
+            g.admit(
+                RateLimit::Key,
+                id,
+                100,
+                60_000,
+                crate::sync::now_ms(),
+                g.deadline(),
+            )
+            .await
+            .is_err()
+            .then_some(())
         })
         .await;
     }

@@ -78,25 +78,30 @@ impl QuotaCounter {
         self.counted_at_ms
     }
 
-    /// Requests and tokens served here and not yet added to the shared count.
-    pub fn unreported(&self) -> (u64, u64) {
-        let r = self.requests.load(Ordering::Relaxed);
-        let t = self.tokens.load(Ordering::Relaxed);
+    /// Requests and tokens served here since the count.
+    pub fn served(&self) -> (u64, u64) {
         (
-            r.saturating_sub(self.sent_requests.load(Ordering::Relaxed)),
-            t.saturating_sub(self.sent_tokens.load(Ordering::Relaxed)),
+            self.requests.load(Ordering::Relaxed),
+            self.tokens.load(Ordering::Relaxed),
         )
     }
 
-    /// `requests`/`tokens` were added to the shared count, which now holds
-    /// `total_requests`/`total_tokens`.
+    /// Whether this gateway served more than the shared count last heard.
+    pub fn unreported(&self) -> bool {
+        let (r, t) = self.served();
+        r != self.sent_requests.load(Ordering::Relaxed)
+            || t != self.sent_tokens.load(Ordering::Relaxed)
+    }
+
+    /// The shared count heard this gateway's totals `requests`/`tokens`, and
+    /// holds `total_requests`/`total_tokens` over all gateways.
     pub fn reported(&self, requests: u64, tokens: u64, total_requests: u64, total_tokens: u64) {
-        let sent_r = self.sent_requests.fetch_add(requests, Ordering::Relaxed) + requests;
-        let sent_t = self.sent_tokens.fetch_add(tokens, Ordering::Relaxed) + tokens;
+        self.sent_requests.store(requests, Ordering::Relaxed);
+        self.sent_tokens.store(tokens, Ordering::Relaxed);
         self.others_requests
-            .store(total_requests.saturating_sub(sent_r), Ordering::Relaxed);
+            .store(total_requests.saturating_sub(requests), Ordering::Relaxed);
         self.others_tokens
-            .store(total_tokens.saturating_sub(sent_t), Ordering::Relaxed);
+            .store(total_tokens.saturating_sub(tokens), Ordering::Relaxed);
     }
 }
 
@@ -491,6 +496,7 @@ mod tests {
         assert!(limits.admit(&k, Some(&p2), &newer, 0, 1).is_ok());
         let (_, counter) = limits.quota_counters().pop().unwrap();
         counter.reported(0, 0, 10, 0);
+        assert!(!counter.unreported());
         assert!(matches!(
             limits.admit(&k, Some(&p2), &newer, 0, 1),
             Err(GatewayError::QuotaExceeded { .. })

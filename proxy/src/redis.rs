@@ -107,13 +107,6 @@ pub enum RedisError {
     Server(String),
 }
 
-impl RedisError {
-    /// Whether the connection can be used again after this error.
-    pub fn keeps_connection(&self) -> bool {
-        matches!(self, RedisError::Server(_))
-    }
-}
-
 pub struct Connection {
     stream: BufStream<TcpStream>,
     timeout: Duration,

@@ -71,6 +71,8 @@ impl Gateway {
             .admit(entry, plan, &target.route.quota, ctx.started_ms, gateways)
             .inspect_err(count_refusal)?;
         if let Some(global) = &self.global {
+            // One wait for Redis for both limits.
+            let deadline = global.deadline();
             global
                 .admit(
                     RateLimit::Tenant,
@@ -78,6 +80,7 @@ impl Gateway {
                     self.tenant_per_second,
                     1_000,
                     ctx.started_ms,
+                    deadline,
                 )
                 .await
                 .inspect_err(count_refusal)?;
@@ -89,6 +92,7 @@ impl Gateway {
                         u64::from(rpm),
                         60_000,
                         ctx.started_ms,
+                        deadline,
                     )
                     .await
                     .inspect_err(count_refusal)?;
