@@ -11,33 +11,48 @@
 //! - **Leases.** A gateway never asks Redis per request. It claims a lease of
 //!   some of a window's remaining count (`INCRBY` in a Lua script, capped at
 //!   the limit) and admits locally while the lease lasts; a background round
-//!   tops leases up in one batched script call for every limit in use, sized to
-//!   the limit's recent rate and to a share of what remains (remaining ÷ 4N),
-//!   so leases shrink as a window runs out. Because every admission is paid
-//!   from a claim and claims never pass the limit, **the gateways together
-//!   admit at most the limit per window**; under load they admit all of it but
-//!   the leases left unspent when the window ends.
+//!   tops leases up in one batched script call for every limit in use (at most
+//!   1,000 per call, the rest at once after), sized to the limit's recent rate
+//!   and to a share of what remains (remaining ÷ 4N), so leases shrink as a
+//!   window runs out. Because every admission is paid from a claim and claims
+//!   never pass the limit, **while Redis answers within `[redis] timeout_ms`
+//!   the gateways together admit at most the limit per window**; under load
+//!   they admit all of it but the leases left unspent when the window ends.
 //! - **The slow path.** A request whose lease is spent (or the first of a
 //!   window) waits for the next round, at most `[redis] timeout_ms` (25 ms by
-//!   default, far below any request's own timeout). A window known to be used
-//!   up is refused at once, with `Retry-After` to its end.
+//!   default, far below any request's own timeout; one wait covers both the
+//!   tenant's and the key's limit). A window known to be used up is refused at
+//!   once, with `Retry-After` to its end. A request still waiting at the
+//!   timeout is decided on this gateway's share (below), while the window's
+//!   last known count leaves a tenth of the limit: each such decision (counted
+//!   in `agora_proxy_global_limits_wait_timeouts_total`) can take the window
+//!   past the limit by one.
 //! - **Redis unreachable.** A round that fails or times out turns the gateway
-//!   to its **share** of each limit, `ceil(limit ÷ N)` per window, where N is
-//!   the number of gateways alive at the last heartbeat (every round writes one;
-//!   a gateway is alive for 3 s after its last). Nothing waits on Redis then;
-//!   health says `"limits": {"mode": "local_share"}` and the metric
+//!   to its **share** of each limit, `ceil(limit ÷ N)` of its own admissions
+//!   per window, where N is the number of gateways alive at the last heartbeat
+//!   (every round writes one, on Redis' clock; a gateway is alive for 3 s after
+//!   its last; N is 1 until the first, and does not fall for 3 s after Redis
+//!   returns, while the others write theirs again). Nothing waits on Redis then; health says
+//!   `"limits": {"mode": "local_share"}` and the metric
 //!   `agora_proxy_global_limits_degraded` is 1. Rounds keep trying every
-//!   250 ms; the first that succeeds turns the gateway back (so recovery is
-//!   within 0.5 s of Redis answering again), and the admissions made on the
-//!   share are added to the window's count then.
+//!   250 ms on a new connection (a failover's new primary is found); the first
+//!   that succeeds turns the gateway back (so recovery is within about 0.5 s of
+//!   Redis answering again), and the admissions made on the share are added to
+//!   the window's count then; a limit decided on the share in a window stays on
+//!   it until that window ends (so the shares' counts, arriving from each
+//!   gateway in turn, do not meet leases granted meanwhile): in a window with
+//!   an outage the gateways together admit at most `N × ceil(limit ÷ N)`. A round that timed out may have been applied, so
+//!   its additions are not sent again: a window then counts less, never more.
 //! - **In flight per key** cannot be leased ahead of time (slots come back), so
 //!   each gateway holds `ceil(max_concurrency ÷ N)`: the gateways together hold
-//!   at most `max_concurrency + N − 1` (see [`Global::gateways`]).
-//! - **Quotas** (requests and tokens per billing period): each round adds what
-//!   this gateway served since the control plane's count to a hash per config
-//!   and count, and reads back what the others served, so each gateway refuses
-//!   on the total; a quota can be passed by at most what the gateways serve in
-//!   one round (20 ms by default).
+//!   at most `max_concurrency + N − 1`.
+//! - **Quotas** (requests and tokens per billing period): each round writes
+//!   what this gateway served since the control plane's count under its own
+//!   field of a hash per config and count (so a round sent twice counts once),
+//!   and reads back the sum, so each gateway refuses on the total; a quota can
+//!   be passed by at most what the gateways serve in one round (20 ms by
+//!   default).
+//! - Widget visitor and client-address limits stay per gateway.
 //!
 //! One Redis (or a primary with replicas) serves all gateways; every key Agora
 //! writes starts with `[redis] key_prefix` and expires on its own.
@@ -193,6 +208,10 @@ struct EntryState {
     admitted: u64,
     /// Admissions since the last round: the rate a lease is sized to.
     recent: u64,
+    /// Decided on the share while Redis was away: the rest of the window is
+    /// too, so the shares' debts, added when Redis returns, cannot meet leases
+    /// granted meanwhile.
+    on_share: bool,
 }
 
 impl EntryState {
@@ -349,7 +368,7 @@ impl Global {
         st.limit = count;
         st.window_ms = window_ms;
         st.roll(now_ms.div_euclid(window_ms));
-        if !self.connected.load(Ordering::Relaxed) {
+        if !self.connected.load(Ordering::Relaxed) || st.on_share {
             drop(st);
             return match self.on_share(entry, limit, count, window_ms, now_ms) {
                 Ok(window) => Look::Admit(window),
@@ -393,7 +412,7 @@ impl Global {
         st.want = st.want.saturating_sub(1);
         let share = st.share(self.gateways());
         let connected = self.connected.load(Ordering::Relaxed);
-        let room = if connected {
+        let room = if connected && !st.on_share {
             st.used + st.debt < st.limit - st.limit / 10
         } else {
             !st.exhausted()
@@ -402,6 +421,7 @@ impl Global {
             st.admitted += 1;
             st.recent += 1;
             st.debt += 1;
+            st.on_share |= !connected;
             Ok(st.window)
         } else if connected && !st.exhausted() {
             match st.refusal(limit, now_ms) {
@@ -430,6 +450,7 @@ impl Global {
         let mut last_round = Instant::now() - HEARTBEAT_EVERY;
         let mut last_attempt = Instant::now() - RETRY_EVERY;
         let mut warned = false;
+        let mut last_failure: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -453,7 +474,9 @@ impl Global {
             match result {
                 Ok(reply) => {
                     last_round = Instant::now();
-                    self.apply(&work, &reply);
+                    let recovering = last_failure
+                        .is_some_and(|at| at.elapsed() < Duration::from_millis(ALIVE_MS as u64));
+                    self.apply(&work, &reply, recovering);
                     self.stats.rounds_ok.fetch_add(1, Ordering::Relaxed);
                     warned = false;
                     if !self.connected.swap(true, Ordering::Relaxed) {
@@ -471,6 +494,7 @@ impl Global {
                         self.restore(&work);
                     }
                     self.stats.rounds_failed.fetch_add(1, Ordering::Relaxed);
+                    last_failure = Some(Instant::now());
                     // A server error may mean a failover (READONLY): a new
                     // connection finds the new primary.
                     conn = None;
@@ -647,11 +671,17 @@ impl Global {
         Ok(numbers)
     }
 
-    fn apply(&self, work: &Work, reply: &[i64]) {
-        self.gateways.store(
-            u32::try_from(reply[0].max(1)).unwrap_or(u32::MAX),
-            Ordering::Relaxed,
-        );
+    /// `recovering`: Redis came back within the last heartbeats' lifetime,
+    /// empty, and the others have not all written theirs yet: N does not fall
+    /// below what it was.
+    fn apply(&self, work: &Work, reply: &[i64], recovering: bool) {
+        let seen = u32::try_from(reply[0].max(1)).unwrap_or(u32::MAX);
+        let gateways = if recovering {
+            seen.max(self.gateways())
+        } else {
+            seen
+        };
+        self.gateways.store(gateways, Ordering::Relaxed);
         let mut at = 1;
         for claim in &work.limits {
             let (grant, used) = (reply[at].max(0) as u64, reply[at + 1].max(0) as u64);
@@ -750,50 +780,80 @@ struct QuotaReport {
     counter: Arc<crate::ratelimit::QuotaCounter>,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use agora_testkit::{eventually_within, LocalRedis};
+/// Several gateways' shared limits in one process, each with its own
+/// [`Limits`], their rounds on one background runtime as in `agora proxy`:
+/// what this module's tests and its benchmark run.
+pub struct InProcess {
+    pub gateways: Vec<(Arc<Global>, Arc<Limits>)>,
+    _stop: tokio::sync::watch::Sender<bool>,
+    background: Option<tokio::runtime::Runtime>,
+}
 
-    struct Gateways {
-        gateways: Vec<(Arc<Global>, Arc<Limits>)>,
-        _stop: tokio::sync::watch::Sender<bool>,
-    }
-
-    /// `n` gateways sharing `redis` under a key prefix of their own.
-    fn gateways(redis: &LocalRedis, n: usize) -> Gateways {
+impl InProcess {
+    /// `n` gateways on the Redis at `url`, under a key prefix of their own,
+    /// with the default timeout and interval.
+    pub fn start(url: &str, n: usize) -> InProcess {
         let prefix = format!("t{}", Uuid::new_v4().simple());
         let (stop, rx) = tokio::sync::watch::channel(false);
+        let background = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a background runtime");
         let gateways = (0..n)
             .map(|_| {
                 let global = Global::new(GlobalConfig {
-                    url: RedisUrl::parse(&redis.url()).unwrap(),
+                    url: RedisUrl::parse(url).expect("a Redis URL"),
                     timeout: Duration::from_millis(25),
                     interval: Duration::from_millis(20),
                     key_prefix: prefix.clone(),
                 });
                 let limits = Arc::new(Limits::new(1_000_000, 1_000_000));
-                tokio::spawn(global.clone().run(limits.clone(), rx.clone()));
+                background.spawn(global.clone().run(limits.clone(), rx.clone()));
                 (global, limits)
             })
             .collect();
-        Gateways {
+        InProcess {
             gateways,
             _stop: stop,
+            background: Some(background),
         }
     }
 
-    impl Gateways {
-        async fn all_see(&self, n: u32) {
-            for (g, _) in &self.gateways {
-                eventually_within(
-                    Duration::from_secs(5),
-                    "every gateway sees the others",
-                    || async { (g.mode() == Mode::Global && g.gateways() == n).then_some(()) },
-                )
-                .await;
-            }
+    /// Waits until every gateway decides through Redis and counts `n` alive.
+    pub async fn all_see(&self, n: u32) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self
+            .gateways
+            .iter()
+            .all(|(g, _)| g.mode() == Mode::Global && g.gateways() == n)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the gateways never saw each other"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(rt) = self.background.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agora_testkit::{eventually_within, LocalRedis};
+
+    type Gateways = InProcess;
+
+    fn gateways(redis: &LocalRedis, n: usize) -> Gateways {
+        InProcess::start(&redis.url(), n)
     }
 
     /// Requests from `workers` concurrent clients, each to a gateway picked at
@@ -894,8 +954,10 @@ mod tests {
         eprintln!("admitted per 1 s window of 300 over 3 gateways: {admitted:?}; {waits} waits, {timeouts} timed out");
         let windows: Vec<_> = admitted.iter().collect();
         assert!(windows.len() >= 4, "{admitted:?}");
+        // Past the limit only by requests decided on a share after waiting
+        // longer than the timeout (the documented bound).
         for (window, n) in &admitted {
-            assert!(*n <= 300, "window {window}: {n} over the limit");
+            assert!(*n <= 300 + timeouts, "window {window}: {n} over the limit");
         }
         // The windows wholly inside the run: all but the first and the last.
         for (window, n) in &windows[1..windows.len() - 1] {

@@ -18,7 +18,7 @@ mod downstream;
 mod error;
 pub mod gateway;
 pub mod global;
-mod redis;
+pub mod redis;
 mod upstream;
 /// The gateway's own HTTP/1.x, in its own crate (so it is fuzzed alone).
 pub use agora_h1 as h1;
@@ -33,6 +33,7 @@ pub mod usage;
 pub mod widget;
 
 pub use async_trait::async_trait;
+pub use error::RateLimit;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
