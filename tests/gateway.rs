@@ -572,16 +572,9 @@ async fn client_disconnect_cancels_the_run_and_sigterm_drains_streams() {
     let r = w.stream(&key, "finish me").await;
     let mut stream = r.bytes_stream();
     let mut received = stream.next().await.unwrap().unwrap().to_vec();
-    let ready = w
-        .http
-        .get(format!("{}/api/agent-gateway/health/ready/", w.proxy_url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), StatusCode::OK);
     assert_eq!(
-        ready.json::<Value>().await.unwrap(),
-        json!({"ready": true, "reason": null})
+        w.gateway_get("/api/agent-gateway/health/ready/").await,
+        (StatusCode::OK, json!({"ready": true, "reason": null}))
     );
     let life = w.proxy().gateway.life.clone();
     let proxy = w.proxy.take().unwrap();
@@ -596,21 +589,11 @@ async fn client_disconnect_cancels_the_run_and_sigterm_drains_streams() {
     // not ready, still alive.
     let refused = w.invoke(&key, json!({"input_value": "too late"})).await;
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let ready = w
-        .http
-        .get(format!("{}/api/agent-gateway/health/ready/", w.proxy_url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(ready.json::<Value>().await.unwrap()["reason"], "draining");
-    let live = w
-        .http
-        .get(format!("{}/api/agent-gateway/health/live/", w.proxy_url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(live.status(), StatusCode::OK);
+    let (status, ready) = w.gateway_get("/api/agent-gateway/health/ready/").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready["reason"], "draining");
+    let (status, _) = w.gateway_get("/api/agent-gateway/health/live/").await;
+    assert_eq!(status, StatusCode::OK);
     while let Some(chunk) = stream.next().await {
         received.extend_from_slice(&chunk.unwrap());
     }

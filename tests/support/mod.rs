@@ -695,6 +695,18 @@ impl World {
         body["totals"].clone()
     }
 
+    /// A GET on the gateway: its status and JSON body (null if none).
+    pub async fn gateway_get(&self, path: &str) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.proxy_url))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// A usage report from the runtime to the gateway.
     pub async fn report_usage(&self, body: Value) -> (StatusCode, Value) {
         let r = self
