@@ -238,12 +238,18 @@ impl EntryState {
         self.limit.div_ceil(u64::from(gateways.max(1)))
     }
 
-    fn refusal(&self, limit: RateLimit, now_ms: i64) -> GatewayError {
+    /// A 429 to retry after `retry_after_secs` (none: when the window ends).
+    fn refusal(
+        &self,
+        limit: RateLimit,
+        now_ms: i64,
+        retry_after_secs: Option<u64>,
+    ) -> GatewayError {
         let end = (self.window + 1) * self.window_ms;
         let wait_secs = ((end - now_ms).max(1) as u64).div_ceil(1000);
         GatewayError::RateLimited {
             limit,
-            retry_after_secs: wait_secs.max(1),
+            retry_after_secs: retry_after_secs.unwrap_or(wait_secs).max(1),
             headers: RateHeaders {
                 limit: u32::try_from(self.limit).unwrap_or(u32::MAX),
                 remaining: 0,
@@ -292,11 +298,6 @@ impl Global {
         Instant::now() + self.config.timeout
     }
 
-    /// This gateway's name in the heartbeat set.
-    pub fn gateway_id(&self) -> &str {
-        &self.gateway_id
-    }
-
     /// Admits one request against the shared count of `limit` for `id`:
     /// `count` per `window_ms`, waiting for Redis until `deadline` at most.
     /// Answers the window it was counted in (a request whose clock is a little
@@ -331,7 +332,10 @@ impl Global {
                     .is_err()
             {
                 self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
-                return self.on_share(&entry, limit, count, window_ms, now_ms);
+                let mut st = Self::current(&entry, count, window_ms, now_ms);
+                // This request's want, if no round took it.
+                st.want = st.want.saturating_sub(1);
+                return self.on_share(&mut st, limit, now_ms);
             }
         }
     }
@@ -355,6 +359,21 @@ impl Global {
         entry.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The entry's state for a request at `now_ms` against `count` per
+    /// `window_ms` (a plan's limit may have changed since the last).
+    fn current(
+        entry: &Entry,
+        count: u64,
+        window_ms: i64,
+        now_ms: i64,
+    ) -> std::sync::MutexGuard<'_, EntryState> {
+        let mut st = Self::lock(entry);
+        st.limit = count;
+        st.window_ms = window_ms;
+        st.roll(now_ms.div_euclid(window_ms));
+        st
+    }
+
     fn look(
         &self,
         entry: &Entry,
@@ -364,13 +383,9 @@ impl Global {
         now_ms: i64,
         again: bool,
     ) -> Look {
-        let mut st = Self::lock(entry);
-        st.limit = count;
-        st.window_ms = window_ms;
-        st.roll(now_ms.div_euclid(window_ms));
+        let mut st = Self::current(entry, count, window_ms, now_ms);
         if !self.connected.load(Ordering::Relaxed) || st.on_share {
-            drop(st);
-            return match self.on_share(entry, limit, count, window_ms, now_ms) {
+            return match self.on_share(&mut st, limit, now_ms) {
                 Ok(window) => Look::Admit(window),
                 Err(e) => Look::Refuse(e),
             };
@@ -382,7 +397,7 @@ impl Global {
             return Look::Admit(st.window);
         }
         if st.exhausted() {
-            return Look::Refuse(st.refusal(limit, now_ms));
+            return Look::Refuse(st.refusal(limit, now_ms, None));
         }
         // A request that looks again after a round has registered its want.
         if !again || st.want == 0 {
@@ -399,17 +414,10 @@ impl Global {
     /// (the next round will likely answer).
     fn on_share(
         &self,
-        entry: &Entry,
+        st: &mut EntryState,
         limit: RateLimit,
-        count: u64,
-        window_ms: i64,
         now_ms: i64,
     ) -> Result<i64, GatewayError> {
-        let mut st = Self::lock(entry);
-        st.limit = count;
-        st.window_ms = window_ms;
-        st.roll(now_ms.div_euclid(window_ms));
-        st.want = st.want.saturating_sub(1);
         let share = st.share(self.gateways());
         let connected = self.connected.load(Ordering::Relaxed);
         let room = if connected && !st.on_share {
@@ -424,18 +432,9 @@ impl Global {
             st.on_share |= !connected;
             Ok(st.window)
         } else if connected && !st.exhausted() {
-            match st.refusal(limit, now_ms) {
-                GatewayError::RateLimited { limit, headers, .. } => {
-                    Err(GatewayError::RateLimited {
-                        limit,
-                        retry_after_secs: 1,
-                        headers,
-                    })
-                }
-                other => Err(other),
-            }
+            Err(st.refusal(limit, now_ms, Some(1)))
         } else {
-            Err(st.refusal(limit, now_ms))
+            Err(st.refusal(limit, now_ms, None))
         }
     }
 
@@ -727,11 +726,6 @@ impl Global {
                 || now_ms.div_euclid(st.window_ms) - st.window < IDLE_WINDOWS
                 || st.want > 0
         });
-    }
-
-    /// Entries held, for tests.
-    pub fn entry_count(&self) -> usize {
-        self.entries.len()
     }
 }
 
